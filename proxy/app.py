@@ -1,0 +1,74 @@
+"""The application factory: settings in, a wired aiohttp app out; resources via cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
+
+from config import Settings
+from proxy.backends import Backend, BackendPool, check_upstream, watch_upstreams
+from proxy.keys import CLIENT, POOL, SETTINGS, SUPERVISOR
+from proxy.logs import register_secret
+from proxy.middlewares import MIDDLEWARES, stamp_headers
+from proxy.routes import setup_routes
+from proxy.supervisor import LlamaSupervisor
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=MIDDLEWARES)
+    app[SETTINGS] = settings
+    register_secret(settings.upstream_api_key)
+    app.on_response_prepare.append(stamp_headers)
+    app.cleanup_ctx.append(upstream_client)
+    app.cleanup_ctx.append(backends)
+    setup_routes(app)
+    return app
+
+
+def prepare_data_dir(path: Path) -> None:
+    """Create the data dir owner-only; everything the appliance persists lives in it."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+async def upstream_client(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # limit=0: no hidden cap (aiohttp's default of 100 would queue the 101st stream silently).
+    connector = TCPConnector(limit=settings.upstream_connections, limit_per_host=0)
+    # No total/read timeout here: the relay sets connect, first-byte and idle deadlines itself.
+    timeout = ClientTimeout(total=None, connect=settings.connect_timeout, sock_read=None)
+    async with ClientSession(connector=connector, timeout=timeout) as client:
+        app[CLIENT] = client
+        yield
+
+
+async def backends(app: web.Application) -> AsyncIterator[None]:
+    settings, client = app[SETTINGS], app[CLIENT]
+    pool: list[Backend] = []
+    supervisor = None
+    if settings.supervise:
+        prepare_data_dir(settings.data_dir)
+        child = Backend("llama-server", "", models=(str(settings.model_alias),))
+        supervisor = LlamaSupervisor(settings, client, child)
+        supervisor.start()
+        pool.append(child)
+    upstreams = [Backend(f"upstream-{i}", url, settings.upstream_api_key)
+                 for i, url in enumerate(settings.upstreams, 1)]
+    # One check before serving, so /v1/models knows the upstreams' model ids.
+    await asyncio.gather(*(check_upstream(client, b, settings.connect_timeout) for b in upstreams))
+    app[POOL] = BackendPool(pool + upstreams)
+    app[SUPERVISOR] = supervisor
+    watcher = (asyncio.create_task(watch_upstreams(client, upstreams, settings.health_interval))
+               if upstreams else None)
+    yield
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    if supervisor is not None:
+        await supervisor.stop()

@@ -1,0 +1,113 @@
+"""The backend pool: every model server the appliance can send a request to, and its health.
+
+A backend is either the supervised llama-server (its state set by the supervisor) or an
+--upstream server (its state set by a periodic health check here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from aiohttp import ClientError, ClientSession, ClientTimeout
+
+log = logging.getLogger("proxy.backends")
+
+
+class State(StrEnum):
+    STARTING = "starting"  # loading, or waiting to restart after a crash
+    READY = "ready"
+    DOWN = "down"  # unreachable; health checks go on
+    FAILED = "failed"  # gave up restarting; needs an operator
+    STOPPED = "stopped"
+
+
+@dataclass
+class Backend:
+    name: str
+    base_url: str
+    api_key: str | None = None
+    models: tuple[str, ...] = ()
+    state: State = State.STARTING
+    reason: str | None = None
+    changed: float = field(default_factory=time.monotonic)
+
+    def set_state(self, state: State, reason: str | None = None) -> None:
+        if state is not self.state:
+            log.info("backend %s: %s -> %s%s", self.name, self.state, state,
+                     f" ({reason})" if reason else "")
+            self.changed = time.monotonic()
+        self.state, self.reason = state, reason
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def public(self) -> dict[str, object]:
+        """What /health shows: no URLs or keys, as it needs no credential."""
+        return {"name": self.name, "state": self.state.value, "models": list(self.models),
+                "reason": self.reason}
+
+
+class BackendPool:
+    def __init__(self, backends: list[Backend]) -> None:
+        self.backends = backends
+        self._turn = itertools.count()
+
+    def model_ids(self) -> list[str]:
+        return list(dict.fromkeys(m for b in self.backends for m in b.models))
+
+    def serving(self, model: str | None) -> list[Backend]:
+        """Backends that can answer for this model, in any state.
+
+        An unknown or missing model goes to every backend when only one model is served: tools
+        like aider send their own model names, and one local model is the common case.
+        """
+        named = [b for b in self.backends if model in b.models]
+        if named or len(self.model_ids()) > 1:
+            return named
+        return list(self.backends)
+
+    def ready(self, candidates: list[Backend]) -> list[Backend]:
+        """The ready ones, rotated so load spreads round-robin."""
+        up = [b for b in candidates if b.state is State.READY]
+        if len(up) > 1:
+            shift = next(self._turn) % len(up)
+            up = up[shift:] + up[:shift]
+        return up
+
+    def status(self) -> str:
+        states = [b.state for b in self.backends]
+        if states and all(s is State.READY for s in states):
+            return "ok"
+        if State.READY in states:
+            return "degraded"
+        if State.STARTING in states:
+            return "starting"
+        return "down"
+
+
+async def check_upstream(client: ClientSession, backend: Backend, limit: float) -> None:
+    """Ask an upstream for its model list; that proves it is up and tells us its model ids."""
+    try:
+        async with client.get(f"{backend.base_url}/v1/models", headers=backend.auth_headers(),
+                              timeout=ClientTimeout(total=limit)) as resp:
+            if resp.status != 200:
+                backend.set_state(State.DOWN, f"/v1/models answered {resp.status}")
+                return
+            data = await resp.json(content_type=None)
+        ids = tuple(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and "id" in m)
+        backend.models = ids or backend.models
+        backend.set_state(State.READY)
+    except (ClientError, TimeoutError, ValueError, AttributeError) as exc:
+        backend.set_state(State.DOWN, type(exc).__name__)
+
+
+async def watch_upstreams(client: ClientSession, backends: list[Backend], interval: float) -> None:
+    """Health-check every upstream forever (cancelled at shutdown)."""
+    while True:
+        await asyncio.gather(*(check_upstream(client, b, min(interval, 5.0)) for b in backends))
+        await asyncio.sleep(interval)

@@ -1,0 +1,79 @@
+"""HTTP routes: the OpenAI endpoints under /v1 and the unauthenticated ops endpoints."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.backends import BackendPool
+from proxy.errors import OpenAIError
+from proxy.keys import POOL
+from proxy.relay import relay
+
+CAN_SERVE = ("ok", "degraded")
+_STARTED = int(time.time())
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """The body as raw bytes (to forward untouched) and parsed (to validate)."""
+    if request.content_type != "application/json":
+        raise OpenAIError(400, "Content-Type must be application/json",
+                          code="invalid_content_type")
+    raw = await request.read()  # raises 413 past the configured limit
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise OpenAIError(400, f"The request body is not valid JSON: {exc}",
+                          code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "The request body must be a JSON object", code="invalid_json")
+    if not isinstance(body.get("stream", False), bool):
+        raise OpenAIError(400, "`stream` must be true or false", param="stream")
+    if not isinstance(body.get("model", ""), str):
+        raise OpenAIError(400, "`model` must be a string", param="model")
+    return raw, body
+
+
+def openai_endpoint(path: str) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raw, body = await read_json(request)
+        return await relay(request, path, raw, body.get("model"), body.get("stream") is True)
+
+    handler.__name__ = path.strip("/").replace("/", "_")
+    return handler
+
+
+async def list_models(request: web.Request) -> web.Response:
+    pool: BackendPool = request.app[POOL]
+    data = [{"id": m, "object": "model", "created": _STARTED, "owned_by": "llama-proxy"}
+            for m in pool.model_ids()]
+    return json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    pool: BackendPool = request.app[POOL]
+    status = pool.status()
+    models = pool.model_ids()
+    body = {"status": status, "model": models[0] if models else None,
+            "backends": [b.public() for b in pool.backends]}
+    return json_response(body, 200 if status in CAN_SERVE else 503)
+
+
+async def ready(request: web.Request) -> web.Response:
+    can = request.app[POOL].status() in CAN_SERVE
+    return json_response({"ready": can}, 200 if can else 503)
+
+
+def setup_routes(app: web.Application) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        app.router.add_post(path, openai_endpoint(path))
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)

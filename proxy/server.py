@@ -1,0 +1,65 @@
+"""Run the app: bind first (so a busy port fails before anything starts), serve, drain on signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+
+from aiohttp import web
+
+from config import ConfigError, Settings
+from proxy.app import create_app
+from proxy.keys import SUPERVISOR
+
+log = logging.getLogger("proxy")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("port", f"cannot listen on {host}:{port} ({exc.strerror})") from None
+    return sock
+
+
+async def serve(settings: Settings) -> None:
+    sock = bind(settings.host, settings.port)
+    app = create_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=settings.shutdown_grace)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    host, port = sock.getsockname()[:2]
+    base = f"http://{host}:{port}"
+    log.info("listening on %s (OpenAI base URL %s/v1)", base, base)
+    print(f"llama-proxy listening on {base}  (OpenAI base URL: {base}/v1)", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    announcer = asyncio.create_task(_announce_ready(app, base))
+    await stop.wait()
+    announcer.cancel()
+    log.info("shutting down: no new connections; in-flight requests get up to %.0fs",
+             settings.shutdown_grace)
+    await runner.cleanup()
+    log.info("stopped")
+
+
+async def _announce_ready(app: web.Application, base: str) -> None:
+    supervisor = app[SUPERVISOR]
+    if supervisor is None:
+        return
+    await supervisor.ready.wait()
+    print(f"model {supervisor.settings.model_alias} is ready: try\n"
+          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+          "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'",
+          file=sys.stdout, flush=True)
