@@ -13,4 +13,4 @@ CLIENT = web.AppKey("client", ClientSession)
 POOL = web.AppKey("pool", BackendPool)
 SUPERVISOR: web.AppKey[LlamaSupervisor | None] = web.AppKey("supervisor")
 
-REQUEST_ID = "request_id"  # request-scoped value set by the request-id middleware
+REQUEST_ID = web.RequestKey("request_id", str)  # set by the request-id middleware

@@ -13,7 +13,9 @@ import logging
 import orjson
 from aiohttp import (
     ClientConnectionError,
+    ClientConnectorError,
     ClientError,
+    ClientOSError,
     ClientResponse,
     ClientSession,
     ClientTimeout,
@@ -94,12 +96,14 @@ async def _open(request: web.Request, backend: Backend, path: str, raw: bytes, s
             async with asyncio.timeout(settings.first_byte_timeout):
                 return await client.post(backend.base_url + path, data=raw, headers=headers,
                                          timeout=timeout)
-        except ServerDisconnectedError as exc:
-            if attempt == 2:
-                raise Unreachable("disconnected before answering") from exc
         except TimeoutError:
             raise OpenAIError(504, "The model server did not answer in time",
                               code="upstream_timeout") from None
+        except ClientConnectorError as exc:  # nothing listening: no retry here
+            raise Unreachable(str(exc) or type(exc).__name__) from exc
+        except (ServerDisconnectedError, ClientOSError) as exc:  # a dead pooled connection
+            if attempt == 2:
+                raise Unreachable(f"connection dropped before an answer ({exc})") from exc
         except ClientConnectionError as exc:
             raise Unreachable(str(exc) or type(exc).__name__) from exc
     raise AssertionError("unreachable")

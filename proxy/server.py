@@ -7,6 +7,7 @@ import logging
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -29,15 +30,34 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(settings: Settings) -> None:
+@dataclass
+class Running:
+    app: web.Application
+    runner: web.AppRunner
+    base_url: str
+
+
+async def start(settings: Settings) -> Running:
+    """Bind, build the app and start serving; the caller stops it with runner.cleanup()."""
     sock = bind(settings.host, settings.port)
     app = create_app(settings)
+    # handler_cancellation: a client that leaves cancels its handler, so upstream work stops.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=settings.shutdown_grace)
-    await runner.setup()
-    await web.SockSite(runner, sock).start()
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        sock.close()
+        await runner.cleanup()
+        raise
     host, port = sock.getsockname()[:2]
-    base = f"http://{host}:{port}"
+    return Running(app, runner, f"http://{host}:{port}")
+
+
+async def serve(settings: Settings) -> None:
+    running = await start(settings)
+    base = running.base_url
     log.info("listening on %s (OpenAI base URL %s/v1)", base, base)
     print(f"llama-proxy listening on {base}  (OpenAI base URL: {base}/v1)", flush=True)
 
@@ -45,12 +65,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    announcer = asyncio.create_task(_announce_ready(app, base))
+    announcer = asyncio.create_task(_announce_ready(running.app, base))
     await stop.wait()
     announcer.cancel()
     log.info("shutting down: no new connections; in-flight requests get up to %.0fs",
              settings.shutdown_grace)
-    await runner.cleanup()
+    await running.runner.cleanup()
     log.info("stopped")
 
 

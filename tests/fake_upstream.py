@@ -1,0 +1,97 @@
+"""A fast fake OpenAI upstream for relay mechanics (timeouts, errors, disconnects, load).
+
+Each request steers the fake through a "fake" object in its JSON body, which the appliance
+forwards untouched:
+  {"fake": {"chunks": 5, "gap": 0.01, "ttfb": 0.0, "status": 200, "raw": "text",
+            "content_type": "text/html", "stall_after": 2}}
+It records what it saw so tests can check what reached the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+MODEL = "fake-model"
+
+
+@dataclass
+class Record:
+    requests: int = 0
+    headers: list[CIMultiDict[str]] = field(default_factory=list)
+    open_streams: int = 0
+    max_open_streams: int = 0
+    cancelled: int = 0
+    cancelled_at: list[float] = field(default_factory=list)
+
+
+RECORD = web.AppKey("record", Record)
+
+
+def chunk(i: int) -> bytes:
+    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def completion(text: str) -> dict[str, Any]:
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    record = request.app[RECORD]
+    record.requests += 1
+    record.headers.append(request.headers.copy())
+    body = await request.json()
+    fake = body.get("fake", {})
+    await asyncio.sleep(fake.get("ttfb", 0))
+    if "raw" in fake:
+        return web.Response(status=fake.get("status", 200), text=fake["raw"],
+                            content_type=fake.get("content_type", "text/plain"))
+    if not body.get("stream"):
+        return web.json_response(completion("hello"), status=fake.get("status", 200))
+    return await _stream(request, record, fake)
+
+
+async def _stream(request: web.Request, record: Record, fake: dict[str, Any]
+                  ) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    record.open_streams += 1
+    record.max_open_streams = max(record.max_open_streams, record.open_streams)
+    try:
+        for i in range(fake.get("chunks", 3)):
+            if i == fake.get("stall_after"):
+                await asyncio.sleep(3600)
+            await response.write(chunk(i))
+            await asyncio.sleep(fake.get("gap", 0))
+        await response.write(b"data: [DONE]\n\n")
+    except (asyncio.CancelledError, ConnectionResetError):
+        record.cancelled += 1
+        record.cancelled_at.append(time.monotonic())
+        raise
+    finally:
+        record.open_streams -= 1
+    return response
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app[RECORD] = Record()
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
+    return app

@@ -1,0 +1,103 @@
+"""End to end through the real llama-server and bundled model, with the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+import pytest
+
+from proxy.server import Running
+from tests.conftest import Llama
+
+MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+def client_for(proxy: Running) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.base_url + "/v1", api_key="unused", max_retries=0)
+
+
+async def test_chat_completion(model_proxy: Running, llama: Llama) -> None:
+    async with client_for(model_proxy) as client:
+        reply = await client.chat.completions.create(model=llama.model, messages=MESSAGES,
+                                                     max_tokens=16)
+    assert reply.choices[0].message.content
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+async def test_streamed_chat_arrives_token_by_token(model_proxy: Running, llama: Llama) -> None:
+    async with client_for(model_proxy) as client:
+        stream = await client.chat.completions.create(model=llama.model, messages=MESSAGES,
+                                                      max_tokens=24, stream=True)
+        pieces = [c.choices[0].delta.content async for c in stream
+                  if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 5  # many chunks, not one buffered blob
+    assert "".join(pieces).strip()
+
+
+async def test_text_completion_and_models(model_proxy: Running, llama: Llama) -> None:
+    async with client_for(model_proxy) as client:
+        models = await client.models.list()
+        done = await client.completions.create(model=llama.model, prompt="The sky is",
+                                               max_tokens=8)
+    assert [m.id for m in models.data] == [llama.model]
+    assert done.choices[0].text
+
+
+async def test_embeddings_without_support_is_a_clean_error(model_proxy: Running, llama: Llama
+                                                           ) -> None:
+    async with client_for(model_proxy) as client:
+        with pytest.raises(openai.APIStatusError) as err:
+            await client.embeddings.create(model=llama.model, input="hello")
+    assert err.value.status_code in (400, 501)
+    body = err.value.body
+    assert isinstance(body, dict) and body["message"]  # the client unwraps {"error": ...}
+
+
+async def test_alternating_streamed_and_whole_requests_never_fail(
+    model_proxy: Running, llama: Llama
+) -> None:
+    # llama-server drops the connection right after a stream despite keep-alive; a pooled
+    # connection reused at once fails. Back-to-back requests must all succeed anyway.
+    url = model_proxy.base_url + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as http:
+        for i in range(30):
+            body = {"model": llama.model, "messages": MESSAGES, "max_tokens": 2,
+                    "stream": i % 2 == 0}
+            async with http.post(url, json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+    async with client_for(model_proxy) as client:
+        for _ in range(3):
+            stream = await client.chat.completions.create(
+                model=llama.model, messages=MESSAGES, max_tokens=3, stream=True)
+            assert [c async for c in stream]
+            reply = await client.chat.completions.create(
+                model=llama.model, messages=MESSAGES, max_tokens=3)
+            assert reply.choices
+
+
+async def busy_slots(llama: Llama, http: aiohttp.ClientSession) -> int:
+    async with http.get(llama.url + "/slots",
+                        headers={"Authorization": f"Bearer {llama.key}"}) as resp:
+        slots = await resp.json()
+    return sum(1 for s in slots if s.get("is_processing"))
+
+
+async def test_client_leaving_mid_stream_frees_the_slot(model_proxy: Running, llama: Llama
+                                                        ) -> None:
+    body = {"model": llama.model, "prompt": "Once upon a time", "max_tokens": 1500,
+            "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(model_proxy.base_url + "/v1/completions", json=body)
+        for _ in range(3):
+            assert await resp.content.readline()
+        assert await busy_slots(llama, http) == 1
+        resp.close()
+        # llama-server frees a slot within about half a second of the connection closing.
+        for _ in range(30):
+            await asyncio.sleep(0.05)
+            if not await busy_slots(llama, http):
+                break
+        assert await busy_slots(llama, http) == 0
