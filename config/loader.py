@@ -132,35 +132,72 @@ def _gather(args: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def load_settings(
-    args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+    *, serving: bool = True,
 ) -> Settings:
-    """Build validated Settings from parsed flags (a dict) and an environment."""
+    """Build validated Settings from parsed flags (a dict) and an environment.
+
+    serving=False (generate_token.py) skips finding the model and llama-server binary.
+    """
     values = _gather(args or {}, os.environ if env is None else env)
     settings = Settings(**values)
-    return _resolve(settings)
+    return _resolve(settings, serving)
 
 
-def _resolve(s: Settings) -> Settings:
+def _resolve(s: Settings, serving: bool) -> Settings:
     """Fill derived defaults and check everything that can be checked before start-up."""
     if not s.host:
         raise ConfigError("host", "must not be empty")
     if not 0 <= s.port <= 65535:
         raise ConfigError("port", f"{s.port} is outside 0-65535")
-    for name in ("parallel", "restart_limit", "max_body_bytes"):
+    for name in ("parallel", "restart_limit", "max_body_bytes", "auth_fail_limit"):
         if getattr(s, name) < 1:
             raise ConfigError(name, f"must be at least 1, got {getattr(s, name)}")
     for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "startup_timeout",
-                 "health_interval", "restart_window"):
+                 "health_interval", "restart_window", "redis_timeout", "auth_fail_window"):
         if getattr(s, name) <= 0:
             raise ConfigError(name, "must be a positive number of seconds")
-    for name in ("request_timeout", "child_stop_grace", "shutdown_grace", "upstream_connections"):
+    for name in ("request_timeout", "child_stop_grace", "shutdown_grace", "upstream_connections",
+                 "jwt_leeway", "key_cache_ttl"):
         if getattr(s, name) < 0:
             raise ConfigError(name, "must not be negative")
+    _check_auth(s)
     upstreams = [_normalise_upstream(url) for url in s.upstreams]
     s = replace(s, upstreams=upstreams, data_dir=s.data_dir or default_data_dir())
-    if s.supervise:
+    if serving and s.supervise:
         s = _resolve_child(s)
     return s
+
+
+HMAC_ALGORITHMS = {"HS256", "HS384", "HS512"}
+PUBLIC_KEY_ALGORITHMS = {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                         "ES512", "EdDSA"}
+MIN_ADMIN_KEY = 32
+
+
+def _check_auth(s: Settings) -> None:
+    if s.admin_key is not None and len(s.admin_key) < MIN_ADMIN_KEY:
+        raise ConfigError("admin_key", f"must be at least {MIN_ADMIN_KEY} characters "
+                          "(try: python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    algorithms = set(s.jwt_algorithms)
+    unknown = algorithms - HMAC_ALGORITHMS - PUBLIC_KEY_ALGORITHMS
+    if not algorithms or unknown:
+        raise ConfigError("jwt_algorithms", f"unsupported: {sorted(unknown) or 'none given'}")
+    if algorithms & HMAC_ALGORITHMS and algorithms & PUBLIC_KEY_ALGORITHMS:
+        # Mixing lets a token signed with the public key as an HMAC secret pass.
+        raise ConfigError("jwt_algorithms", "do not mix HS* with RS*/ES*/PS* algorithms")
+    if algorithms & PUBLIC_KEY_ALGORITHMS:
+        if not (s.jwt_public_key or s.jwt_jwks_url):
+            raise ConfigError("jwt_public_key",
+                              "RS*/ES* tokens need jwt_public_key or jwt_jwks_url")
+        for name in ("jwt_public_key", "jwt_private_key"):
+            path = getattr(s, name)
+            if path is not None and not os.access(path, os.R_OK):
+                raise ConfigError(name, f"{path} does not exist or is not readable")
+    if s.jwt_secret is not None and len(s.jwt_secret) < 32:
+        raise ConfigError("jwt_secret", "must be at least 32 characters")
+    if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("redis_url", "must start with redis://, rediss:// or unix://")
 
 
 def _normalise_upstream(url: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 Kind = Literal["str", "int", "float", "path", "list", "choice"]
 ENV_PREFIX = "LLAMA_PROXY_"
@@ -79,6 +80,45 @@ class Settings:
         0, "int", "cap on open connections to model servers (0 = no cap)"
     )
     health_interval: float = _opt(5.0, "float", "seconds between --upstream health checks")
+    # -- authentication
+    auth: str = _opt(
+        "required", "choice", "require a credential on /v1 and /api ('disabled' is for local dev)",
+        choices=("required", "disabled"),
+    )
+    admin_key: str | None = _opt(
+        None, "str", "key for /admin (32+ random characters)", secret=True
+    )
+    jwt_secret: str | None = _opt(
+        None, "str", "HS256 secret (default: generated into <data_dir>/jwt.secret)", secret=True
+    )
+    jwt_algorithms: list[str] = _opt(
+        ["HS256"], "list", "accepted JWT algorithm (repeatable; never taken from the token)",
+        metavar="ALG",
+    )
+    jwt_public_key: Path | None = _opt(None, "path", "PEM public key for RS256/ES256 tokens")
+    jwt_private_key: Path | None = _opt(
+        None, "path", "PEM private key generate_token.py signs RS256/ES256 tokens with"
+    )
+    jwt_jwks_url: str | None = _opt(
+        None, "str", "JWKS URL (https:// or file://) whose keys are picked by the token's kid"
+    )
+    jwt_issuer: str | None = _opt(None, "str", "required `iss` claim, when set")
+    jwt_audience: str | None = _opt(None, "str", "required `aud` claim, when set")
+    jwt_leeway: float = _opt(30.0, "float", "clock skew allowed on exp/nbf/iat (seconds)")
+    key_cache_ttl: float = _opt(
+        5.0, "float", "seconds a verified API key is trusted before Redis is asked again"
+    )
+    auth_fail_limit: int = _opt(
+        20, "int", "failed authentications per client IP per auth_fail_window before blocking"
+    )
+    auth_fail_window: float = _opt(300.0, "float", "seconds failures are counted and blocked")
+    # -- redis
+    redis_url: str | None = _opt(
+        None, "str", "Redis URL (default: an embedded redis-server in the data dir)",
+        secret=True,
+    )
+    redis_server: str = _opt("redis-server", "str", "redis-server binary for the embedded Redis")
+    redis_timeout: float = _opt(0.25, "float", "seconds a Redis call may take before failing")
     # -- logging
     log_level: str = _opt(
         "info", "choice", "log verbosity", choices=("debug", "info", "warning", "error")
@@ -96,12 +136,21 @@ class Settings:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.metadata["secret"] and value:
-                value = "***"
+                value = mask_secret(value)
             elif isinstance(value, Path):
                 value = str(value)
             out[f.name] = value
         out["supervise"] = self.supervise
         return out
+
+
+def mask_secret(value: str) -> str:
+    """Hide a secret; for a URL hide only its password, so the host still shows."""
+    parts = urlsplit(value)
+    if parts.scheme and parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return "***"
 
 
 def schema() -> tuple[Any, ...]:

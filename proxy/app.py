@@ -10,23 +10,35 @@ from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
+from auth.apikeys import KeyStore
+from auth.authenticator import Authenticator
+from auth.guard import FailureGuard
+from auth.tokens import TokenVerifier
 from config import Settings
+from proxy.admin import setup_admin_routes
 from proxy.backends import Backend, BackendPool, check_upstream, watch_upstreams
-from proxy.keys import CLIENT, POOL, SETTINGS, SUPERVISOR
+from proxy.keys import AUTH, CLIENT, GUARD, KEYS, POOL, REDIS, SETTINGS, SUPERVISOR
 from proxy.logs import register_secret
 from proxy.middlewares import MIDDLEWARES, stamp_headers
+from proxy.redis_server import open_store
 from proxy.routes import setup_routes
 from proxy.supervisor import LlamaSupervisor
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=MIDDLEWARES)
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=MIDDLEWARES)
     app[SETTINGS] = settings
-    register_secret(settings.upstream_api_key)
+    for secret in (settings.upstream_api_key, settings.admin_key, settings.jwt_secret,
+                   settings.redis_url):
+        register_secret(secret)
     app.on_response_prepare.append(stamp_headers)
+    # Order matters: the store comes up before the model, so a bad Redis fails fast.
     app.cleanup_ctx.append(upstream_client)
+    app.cleanup_ctx.append(credential_store)
     app.cleanup_ctx.append(backends)
     setup_routes(app)
+    setup_admin_routes(app)
     return app
 
 
@@ -47,12 +59,28 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def credential_store(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    prepare_data_dir(settings.data_dir)
+    redis, embedded = await open_store(settings)
+    keys = KeyStore(redis, settings.key_cache_ttl)
+    tokens = TokenVerifier(settings)
+    app[REDIS], app[KEYS] = redis, keys
+    app[AUTH] = Authenticator(settings, keys, tokens)
+    app[GUARD] = FailureGuard(settings.auth_fail_limit, settings.auth_fail_window)
+    try:
+        yield
+    finally:
+        await redis.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
 async def backends(app: web.Application) -> AsyncIterator[None]:
     settings, client = app[SETTINGS], app[CLIENT]
     pool: list[Backend] = []
     supervisor = None
     if settings.supervise:
-        prepare_data_dir(settings.data_dir)
         child = Backend("llama-server", "", models=(str(settings.model_alias),))
         supervisor = LlamaSupervisor(settings, client, child)
         supervisor.start()

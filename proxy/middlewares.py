@@ -3,7 +3,8 @@
 Order and why:
 1. request_id  - first, so everything after it (logs, errors, upstream calls) can name the request;
 2. access_log  - outside the error mapping, so it sees the final status of every request;
-3. openai_errors - innermost, turning any failure into OpenAI's JSON shape.
+3. openai_errors - turns any failure below it into OpenAI's JSON shape;
+4. authenticate (proxy/authn.py) - last, so its refusals are shaped and logged like any error.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uuid
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.authn import authenticate
 from proxy.errors import OpenAIError
 from proxy.keys import REQUEST_ID, SETTINGS
 
@@ -98,4 +100,4 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
         response.headers.setdefault(name, value)
 
 
-MIDDLEWARES = [request_id, access_log, openai_errors]
+MIDDLEWARES = [request_id, access_log, openai_errors, authenticate]

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.backends import BackendPool
 from proxy.errors import OpenAIError
-from proxy.keys import POOL
+from proxy.keys import POOL, PRINCIPAL
 from proxy.relay import relay
 
 CAN_SERVE = ("ok", "degraded")
@@ -41,10 +41,23 @@ async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     return raw, body
 
 
+def check_model_allowed(request: web.Request, model: str | None) -> None:
+    """A credential with a model allow-list may use only those (the default model included)."""
+    principal = request[PRINCIPAL]
+    if principal.models is None:
+        return
+    effective = model or next(iter(request.app[POOL].model_ids()), None)
+    if not principal.may_use(effective):
+        raise OpenAIError(403, f"This credential may not use the model `{effective}`",
+                          code="model_not_allowed", param="model")
+
+
 def openai_endpoint(path: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         raw, body = await read_json(request)
-        return await relay(request, path, raw, body.get("model"), body.get("stream") is True)
+        model = body.get("model")
+        check_model_allowed(request, model)
+        return await relay(request, path, raw, model, body.get("stream") is True)
 
     handler.__name__ = path.strip("/").replace("/", "_")
     return handler
@@ -52,8 +65,9 @@ def openai_endpoint(path: str) -> Any:
 
 async def list_models(request: web.Request) -> web.Response:
     pool: BackendPool = request.app[POOL]
+    principal = request[PRINCIPAL]
     data = [{"id": m, "object": "model", "created": _STARTED, "owned_by": "llama-proxy"}
-            for m in pool.model_ids()]
+            for m in pool.model_ids() if principal.may_use(m)]
     return json_response({"object": "list", "data": data})
 
 

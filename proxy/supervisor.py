@@ -37,8 +37,8 @@ LOG_FILE_BYTES = 10 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the appliance goes away."""
+def die_with_parent() -> None:
+    """Runs in a child before exec: SIGKILL it when the appliance goes away (even by SIGKILL)."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -139,7 +139,7 @@ class LlamaSupervisor:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         self._proc = proc
         log.info("started llama-server (pid %d) on 127.0.0.1:%d", proc.pid, port)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from aiohttp import web
 
 from config import Settings, load_settings
@@ -50,6 +51,31 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llama]:
         log.close()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a UNIX socket for the whole session."""
+    work = tmp_path_factory.mktemp("redis")
+    sock = work / "redis.sock"
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(work),
+         "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(sock.exists, 10, "redis-server to start")
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The session's Redis, emptied for this test."""
+    client = redis.Redis.from_url(redis_server)
+    client.flushall()
+    client.close()
+    return redis_server
+
+
 @dataclass
 class Fake:
     url: str
@@ -72,12 +98,16 @@ ProxyFactory = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
-    """Start in-process appliances exactly as `serve` does; stopped at teardown."""
+async def make_proxy(tmp_path: Path, redis_url: str) -> AsyncIterator[ProxyFactory]:
+    """Start in-process appliances exactly as `serve` does; stopped at teardown.
+
+    Auth is on unless a test says otherwise, as it is for users.
+    """
     started: list[Running] = []
 
     async def make(**overrides: Any) -> Running:
-        values: dict[str, Any] = {"port": 0, "data_dir": str(tmp_path / "data")}
+        values: dict[str, Any] = {"port": 0, "data_dir": str(tmp_path / "data"),
+                                  "redis_url": redis_url}
         values.update(overrides)
         settings: Settings = load_settings(values, env={})
         running = await start(settings)
@@ -91,10 +121,19 @@ async def make_proxy(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
 
 @pytest.fixture
 async def fake_proxy(make_proxy: ProxyFactory, fake: Fake) -> Running:
-    return await make_proxy(upstreams=[fake.url])
+    """For relay mechanics: auth explicitly disabled, fronting the fake upstream."""
+    return await make_proxy(upstreams=[fake.url], auth="disabled")
 
 
 @pytest.fixture
 async def model_proxy(make_proxy: ProxyFactory, llama: Llama) -> Running:
-    """The appliance fronting the session's real llama-server."""
+    """The appliance as users run it (auth on), fronting the session's real llama-server."""
     return await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key)
+
+
+def token_for(proxy: Running, subject: str = "alice", **claims: Any) -> str:
+    """A JWT signed the way generate_token.py signs it, for this appliance."""
+    from auth.tokens import issue_token
+    from proxy.keys import SETTINGS
+
+    return issue_token(proxy.app[SETTINGS], subject, 1, **claims)[0]

@@ -63,6 +63,7 @@ class Appliance:
     def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / "appliance.log"
         self.data_dir = tmp / "data"
         cmd = [sys.executable, "-m", "proxy", "--port", str(self.port),

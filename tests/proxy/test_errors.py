@@ -44,7 +44,7 @@ async def test_malformed_requests_are_400(fake_proxy: Running, fake: Fake, kwarg
 
 
 async def test_oversized_body_is_413(make_proxy: ProxyFactory, fake: Fake) -> None:
-    proxy = await make_proxy(upstreams=[fake.url], max_body_bytes=1024)
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", max_body_bytes=1024)
     big = {"messages": [{"role": "user", "content": "x" * 4096}]}
     status, body, _ = await call(proxy, "POST", CHAT, json=big)
     assert status == 413 and assert_openai_error(body)["code"] == "request_too_large"
@@ -63,7 +63,8 @@ async def test_unknown_route_and_wrong_method(fake_proxy: Running) -> None:
 async def test_unknown_model_with_several_models_is_404(
     make_proxy: ProxyFactory, fake: Fake, llama
 ) -> None:
-    proxy = await make_proxy(upstreams=[fake.url, llama.url], upstream_api_key=llama.key)
+    proxy = await make_proxy(upstreams=[fake.url, llama.url], upstream_api_key=llama.key,
+                             auth="disabled")
     status, body, _ = await call(proxy, "POST", CHAT, json={"model": "gpt-4", "messages": []})
     assert status == 404
     error = assert_openai_error(body)

@@ -9,13 +9,18 @@ import openai
 import pytest
 
 from proxy.server import Running
-from tests.conftest import Llama
+from tests.conftest import Llama, token_for
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
 
 def client_for(proxy: Running) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.base_url + "/v1", api_key="unused", max_retries=0)
+    return openai.AsyncOpenAI(base_url=proxy.base_url + "/v1", api_key=token_for(proxy),
+                              max_retries=0)
+
+
+def auth(proxy: Running) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_for(proxy)}"}
 
 
 async def test_chat_completion(model_proxy: Running, llama: Llama) -> None:
@@ -61,7 +66,7 @@ async def test_alternating_streamed_and_whole_requests_never_fail(
     # llama-server drops the connection right after a stream despite keep-alive; a pooled
     # connection reused at once fails. Back-to-back requests must all succeed anyway.
     url = model_proxy.base_url + "/v1/chat/completions"
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=auth(model_proxy)) as http:
         for i in range(30):
             body = {"model": llama.model, "messages": MESSAGES, "max_tokens": 2,
                     "stream": i % 2 == 0}
@@ -90,7 +95,8 @@ async def test_client_leaving_mid_stream_frees_the_slot(model_proxy: Running, ll
     body = {"model": llama.model, "prompt": "Once upon a time", "max_tokens": 1500,
             "ignore_eos": True, "stream": True}
     async with aiohttp.ClientSession() as http:
-        resp = await http.post(model_proxy.base_url + "/v1/completions", json=body)
+        resp = await http.post(model_proxy.base_url + "/v1/completions", json=body,
+                               headers=auth(model_proxy))
         for _ in range(3):
             assert await resp.content.readline()
         assert await busy_slots(llama, http) == 1

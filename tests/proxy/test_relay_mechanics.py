@@ -53,7 +53,7 @@ async def test_stream_passes_bytes_through_and_ends_with_done(fake_proxy: Runnin
 
 
 async def test_idle_gap_ends_stream_with_error_event(make_proxy: ProxyFactory, fake: Fake) -> None:
-    proxy = await make_proxy(upstreams=[fake.url], idle_timeout=0.3)
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", idle_timeout=0.3)
     async with aiohttp.ClientSession() as client:
         started = time.monotonic()
         async with client.post(proxy.base_url + CHAT,
@@ -69,7 +69,7 @@ async def test_idle_gap_ends_stream_with_error_event(make_proxy: ProxyFactory, f
 
 
 async def test_first_byte_timeout_is_504(make_proxy: ProxyFactory, fake: Fake) -> None:
-    proxy = await make_proxy(upstreams=[fake.url], first_byte_timeout=0.3)
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", first_byte_timeout=0.3)
     async with aiohttp.ClientSession() as client:
         async with client.post(proxy.base_url + CHAT, json=chat({"ttfb": 3}, stream=False)) as r:
             body = await r.json()
@@ -78,7 +78,7 @@ async def test_first_byte_timeout_is_504(make_proxy: ProxyFactory, fake: Fake) -
 
 
 async def test_whole_request_cap_applies_mid_stream(make_proxy: ProxyFactory, fake: Fake) -> None:
-    proxy = await make_proxy(upstreams=[fake.url], request_timeout=0.5)
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", request_timeout=0.5)
     async with aiohttp.ClientSession() as client:
         async with client.post(proxy.base_url + CHAT, json=chat({"chunks": 50, "gap": 0.05})) as r:
             events = await read_events(r)
@@ -172,7 +172,8 @@ async def test_request_id_is_kept_forwarded_or_made(fake_proxy: Running, fake: F
 async def test_upstream_key_is_sent_and_models_are_listed(
     make_proxy: ProxyFactory, fake: Fake
 ) -> None:
-    proxy = await make_proxy(upstreams=[fake.url], upstream_api_key="upstream-secret")
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled",
+                             upstream_api_key="upstream-secret")
     async with aiohttp.ClientSession() as client:
         async with client.get(proxy.base_url + "/v1/models") as r:
             models = await r.json()

@@ -20,11 +20,11 @@ def appliance(tmp_path: Path):
     started: list[Appliance] = []
 
     def make(*args: str) -> Appliance:
-        app = Appliance(tmp_path / f"a{len(started)}", *args)
+        # Supervision is under test here; auth has its own tests (and the embedded Redis runs).
+        app = Appliance(tmp_path / f"a{len(started)}", "--auth", "disabled", *args)
         started.append(app)
         return app
 
-    (tmp_path / "a0").mkdir()
     yield make
     for app in started:
         app.stop()

@@ -1,0 +1,87 @@
+"""Turn the credential a request presents into a Principal, or an AuthError saying why not."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Mapping
+
+from auth.apikeys import KeyStore, parse_key
+from auth.errors import AuthError, unauthorized
+from auth.principal import ADMIN, INFERENCE, Principal
+from auth.tokens import MAX_TOKEN_BYTES, TokenVerifier
+from config import Settings
+
+ADMIN_PRINCIPAL = Principal(id="admin", kind="admin", scopes=frozenset({ADMIN, INFERENCE}),
+                            credential="admin-key")
+_DEV_USER_MAX = 64
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def presented_credential(headers: Mapping[str, str]) -> str | None:
+    """`Authorization: Bearer <x>` or `X-API-Key: <x>`; garbage is a 401, not a crash."""
+    auth = headers.get("Authorization")
+    if auth is not None:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise unauthorized("Authorization header is not `Bearer <credential>`")
+        credential = value.strip()
+    else:
+        credential = headers.get("X-API-Key", "").strip()
+        if not credential:
+            return None
+    if len(credential) > MAX_TOKEN_BYTES or not credential.isascii() or " " in credential:
+        raise unauthorized("credential is oversized or not printable ASCII")
+    return credential
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, keys: KeyStore, tokens: TokenVerifier) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.tokens = tokens
+        self.required = settings.auth == "required"
+        # X-User-Id without a credential is a local development shortcut, nothing more.
+        self.dev_mode = not self.required and is_loopback(settings.host)
+
+    async def identify(self, headers: Mapping[str, str], client_ip: str, *, admin: bool = False
+                       ) -> Principal:
+        credential = presented_credential(headers)
+        if credential is None:
+            return self._without_credential(headers, client_ip, admin)
+        admin_key = self.settings.admin_key
+        if admin_key and hmac.compare_digest(credential.encode(), admin_key.encode()):
+            return ADMIN_PRINCIPAL
+        if self.tokens.looks_like_jwt(credential):
+            claims = await self.tokens.verify(credential)
+            principal = self.tokens.principal(claims)
+            if await self.keys.jti_revoked(principal.credential):
+                raise unauthorized(f"JWT {principal.credential} is revoked", "Token revoked")
+            return principal
+        if parse_key(credential):
+            return await self.keys.verify(credential)
+        raise unauthorized("credential is neither a JWT nor an API key")
+
+    def _without_credential(self, headers: Mapping[str, str], client_ip: str, admin: bool
+                            ) -> Principal:
+        user = headers.get("X-User-Id")
+        if admin or self.required:
+            if user:
+                raise unauthorized("X-User-Id sent without a credential while auth is required",
+                                   "X-User-Id is accepted only in development mode")
+            raise AuthError(401, "Missing credential: send `Authorization: Bearer <token or key>`"
+                            " or `X-API-Key: <key>`", code="missing_credential",
+                            reason="no credential")
+        if user and self.dev_mode:
+            if len(user) > _DEV_USER_MAX or not user.isprintable():
+                raise unauthorized("malformed X-User-Id")
+            return Principal(id=f"user:{user}", kind="dev")
+        return Principal(id=f"ip:{client_ip}", kind="anonymous")

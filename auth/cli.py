@@ -1,0 +1,169 @@
+"""The commands behind generate_token.py: issue JWTs, create/list/revoke API keys, snippets, QR."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from auth.apikeys import KeyStore, parse_key
+from auth.tokens import issue_token
+from config import ConfigError, Settings, load_settings
+from proxy.redis_server import open_store
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="generate_token.py",
+        description="Issue JWTs and API keys for llama-proxy, list and revoke them.",
+        epilog="examples:\n  python generate_token.py alice 24\n"
+        "  python generate_token.py alice --api-key --rpm 60\n"
+        "  python generate_token.py --list\n  python generate_token.py --revoke 3f9a0c1d",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("subject", nargs="?", help="user (JWT sub) or key name")
+    p.add_argument("hours", nargs="?", type=float, default=24.0,
+                   help="JWT lifetime in hours (default 24)")
+    p.add_argument("--api-key", action="store_true", help="create an API key instead of a JWT")
+    p.add_argument("--list", action="store_true", help="list API keys")
+    p.add_argument("--revoke", metavar="PREFIX|JTI", help="revoke an API key or a JWT id")
+    p.add_argument("--scope", action="append", dest="scopes", metavar="SCOPE",
+                   help="scope to grant (repeatable; default inference; admin for /admin)")
+    p.add_argument("--model", action="append", dest="models", metavar="ID",
+                   help="allow only this model (repeatable)")
+    p.add_argument("--expires", type=float, metavar="HOURS",
+                   help="API key lifetime (default: none)")
+    p.add_argument("--owner", default="", help="API key owner (free text)")
+    p.add_argument("--rpm", type=int, help="requests per minute for this credential")
+    p.add_argument("--tpm", type=int, help="tokens per minute for this credential")
+    p.add_argument("--snippets", action="store_true", help="print curl/openai/aider snippets")
+    p.add_argument("--qr", action="store_true", help="print a terminal QR code for a phone")
+    p.add_argument("--base-url", help="public URL of the appliance (e.g. your ngrok URL)")
+    p.add_argument("--config", metavar="FILE", help="the appliance's TOML settings")
+    p.add_argument("--data-dir", help="the appliance's data dir")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in (("config", args.config), ("data_dir", args.data_dir)) if v}
+    try:
+        settings = load_settings(given, serving=False)
+        if args.list:
+            return asyncio.run(_with_store(settings, _list))
+        if args.revoke:
+            return asyncio.run(_with_store(settings, lambda keys: _revoke(keys, args.revoke)))
+        if not args.subject:
+            parser.error("give a subject (user or key name), or --list / --revoke")
+        if args.api_key:
+            return asyncio.run(_with_store(settings, lambda keys: _new_key(settings, keys, args)))
+        return _new_token(settings, args)
+    except ConfigError as exc:
+        print(f"generate_token.py: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"generate_token.py: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _with_store(settings: Settings, action) -> int:  # noqa: ANN001 - a small callback
+    redis, embedded = await open_store(settings)
+    try:
+        return await action(KeyStore(redis, 0))
+    finally:
+        await redis.aclose()
+        if embedded is not None:
+            await embedded.stop()
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+async def _list(keys: KeyStore) -> int:
+    records = await keys.list()
+    if not records:
+        print("no API keys yet (create one: python generate_token.py NAME --api-key)")
+        return 0
+    row = "{:<10} {:<16} {:<9} {:<21} {:<21} {:<21}"
+    print(row.format("PREFIX", "NAME", "STATUS", "CREATED", "EXPIRES", "LAST USED"))
+    for r in records:
+        print(row.format(r.prefix, r.name[:16], r.status(), _when(r.created), _when(r.expires),
+                         _when(r.last_used)))
+    return 0
+
+
+async def _revoke(keys: KeyStore, target: str) -> int:
+    prefix = parse_key(target) or target
+    if len(prefix) == 8 and await keys.revoke(prefix):
+        print(f"revoked API key {prefix}")
+        return 0
+    await keys.revoke_jti(target)
+    print(f"revoked token {target} (no API key has that prefix, so it was taken as a JWT id)")
+    return 0
+
+
+async def _new_key(settings: Settings, keys: KeyStore, args: argparse.Namespace) -> int:
+    expires = None
+    if args.expires:
+        expires = dt.datetime.now(dt.UTC).timestamp() + args.expires * 3600
+    key, record = await keys.create(args.subject, owner=args.owner, scopes=args.scopes,
+                                    models=args.models, expires=expires, rpm=args.rpm,
+                                    tpm=args.tpm)
+    print(f"API key {record.prefix} for {record.name}; expires {_when(expires)}; "
+          "shown once, only its hash is stored:", file=sys.stderr)
+    _extras(settings, args, key)
+    print(key)
+    return 0
+
+
+def _new_token(settings: Settings, args: argparse.Namespace) -> int:
+    token, jti, exp = issue_token(settings, args.subject, args.hours, scopes=args.scopes,
+                                  models=args.models, rpm=args.rpm, tpm=args.tpm)
+    print(f"JWT for {args.subject}, id {jti}, valid until {_when(exp)}:", file=sys.stderr)
+    _extras(settings, args, token)
+    print(token)
+    return 0
+
+
+def _extras(settings: Settings, args: argparse.Namespace, credential: str) -> None:
+    base = (args.base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    if args.snippets:
+        print(snippets(base, credential), file=sys.stderr)
+    if args.qr:
+        print(qr_code(f"{base}/v1\n{credential}"), file=sys.stderr)
+
+
+def snippets(base: str, credential: str) -> str:
+    return f"""
+# curl
+curl {base}/v1/chat/completions -H "Authorization: Bearer {credential}" \\
+  -H "Content-Type: application/json" -d '{{"messages":[{{"role":"user","content":"Hello"}}]}}'
+
+# Python (pip install openai)
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="{credential}")
+print(client.chat.completions.create(model="default",
+      messages=[{{"role": "user", "content": "Hello"}}]).choices[0].message.content)
+
+# aider and other OpenAI tools
+export OPENAI_API_BASE="{base}/v1"
+export OPENAI_API_KEY="{credential}"
+"""
+
+
+def qr_code(text: str) -> str:
+    """A QR code drawn in the terminal by Debian's qrencode (installed by make install)."""
+    binary = shutil.which("qrencode")
+    if binary is None:
+        raise ValueError("--qr needs the qrencode program (apt-get install qrencode)")
+    result = subprocess.run([binary, "-t", "UTF8", "-o", "-", text], capture_output=True,
+                            text=True, check=True, env={"PATH": os.defpath})
+    return result.stdout

@@ -1,0 +1,133 @@
+"""JWTs: issue them (generate_token.py, /admin/tokens) and verify them on every request.
+
+The accepted algorithms come from settings, never from the token; exp is required; iss/aud are
+required when configured. HS* tokens use a secret (generated once into the data dir, owner-only);
+RS*/ES* tokens use a public key file or a JWKS whose key is picked by the token's kid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from auth.errors import unauthorized
+from auth.principal import Principal, model_set, positive_int, scope_set
+from config import Settings
+
+MAX_TOKEN_BYTES = 8192
+SECRET_FILE = "jwt.secret"
+
+
+def load_or_create_secret(settings: Settings) -> str:
+    """The HS* secret: from settings, else <data_dir>/jwt.secret, created owner-only once."""
+    if settings.jwt_secret:
+        return settings.jwt_secret
+    path = settings.data_dir / SECRET_FILE
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    secret = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    return secret
+
+
+def _uses_hmac(settings: Settings) -> bool:
+    return settings.jwt_algorithms[0].startswith("HS")
+
+
+class TokenVerifier:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.algorithms = list(settings.jwt_algorithms)
+        self._key: Any = None
+        self._jwks: jwt.PyJWKClient | None = None
+        if _uses_hmac(settings):
+            self._key = load_or_create_secret(settings)
+        elif settings.jwt_jwks_url:
+            self._jwks = jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True, lifespan=300)
+        else:
+            assert settings.jwt_public_key is not None  # checked by the config loader
+            self._key = Path(settings.jwt_public_key).read_text()
+        self._required = ["exp", "sub"]
+        if settings.jwt_issuer:
+            self._required.append("iss")
+        if settings.jwt_audience:
+            self._required.append("aud")
+
+    @staticmethod
+    def looks_like_jwt(credential: str) -> bool:
+        return credential.count(".") == 2 and credential.startswith("eyJ")
+
+    async def verify(self, token: str) -> dict[str, Any]:
+        """The token's claims, or AuthError (401) saying why in the log."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise unauthorized(f"JWT of {len(token)} bytes is over the limit")
+        try:
+            key = self._key if self._jwks is None else await self._jwks_key(token)
+            return jwt.decode(
+                token, key, algorithms=self.algorithms, audience=self.settings.jwt_audience,
+                issuer=self.settings.jwt_issuer, leeway=self.settings.jwt_leeway,
+                options={"require": self._required, "verify_aud": bool(self.settings.jwt_audience)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthorized("JWT expired", "Token expired") from None
+        except jwt.PyJWTError as exc:
+            raise unauthorized(f"JWT rejected: {type(exc).__name__}: {exc}") from None
+
+    async def _jwks_key(self, token: str) -> Any:
+        assert self._jwks is not None
+        # The JWKS fetch is blocking (urllib) and cached; keep it off the event loop.
+        signing = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+        return signing.key
+
+    @staticmethod
+    def principal(claims: dict[str, Any]) -> Principal:
+        subject = str(claims["sub"])
+        return Principal(
+            id=f"user:{subject}", kind="jwt",
+            scopes=scope_set(claims.get("scope", claims.get("scopes"))),
+            models=model_set(claims.get("models")),
+            rpm=positive_int(claims.get("rpm")), tpm=positive_int(claims.get("tpm")),
+            credential=str(claims.get("jti", "")),
+        )
+
+
+def issue_token(settings: Settings, subject: str, hours: float, *, scopes: list[str] | None = None,
+                models: list[str] | None = None, rpm: int | None = None, tpm: int | None = None
+                ) -> tuple[str, str, int]:
+    """Sign a JWT; returns (token, jti, exp)."""
+    now = int(time.time())
+    exp = now + int(hours * 3600)
+    jti = uuid.uuid4().hex
+    claims: dict[str, Any] = {"sub": subject, "iat": now, "nbf": now, "exp": exp, "jti": jti}
+    if settings.jwt_issuer:
+        claims["iss"] = settings.jwt_issuer
+    if settings.jwt_audience:
+        claims["aud"] = settings.jwt_audience
+    if scopes:
+        claims["scope"] = " ".join(scopes)
+    if models:
+        claims["models"] = list(models)
+    if rpm:
+        claims["rpm"] = rpm
+    if tpm:
+        claims["tpm"] = tpm
+    algorithm = settings.jwt_algorithms[0]
+    if _uses_hmac(settings):
+        key: Any = load_or_create_secret(settings)
+    elif settings.jwt_private_key:
+        key = Path(settings.jwt_private_key).read_text()
+    else:
+        raise ValueError(f"{algorithm} tokens are issued by your identity provider; set "
+                         "jwt_private_key to issue them here")
+    return jwt.encode(claims, key, algorithm=algorithm), jti, exp

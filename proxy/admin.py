@@ -1,0 +1,136 @@
+"""/admin: create, list, inspect, update and revoke API keys; issue and revoke JWTs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from auth.apikeys import KeyStore
+from auth.tokens import issue_token
+from proxy.errors import OpenAIError
+from proxy.keys import KEYS, SETTINGS
+from proxy.routes import json_response, read_json
+
+MAX_HOURS = 24 * 366 * 10
+
+
+def _string_list(body: dict[str, Any], name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise OpenAIError(400, f"`{name}` must be a list of strings", param=name)
+    return value
+
+
+def _positive(body: dict[str, Any], name: str, upper: float = 10**12) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= upper:
+        raise OpenAIError(400, f"`{name}` must be a positive number", param=name)
+    return value
+
+
+def _expiry(body: dict[str, Any]) -> float | None:
+    hours = _positive(body, "expires_in_hours", MAX_HOURS)
+    return time.time() + hours * 3600 if hours else None
+
+
+def _store(request: web.Request) -> KeyStore:
+    return request.app[KEYS]
+
+
+async def create_key(request: web.Request) -> web.Response:
+    _, body = await read_json(request)
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise OpenAIError(400, "`name` is required", param="name")
+    owner = body.get("owner", "")
+    if not isinstance(owner, str):
+        raise OpenAIError(400, "`owner` must be a string", param="owner")
+    key, record = await _store(request).create(
+        name.strip(), owner=owner, scopes=_string_list(body, "scopes"),
+        models=_string_list(body, "models"), expires=_expiry(body),
+        rpm=_positive(body, "rpm"), tpm=_positive(body, "tpm"))
+    return json_response({"key": key, **record.public()}, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    records = await _store(request).list()
+    return json_response({"object": "list", "data": [r.public() for r in records]})
+
+
+async def get_key(request: web.Request) -> web.Response:
+    prefix = request.match_info["prefix"]
+    record = await _store(request).get(prefix)
+    if record is None:
+        raise OpenAIError(404, f"No API key with prefix {prefix}", code="key_not_found")
+    return json_response(record.public())
+
+
+async def update_key(request: web.Request) -> web.Response:
+    _, body = await read_json(request)
+    changes: dict[str, Any] = {}
+    for name in ("rpm", "tpm"):
+        if name in body:
+            changes[name] = _positive(body, name)
+    for name in ("scopes", "models"):
+        if name in body:
+            changes[name] = _string_list(body, name)
+    if "disabled" in body:
+        if not isinstance(body["disabled"], bool):
+            raise OpenAIError(400, "`disabled` must be true or false", param="disabled")
+        changes["disabled"] = body["disabled"]
+    if "expires_in_hours" in body:
+        changes["expires"] = _expiry(body)
+    for name in ("name", "owner"):
+        if isinstance(body.get(name), str):
+            changes[name] = body[name]
+    prefix = request.match_info["prefix"]
+    record = await _store(request).update(prefix, **changes)
+    if record is None:
+        raise OpenAIError(404, f"No API key with prefix {prefix}", code="key_not_found")
+    return json_response(record.public())
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    prefix = request.match_info["prefix"]
+    if not await _store(request).revoke(prefix):
+        raise OpenAIError(404, f"No API key with prefix {prefix}", code="key_not_found")
+    return json_response({"prefix": prefix, "revoked": True})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    _, body = await read_json(request)
+    subject = body.get("sub")
+    if not isinstance(subject, str) or not subject.strip():
+        raise OpenAIError(400, "`sub` (the user) is required", param="sub")
+    hours = _positive(body, "hours", MAX_HOURS) or 24
+    try:
+        token, jti, exp = issue_token(
+            request.app[SETTINGS], subject.strip(), hours, scopes=_string_list(body, "scopes"),
+            models=_string_list(body, "models"), rpm=_positive(body, "rpm"),
+            tpm=_positive(body, "tpm"))
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc), code="cannot_issue") from None
+    return json_response({"token": token, "jti": jti, "expires_at": exp, "sub": subject},
+                         status=201)
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    jti = request.match_info["jti"]
+    await _store(request).revoke_jti(jti)
+    return json_response({"jti": jti, "revoked": True})
+
+
+def setup_admin_routes(app: web.Application) -> None:
+    app.router.add_post("/admin/keys", create_key)
+    app.router.add_get("/admin/keys", list_keys)
+    app.router.add_get("/admin/keys/{prefix}", get_key)
+    app.router.add_patch("/admin/keys/{prefix}", update_key)
+    app.router.add_delete("/admin/keys/{prefix}", revoke_key)
+    app.router.add_post("/admin/tokens", create_token)
+    app.router.add_delete("/admin/tokens/{jti}", revoke_token)
