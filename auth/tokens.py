@@ -21,7 +21,7 @@ from auth.errors import unauthorized
 from auth.principal import Principal, model_set, positive_int, scope_set
 from config import Settings
 
-MAX_TOKEN_BYTES = 8192
+MAX_TOKEN_BYTES = 4096  # below aiohttp's 8190-byte header limit, so this check is reachable
 SECRET_FILE = "jwt.secret"
 
 
@@ -45,16 +45,38 @@ def _uses_hmac(settings: Settings) -> bool:
     return settings.jwt_algorithms[0].startswith("HS")
 
 
+class LocalJwks:
+    """A JWKS file picked by kid; re-read when it changes, so keys rotate without a restart."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._mtime = -1.0
+        self._keys: dict[str, Any] = {}
+
+    def key_for(self, token: str) -> Any:
+        kid = jwt.get_unverified_header(token).get("kid")
+        mtime = self.path.stat().st_mtime
+        if mtime != self._mtime:
+            keyset = jwt.PyJWKSet.from_json(self.path.read_text())
+            self._keys = {k.key_id: k.key for k in keyset.keys if k.key_id}
+            self._mtime = mtime
+        if kid not in self._keys:
+            raise jwt.PyJWKClientError(f"no key with kid {kid!r}")
+        return self._keys[kid]
+
+
 class TokenVerifier:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.algorithms = list(settings.jwt_algorithms)
         self._key: Any = None
-        self._jwks: jwt.PyJWKClient | None = None
+        self._jwks: jwt.PyJWKClient | LocalJwks | None = None
         if _uses_hmac(settings):
             self._key = load_or_create_secret(settings)
-        elif settings.jwt_jwks_url:
+        elif settings.jwt_jwks_url and settings.jwt_jwks_url.startswith(("https://", "http://")):
             self._jwks = jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True, lifespan=300)
+        elif settings.jwt_jwks_url:
+            self._jwks = LocalJwks(Path(settings.jwt_jwks_url.removeprefix("file://")))
         else:
             assert settings.jwt_public_key is not None  # checked by the config loader
             self._key = Path(settings.jwt_public_key).read_text()
@@ -85,6 +107,8 @@ class TokenVerifier:
             raise unauthorized(f"JWT rejected: {type(exc).__name__}: {exc}") from None
 
     async def _jwks_key(self, token: str) -> Any:
+        if isinstance(self._jwks, LocalJwks):
+            return self._jwks.key_for(token)
         assert self._jwks is not None
         # The JWKS fetch is blocking (urllib) and cached; keep it off the event loop.
         signing = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)

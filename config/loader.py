@@ -194,6 +194,11 @@ def _check_auth(s: Settings) -> None:
             path = getattr(s, name)
             if path is not None and not os.access(path, os.R_OK):
                 raise ConfigError(name, f"{path} does not exist or is not readable")
+    jwks = s.jwt_jwks_url
+    if jwks and not jwks.startswith(("https://", "http://")):
+        if not os.access(jwks.removeprefix("file://"), os.R_OK):
+            raise ConfigError("jwt_jwks_url",
+                              f"{jwks} is neither an http(s) URL nor a readable file")
     if s.jwt_secret is not None and len(s.jwt_secret) < 32:
         raise ConfigError("jwt_secret", "must be at least 32 characters")
     if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):

@@ -100,7 +100,7 @@ class Settings:
         None, "path", "PEM private key generate_token.py signs RS256/ES256 tokens with"
     )
     jwt_jwks_url: str | None = _opt(
-        None, "str", "JWKS URL (https:// or file://) whose keys are picked by the token's kid"
+        None, "str", "JWKS (https:// URL or file) whose keys are picked by the token's kid"
     )
     jwt_issuer: str | None = _opt(None, "str", "required `iss` claim, when set")
     jwt_audience: str | None = _opt(None, "str", "required `aud` claim, when set")

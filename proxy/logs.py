@@ -35,12 +35,25 @@ def redact(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
+    """For handlers that format on their own (the child's log file): clean the message."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         clean = redact(message)
         if clean != message or record.args:
             record.msg, record.args = clean, None
         return True
+
+
+class RedactingFormatter(logging.Formatter):
+    """Redact the whole formatted line, tracebacks included (libraries log header values)."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,18 +66,16 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if record.exc_info:
-            entry["exc"] = redact(self.formatException(record.exc_info))
+            entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
 
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level.upper())  # loggers with their own level (the child's) obey it too
-    handler.addFilter(RedactingFilter())
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    inner = (JsonFormatter() if fmt == "json"
+             else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter(inner))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -20,6 +20,8 @@ from tests import fake_upstream
 from tests.helpers import free_port, http_status, wait_until
 
 MODEL_ID = "smollm2"
+ADMIN_KEY = "test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @dataclass
@@ -107,7 +109,7 @@ async def make_proxy(tmp_path: Path, redis_url: str) -> AsyncIterator[ProxyFacto
 
     async def make(**overrides: Any) -> Running:
         values: dict[str, Any] = {"port": 0, "data_dir": str(tmp_path / "data"),
-                                  "redis_url": redis_url}
+                                  "redis_url": redis_url, "admin_key": ADMIN_KEY}
         values.update(overrides)
         settings: Settings = load_settings(values, env={})
         running = await start(settings)

@@ -60,12 +60,13 @@ def pid_alive(pid: int) -> bool:
 class Appliance:
     """`python -m proxy` as users run it, with its log captured to a file."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None,
+                 data_dir: Path | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = tmp / "appliance.log"
-        self.data_dir = tmp / "data"
+        self.data_dir = data_dir or tmp / "data"
         cmd = [sys.executable, "-m", "proxy", "--port", str(self.port),
                "--data-dir", str(self.data_dir), *args]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_PROXY_")}

@@ -1,0 +1,108 @@
+"""The API key store against a real Redis: hashing, caching, revocation, and Redis outages."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from auth.apikeys import KeyStore, digest
+from auth.errors import AuthError
+from tests.helpers import wait_until
+
+
+async def client(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=0.2,
+                                   socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+
+
+async def test_only_a_hash_is_stored(redis_url: str) -> None:
+    redis = await client(redis_url)
+    key, record = await KeyStore(redis, 5).create("alice", rpm=60, models=["m1"])
+    assert key.startswith(f"sk-{record.prefix}_")
+    dump = []
+    async for name in redis.scan_iter("*"):
+        kind = await redis.type(name)
+        dump.append(str(await redis.hgetall(name) if kind == "hash" else name))
+    everything = "\n".join(dump)
+    assert key.split("_", 1)[1] not in everything
+    assert digest(key) in everything
+    principal = await KeyStore(redis, 5).verify(key)
+    assert principal.id == f"key:{record.prefix}" and principal.rpm == 60
+    assert principal.models == frozenset({"m1"})
+    await redis.aclose()
+
+
+async def test_revocation_reaches_other_instances_within_the_cache_ttl(redis_url: str) -> None:
+    redis = await client(redis_url)
+    here, there = KeyStore(redis, 0.3), KeyStore(redis, 0.3)
+    key, record = await here.create("bob")
+    await there.verify(key)  # now cached over there
+    await here.revoke(record.prefix)
+    await there.verify(key)  # still inside the cache period
+    await asyncio.sleep(0.35)
+    with pytest.raises(AuthError) as err:
+        await there.verify(key)
+    assert err.value.status == 401 and err.value.message == "API key revoked"
+    await redis.aclose()
+
+
+async def test_disabled_and_expired_keys(redis_url: str) -> None:
+    redis = await client(redis_url)
+    store = KeyStore(redis, 0)
+    disabled_key, disabled = await store.create("d")
+    await store.update(disabled.prefix, disabled=True)
+    expired_key, _ = await store.create("e", expires=time.time() - 1)
+    for key, status in ((disabled_key, "disabled"), (expired_key, "expired")):
+        with pytest.raises(AuthError) as err:
+            await store.verify(key)
+        assert err.value.message == f"API key {status}"
+    await redis.aclose()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    """A redis-server this test may kill and restart."""
+    sock = tmp_path / "r.sock"
+    cmd = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp_path),
+           "--appendonly", "yes", "--save", ""]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL)]
+    wait_until(sock.exists, 10, "redis")
+
+    def restart() -> None:
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        wait_until(sock.exists, 10, "redis again")
+
+    yield f"unix://{sock}", procs, restart
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_redis_outage_keeps_known_keys_refuses_unknown(own_redis) -> None:
+    url, procs, restart = own_redis
+    redis = await client(url)
+    store = KeyStore(redis, 0.05)
+    known, _ = await store.create("known")
+    unknown_to_cache, _ = await store.create("other")
+    await store.verify(known)
+    procs[0].terminate()
+    procs[0].wait(10)
+    await asyncio.sleep(0.1)  # past the cache period: Redis would be asked now
+    started = time.monotonic()
+    assert (await store.verify(known)).kind == "apikey"  # served stale from the cache
+    with pytest.raises(AuthError) as err:
+        await store.verify(unknown_to_cache)
+    assert err.value.status == 503 and err.value.retry_after
+    assert time.monotonic() - started < 1.0  # failing fast, never hanging
+    assert await store.jti_revoked("some-jti") is False  # JWTs keep working
+    restart()
+    await asyncio.sleep(0.1)
+    assert (await store.verify(unknown_to_cache)).kind == "apikey"  # nothing lost
+    await redis.aclose()
