@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from auth.authenticator import is_loopback
 from config import ConfigError, Settings
 from proxy.app import create_app
 from proxy.keys import SUPERVISOR
@@ -60,6 +61,7 @@ async def serve(settings: Settings) -> None:
     base = running.base_url
     log.info("listening on %s (OpenAI base URL %s/v1)", base, base)
     print(f"llama-proxy listening on {base}  (OpenAI base URL: {base}/v1)", flush=True)
+    _warn_if_open(settings)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -72,6 +74,21 @@ async def serve(settings: Settings) -> None:
              settings.shutdown_grace)
     await running.runner.cleanup()
     log.info("stopped")
+
+
+def _warn_if_open(settings: Settings) -> None:
+    if settings.auth != "disabled":
+        print("credentials: python generate_token.py NAME 24   (a JWT)   or   "
+              "python generate_token.py NAME --api-key", flush=True)
+        return
+    if is_loopback(settings.host):
+        message = ("AUTH IS DISABLED: anyone who can reach this loopback port uses the model; "
+                   "X-User-Id is accepted as the user (development mode)")
+    else:
+        message = (f"AUTH IS DISABLED ON A PUBLIC ADDRESS ({settings.host}): anyone who reaches "
+                   "it uses the model; X-User-Id is refused. Set auth = \"required\".")
+    log.warning(message)
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 async def _announce_ready(app: web.Application, base: str) -> None:

@@ -32,6 +32,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], setting: str
         (["--model", "/no/such.gguf"], "model"),
         (["--port", "123456"], "port"),
         (["--upstream", "not-a-url"], "upstreams"),
+        (["--admin-key", "too-short"], "admin_key"),
+        (["--jwt-algorithms", "HS256", "--jwt-algorithms", "RS256"], "jwt_algorithms"),
     ],
 )
 def test_bad_flags(args: list[str], setting: str) -> None:
@@ -44,6 +46,13 @@ def test_binary_that_cannot_run(tmp_path: Path) -> None:
     not_executable.chmod(0o644)
     assert_one_line_error(run("--port", "0", "--llama-server", str(not_executable)),
                           "llama_server")
+
+
+def test_unreachable_redis_is_one_line(tmp_path: Path) -> None:
+    result = run("--port", "0", "--data-dir", str(tmp_path / "d"),
+                 "--redis-url", "redis://:pw@127.0.0.1:1/0")
+    assert_one_line_error(result, "redis_url")
+    assert "127.0.0.1:1/0 is unreachable" in result.stderr and "pw" not in result.stderr
 
 
 def test_bad_config_files(tmp_path: Path) -> None:
