@@ -38,6 +38,15 @@ def appliance(work: Path, upstream: str, redis_url: str, *extra: str) -> tuple[s
     return base, proc
 
 
+def issue(work: Path, redis_url: str, *args: str) -> str:
+    """A credential from generate_token.py, as a user would get it."""
+    result = subprocess.run(
+        [sys.executable, "generate_token.py", "--data-dir", str(work / "auth" / "data"), *args],
+        cwd=REPO, capture_output=True, text=True, check=True,
+        env={"LLAMA_PROXY_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"})
+    return result.stdout.strip().splitlines()[-1]
+
+
 async def measure(url: str, headers: dict[str, str], requests: int) -> list[float]:
     headers = {"Content-Type": "application/json", **headers}
     out: list[float] = []
@@ -74,16 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             open_base, p1 = appliance(work / "open", fake, redis_url, "--auth", "disabled")
             auth_base, p2 = appliance(work / "auth", fake, redis_url)
             procs += [p1, p2]
-            token = subprocess.run(
-                [sys.executable, "generate_token.py", "--data-dir", str(work / "auth" / "data"),
-                 "bench", "1"], cwd=REPO, capture_output=True, text=True, check=True,
-                env={"LLAMA_PROXY_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"},
-            ).stdout.strip().splitlines()[-1]
-            key = subprocess.run(
-                [sys.executable, "generate_token.py", "--data-dir", str(work / "auth" / "data"),
-                 "bench", "--api-key"], cwd=REPO, capture_output=True, text=True, check=True,
-                env={"LLAMA_PROXY_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"},
-            ).stdout.strip().splitlines()[-1]
+            token = issue(work, redis_url, "bench", "1")
+            key = issue(work, redis_url, "bench", "--api-key")
             runs = [("upstream directly", fake, {}), ("appliance, auth off", open_base, {}),
                     ("appliance, JWT", auth_base, {"Authorization": f"Bearer {token}"}),
                     ("appliance, API key", auth_base, {"X-API-Key": key})]

@@ -81,7 +81,7 @@ async def backends(app: web.Application) -> AsyncIterator[None]:
     pool: list[Backend] = []
     supervisor = None
     if settings.supervise:
-        child = Backend("llama-server", "", models=(str(settings.model_alias),))
+        child = Backend("llama-server", "", models=(str(settings.model_alias),), supervised=True)
         supervisor = LlamaSupervisor(settings, client, child)
         supervisor.start()
         pool.append(child)

@@ -34,6 +34,7 @@ class Backend:
     models: tuple[str, ...] = ()
     state: State = State.STARTING
     reason: str | None = None
+    supervised: bool = False  # the child's state belongs to its supervisor, not to the relay
     changed: float = field(default_factory=time.monotonic)
 
     def set_state(self, state: State, reason: str | None = None) -> None:

@@ -54,7 +54,7 @@ async def relay(request: web.Request, path: str, raw: bytes, model: str | None, 
             upstream = await _open(request, backend, path, raw, stream)
         except Unreachable as exc:
             log.warning("%s: backend %s unreachable: %s", request[REQUEST_ID], backend.name, exc)
-            if backend.name.startswith("upstream"):
+            if not backend.supervised:  # the health check brings it back
                 backend.set_state(State.DOWN, str(exc))
             continue
         if upstream.content_type == "text/event-stream" and upstream.status == 200:
