@@ -154,16 +154,22 @@ def _resolve(s: Settings, serving: bool) -> Settings:
         if getattr(s, name) < 1:
             raise ConfigError(name, f"must be at least 1, got {getattr(s, name)}")
     for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "startup_timeout",
-                 "health_interval", "restart_window", "redis_timeout", "auth_fail_window"):
+                 "health_interval", "restart_window", "redis_timeout", "auth_fail_window",
+                 "limit_window", "queue_timeout", "limit_default_max_tokens"):
         if getattr(s, name) <= 0:
             raise ConfigError(name, "must be a positive number of seconds")
     for name in ("request_timeout", "child_stop_grace", "shutdown_grace", "upstream_connections",
-                 "jwt_leeway", "key_cache_ttl"):
+                 "jwt_leeway", "key_cache_ttl", "limit_rpm", "limit_rpd", "limit_tpm",
+                 "limit_concurrency", "limit_ip_rpm", "queue_max"):
         if getattr(s, name) < 0:
             raise ConfigError(name, "must not be negative")
     _check_auth(s)
     upstreams = [_normalise_upstream(url) for url in s.upstreams]
     s = replace(s, upstreams=upstreams, data_dir=s.data_dir or default_data_dir())
+    if s.admission_slots < -1:
+        raise ConfigError("admission_slots", "must be -1 (auto), 0 (off) or a slot count")
+    if s.admission_slots == -1:
+        s = replace(s, admission_slots=s.parallel if s.supervise else 0)
     if serving and s.supervise:
         s = _resolve_child(s)
     return s

@@ -119,6 +119,27 @@ class Settings:
     )
     redis_server: str = _opt("redis-server", "str", "redis-server binary for the embedded Redis")
     redis_timeout: float = _opt(0.25, "float", "seconds a Redis call may take before failing")
+    # -- rate limits (0 = no limit); per-credential rpm/tpm override the first and third
+    limit_rpm: int = _opt(0, "int", "requests per minute per principal")
+    limit_rpd: int = _opt(0, "int", "requests per day per principal")
+    limit_tpm: int = _opt(0, "int", "tokens (prompt + completion) per minute per principal")
+    limit_concurrency: int = _opt(0, "int", "requests in flight at once per principal")
+    limit_ip_rpm: int = _opt(0, "int", "requests per minute per client IP")
+    limit_default_max_tokens: int = _opt(
+        512, "int", "completion tokens reserved when a request sets no max_tokens"
+    )
+    limit_window: float = _opt(60.0, "float", "length of a 'minute' window (seconds)")
+    limit_on_redis_down: str = _opt(
+        "open", "choice", "without Redis: 'open' = in-process limits, 'closed' = refuse (503)",
+        choices=("open", "closed"),
+    )
+    # -- fair admission in front of the model's slots
+    admission_slots: int = _opt(
+        -1, "int", "requests sent to the model at once (-1: --parallel when supervising, "
+        "0: no queue)",
+    )
+    queue_max: int = _opt(64, "int", "requests that may wait for a model slot")
+    queue_timeout: float = _opt(60.0, "float", "longest wait for a model slot (seconds)")
     # -- logging
     log_level: str = _opt(
         "info", "choice", "log verbosity", choices=("debug", "info", "warning", "error")

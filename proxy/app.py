@@ -13,11 +13,25 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from auth.apikeys import KeyStore
 from auth.authenticator import Authenticator
 from auth.guard import FailureGuard
+from auth.ratelimit import RateLimiter
 from auth.tokens import TokenVerifier
 from config import Settings
 from proxy.admin import setup_admin_routes
+from proxy.admission import FairQueue
 from proxy.backends import Backend, BackendPool, check_upstream, watch_upstreams
-from proxy.keys import AUTH, CLIENT, GUARD, KEYS, POOL, REDIS, SETTINGS, SUPERVISOR
+from proxy.keys import (
+    AUTH,
+    CLIENT,
+    GUARD,
+    KEYS,
+    LIMITER,
+    POOL,
+    QUEUE,
+    REDIS,
+    SETTINGS,
+    SUPERVISOR,
+)
+from proxy.limits import stamp_limit_headers
 from proxy.logs import register_secret
 from proxy.middlewares import MIDDLEWARES, stamp_headers
 from proxy.redis_server import open_store
@@ -33,6 +47,8 @@ def create_app(settings: Settings) -> web.Application:
                    settings.redis_url):
         register_secret(secret)
     app.on_response_prepare.append(stamp_headers)
+    app.on_response_prepare.append(stamp_limit_headers)
+    app[QUEUE] = FairQueue(settings.admission_slots, settings.queue_max, settings.queue_timeout)
     # Order matters: the store comes up before the model, so a bad Redis fails fast.
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(credential_store)
@@ -68,6 +84,7 @@ async def credential_store(app: web.Application) -> AsyncIterator[None]:
     app[REDIS], app[KEYS] = redis, keys
     app[AUTH] = Authenticator(settings, keys, tokens)
     app[GUARD] = FailureGuard(settings.auth_fail_limit, settings.auth_fail_window)
+    app[LIMITER] = RateLimiter(redis, settings)
     try:
         yield
     finally:

@@ -9,7 +9,9 @@ from auth.apikeys import KeyStore
 from auth.authenticator import Authenticator
 from auth.guard import FailureGuard
 from auth.principal import Principal
+from auth.ratelimit import Admission, RateLimiter
 from config import Settings
+from proxy.admission import FairQueue
 from proxy.backends import BackendPool
 from proxy.supervisor import LlamaSupervisor
 
@@ -21,6 +23,9 @@ REDIS = web.AppKey("redis", Redis)
 KEYS = web.AppKey("keys", KeyStore)
 AUTH = web.AppKey("auth", Authenticator)
 GUARD = web.AppKey("guard", FailureGuard)
+LIMITER = web.AppKey("limiter", RateLimiter)
+QUEUE = web.AppKey("queue", FairQueue)
 
 REQUEST_ID = web.RequestKey("request_id", str)  # set by the request-id middleware
 PRINCIPAL = web.RequestKey("principal", Principal)  # set by the auth middleware
+ADMISSION = web.RequestKey("admission", Admission)  # set when rate limits apply

@@ -27,6 +27,7 @@ from config import Settings
 from proxy.backends import Backend, BackendPool, State
 from proxy.errors import ERROR_TYPES, OpenAIError, error_body, sse_error_event
 from proxy.keys import CLIENT, POOL, REQUEST_ID, SETTINGS
+from proxy.usage import UsageMeter
 
 log = logging.getLogger("proxy.relay")
 
@@ -38,8 +39,8 @@ class Unreachable(Exception):
     """The backend could not be reached at all; another one may be tried."""
 
 
-async def relay(request: web.Request, path: str, raw: bytes, model: str | None, stream: bool
-                ) -> web.StreamResponse:
+async def relay(request: web.Request, path: str, raw: bytes, model: str | None, stream: bool,
+                meter: UsageMeter | None = None) -> web.StreamResponse:
     """Send raw (an already-validated JSON body) to a ready backend serving model."""
     pool: BackendPool = request.app[POOL]
     candidates = pool.serving(model)
@@ -58,8 +59,8 @@ async def relay(request: web.Request, path: str, raw: bytes, model: str | None, 
                 backend.set_state(State.DOWN, str(exc))
             continue
         if upstream.content_type == "text/event-stream" and upstream.status == 200:
-            return await _stream(request, upstream, request.app[SETTINGS])
-        return await _whole(upstream, request.app[SETTINGS])
+            return await _stream(request, upstream, request.app[SETTINGS], meter)
+        return await _whole(upstream, request.app[SETTINGS], meter)
     raise OpenAIError(502, "The model server could not be reached", code="upstream_unreachable")
 
 
@@ -109,7 +110,8 @@ async def _open(request: web.Request, backend: Backend, path: str, raw: bytes, s
     raise AssertionError("unreachable")
 
 
-async def _whole(upstream: ClientResponse, settings: Settings) -> web.Response:
+async def _whole(upstream: ClientResponse, settings: Settings, meter: UsageMeter | None
+                 ) -> web.Response:
     """A non-streamed answer: read it all, make sure errors are in OpenAI's shape."""
     try:
         async with asyncio.timeout(settings.idle_timeout):
@@ -123,6 +125,8 @@ async def _whole(upstream: ClientResponse, settings: Settings) -> web.Response:
     finally:
         upstream.release()
     status = upstream.status
+    if meter is not None and status == 200:
+        meter.from_body(body)
     headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json")}
     if status >= 400:
         body = _as_openai_error(status, body)
@@ -150,8 +154,8 @@ def _as_openai_error(status: int, body: bytes) -> bytes:
                                    ERROR_TYPES.get(status, "server_error"), "upstream_error"))
 
 
-async def _stream(request: web.Request, upstream: ClientResponse, settings: Settings
-                  ) -> web.StreamResponse:
+async def _stream(request: web.Request, upstream: ClientResponse, settings: Settings,
+                  meter: UsageMeter | None) -> web.StreamResponse:
     """Pass SSE chunks through as they arrive; end with an error event if upstream fails."""
     response = web.StreamResponse(status=200, headers={
         "Content-Type": "text/event-stream; charset=utf-8",
@@ -164,7 +168,13 @@ async def _stream(request: web.Request, upstream: ClientResponse, settings: Sett
             async with asyncio.timeout(settings.idle_timeout):
                 chunk = await upstream.content.readany()
             if not chunk:
+                if meter is not None and (rest := meter.flush()):
+                    await response.write(rest)
                 break
+            if meter is not None:
+                chunk = meter.filter(chunk)
+                if not chunk:
+                    continue
             await response.write(chunk)
     except ConnectionResetError:
         log.info("%s: client went away mid-stream; closing upstream", request[REQUEST_ID])

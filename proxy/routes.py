@@ -10,7 +10,8 @@ from aiohttp import web
 
 from proxy.backends import BackendPool
 from proxy.errors import OpenAIError
-from proxy.keys import POOL, PRINCIPAL
+from proxy.keys import POOL, PRINCIPAL, QUEUE
+from proxy.limits import limited
 from proxy.relay import relay
 
 CAN_SERVE = ("ok", "degraded")
@@ -57,7 +58,10 @@ def openai_endpoint(path: str) -> Any:
         raw, body = await read_json(request)
         model = body.get("model")
         check_model_allowed(request, model)
-        return await relay(request, path, raw, model, body.get("stream") is True)
+        async with limited(request, path, raw, body) as (payload, meter):
+            async with request.app[QUEUE].slot(request[PRINCIPAL].id):
+                return await relay(request, path, payload, model, body.get("stream") is True,
+                                   meter)
 
     handler.__name__ = path.strip("/").replace("/", "_")
     return handler

@@ -99,3 +99,16 @@ class Appliance:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+async def eventually(predicate: Callable[[], Any], limit: float, what: str) -> Any:
+    """wait_until for async tests: the event loop keeps running while we wait."""
+    import asyncio
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out after {limit}s waiting for {what}")

@@ -1,0 +1,22 @@
+-- Settle an admitted request once it has ended, in one round trip.
+-- KEYS: windows whose charge changes ("n" kind) followed by concurrency lease sets ("c" kind).
+-- ARGV[1] the request id, ARGV[2] the number of "n" keys; then per "n" key: reserved, actual.
+-- A token window's reservation becomes the real usage at its original time; leases are released.
+
+local id = ARGV[1]
+local charged = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  if i <= charged then
+    local reserved, actual = ARGV[1 + i * 2], tonumber(ARGV[2 + i * 2])
+    local member = id .. ":" .. reserved
+    local score = redis.call("ZSCORE", key, member)
+    if score then
+      redis.call("ZREM", key, member)
+      redis.call("ZADD", key, score, id .. ":" .. actual)
+      redis.call("INCRBY", key .. ":sum", actual - tonumber(reserved))
+    end
+  elseif redis.call("ZREM", key, id .. ":1") == 1 then
+    redis.call("DECRBY", key .. ":sum", 1)
+  end
+end
+return 1

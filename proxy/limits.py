@@ -1,0 +1,80 @@
+"""Rate limits around one model request: admit (or 429), meter the usage, settle afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from auth.ratelimit import Admission, RateLimiter, StoreDown
+from proxy.errors import OpenAIError
+from proxy.keys import ADMISSION, LIMITER, PRINCIPAL, SETTINGS
+from proxy.usage import UsageMeter, wants_usage_in_stream, with_usage_requested
+
+_settling: set[asyncio.Task[None]] = set()
+WINDOW_NAMES = {"rpm": "requests per minute", "rpd": "requests per day",
+                "tpm": "tokens per minute", "concurrency": "concurrent requests",
+                "ip_rpm": "requests per minute from this IP"}
+
+
+def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: int) -> int:
+    """What to reserve before generation: ~4 bytes a prompt token, plus the completion asked."""
+    prompt = len(raw) // 4 + 1
+    if path.endswith("/embeddings"):
+        return prompt
+    for name in ("max_completion_tokens", "max_tokens", "n_predict"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return prompt + value
+    return prompt + default_max
+
+
+@asynccontextmanager
+async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, Any]
+                  ) -> AsyncIterator[tuple[bytes, UsageMeter | None]]:
+    """Admit the request or raise 429; yield the body to send and a meter for its usage."""
+    limiter: RateLimiter = request.app[LIMITER]
+    tokens = estimate_tokens(raw, body, path, request.app[SETTINGS].limit_default_max_tokens)
+    try:
+        admission = await limiter.admit(request[PRINCIPAL], request.remote or "unknown", tokens)
+    except StoreDown:
+        raise OpenAIError(503, "Rate limits cannot be checked right now; retry shortly",
+                          code="limits_unavailable", headers={"Retry-After": "5"}) from None
+    if admission is None:
+        yield raw, None
+        return
+    request[ADMISSION] = admission  # headers go out with the response, streamed or not
+    if not admission.allowed:
+        raise refusal(admission)
+    meter = None
+    if admission.token_window is not None:
+        stream = body.get("stream") is True
+        strip = stream and not wants_usage_in_stream(body)
+        if strip:
+            raw = with_usage_requested(body)
+        meter = UsageMeter(admission, strip)
+    try:
+        yield raw, meter
+    finally:
+        # After the response: settling is off the latency path.
+        task = asyncio.create_task(limiter.settle(admission))
+        _settling.add(task)
+        task.add_done_callback(_settling.discard)
+
+
+def refusal(admission: Admission) -> OpenAIError:
+    retry = max(1, math.ceil(admission.retry_ms / 1000))
+    which = ", ".join(f"{WINDOW_NAMES[w.name]} (limit {w.limit})" for w in admission.denied())
+    return OpenAIError(429, f"Rate limit reached for {which}; retry in {retry}s",
+                       code="rate_limit_exceeded", type="rate_limit_exceeded",
+                       headers={"Retry-After": str(retry)})
+
+
+async def stamp_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    admission = request.get(ADMISSION)
+    if admission is not None:
+        response.headers.update(admission.headers())

@@ -1,0 +1,89 @@
+"""Read the real token usage out of answers, so the limiter can settle what it reserved.
+
+Whole answers carry `usage` in their JSON. Streams are asked for it (stream_options.include_usage)
+and it comes in a last event with empty `choices`; when the client did not ask for that event it
+is removed again. Only complete SSE events are examined; bytes still pass through unparsed unless
+they contain a usage object.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from auth.ratelimit import Admission
+
+_USAGE = b'"usage"'
+
+
+def total_tokens(usage: Any) -> int | None:
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int):
+        return total
+    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
+    return sum(p for p in parts if isinstance(p, int)) if any(parts) else None
+
+
+class UsageMeter:
+    def __init__(self, admission: Admission, strip: bool) -> None:
+        self.admission = admission
+        self.strip = strip
+        self._pending = b""
+
+    def from_body(self, body: bytes) -> None:
+        if _USAGE not in body:
+            return
+        try:
+            self._note(orjson.loads(body).get("usage"))
+        except (orjson.JSONDecodeError, AttributeError):
+            pass
+
+    def _note(self, usage: Any) -> None:
+        total = total_tokens(usage)
+        if total is not None:  # some servers send "usage": null in every chunk
+            self.admission.usage = total
+
+    def filter(self, chunk: bytes) -> bytes:
+        """Pass complete events on, noting usage; hold a trailing partial event back."""
+        data = self._pending + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
+            return b""
+        complete, self._pending = data[: cut + 2], data[cut + 2 :]
+        self.admission.chunks += complete.count(b"\n\n")
+        if _USAGE not in complete:
+            return complete
+        kept = [event + b"\n\n" for event in complete.split(b"\n\n")
+                if event and self._keep(event)]
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+    def _keep(self, event: bytes) -> bool:
+        if _USAGE not in event or not event.startswith(b"data: "):
+            return True
+        try:
+            data = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(data, dict):
+            return True
+        self._note(data.get("usage"))
+        # The usage-only event (no choices) exists because we asked for it, not the client.
+        return not (self.strip and not data.get("choices"))
+
+
+def wants_usage_in_stream(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def with_usage_requested(body: dict[str, Any]) -> bytes:
+    options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    return orjson.dumps({**body, "stream_options": {**options, "include_usage": True}})

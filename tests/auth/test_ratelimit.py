@@ -1,0 +1,249 @@
+"""Rate limits and fair admission against real Redis (fake upstream for the mechanics)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis as redis_sync
+
+from proxy.server import Running
+from tests.conftest import Fake, ProxyFactory, token_for
+from tests.helpers import eventually, wait_until
+
+CHAT = "/v1/chat/completions"
+
+
+def body(stream: bool = False, **fake: object) -> dict:
+    out: dict = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+                 "stream": stream}
+    if fake:
+        out["fake"] = fake
+    return out
+
+
+async def post(proxy: Running, token: str, payload: dict | None = None
+               ) -> tuple[int, dict, dict[str, str]]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.base_url + CHAT, json=payload or body(),
+                             headers={"Authorization": f"Bearer {token}"}) as resp:
+            raw = await resp.read()
+            data = {} if resp.content_type == "text/event-stream" else await resp.json()
+            assert raw is not None
+            return resp.status, data, dict(resp.headers)
+
+
+def redis_int(url: str, key: str) -> int:
+    client = redis_sync.Redis.from_url(url)
+    try:
+        return int(client.get(key) or 0)
+    finally:
+        client.close()
+
+
+async def test_exactly_n_of_200_concurrent_requests_are_admitted(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_rpm=20)
+    token = token_for(proxy)
+    results = await asyncio.gather(*(post(proxy, token) for _ in range(200)))
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(200) == 20 and statuses.count(429) == 180
+    assert fake.record.requests == 20
+    _, data, headers = next(r for r in results if r[0] == 429)
+    assert data["error"]["type"] == "rate_limit_exceeded"
+    assert data["error"]["code"] == "rate_limit_exceeded"
+    assert "requests per minute (limit 20)" in data["error"]["message"]
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_the_window_slides_no_burst_at_a_boundary(make_proxy: ProxyFactory, fake: Fake
+                                                        ) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_rpm=5, limit_window=1.0)
+    token = token_for(proxy)
+    # Start late in a wall-clock second: a fixed window would reset 0.2 s from now.
+    await asyncio.sleep((0.8 - time.time() % 1.0) % 1.0)
+    first = await asyncio.gather(*(post(proxy, token) for _ in range(5)))
+    assert [s for s, _, _ in first] == [200] * 5
+    await asyncio.sleep(0.4)  # now in the next wall-clock second
+    second = await asyncio.gather(*(post(proxy, token) for _ in range(5)))
+    assert [s for s, _, _ in second] == [429] * 5
+    await asyncio.sleep(0.7)  # the first five have left the sliding window
+    third = await asyncio.gather(*(post(proxy, token) for _ in range(5)))
+    assert [s for s, _, _ in third] == [200] * 5
+
+
+async def test_retry_after_says_when_the_window_admits(make_proxy: ProxyFactory, fake: Fake
+                                                       ) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_rpm=2, limit_window=3.0)
+    token = token_for(proxy)
+    assert (await post(proxy, token))[0] == 200
+    await asyncio.sleep(1.0)
+    assert (await post(proxy, token))[0] == 200
+    status, _, headers = await post(proxy, token)
+    assert status == 429
+    assert headers["Retry-After"] == "2"  # the first request leaves 2 s from now, not 3
+    await asyncio.sleep(2.1)
+    assert (await post(proxy, token))[0] == 200
+
+
+async def test_headers_on_whole_and_streamed_responses(make_proxy: ProxyFactory, fake: Fake
+                                                       ) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_rpm=10, limit_tpm=10_000)
+    token = token_for(proxy)
+    for payload in (body(), body(stream=True)):
+        status, _, headers = await post(proxy, token, payload)
+        assert status == 200
+        for kind in ("requests", "tokens"):
+            assert f"x-ratelimit-limit-{kind}" in headers
+            assert f"x-ratelimit-remaining-{kind}" in headers
+            assert f"x-ratelimit-reset-{kind}" in headers
+    assert headers["x-ratelimit-limit-requests"] == "10"
+    assert headers["x-ratelimit-remaining-requests"] == "8"
+
+
+async def test_tokens_are_reserved_before_generation(make_proxy: ProxyFactory, fake: Fake,
+                                                     redis_url: str) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_tpm=300)
+    token = token_for(proxy, "tina")
+    slow = body(ttfb=0.5)
+    slow["max_tokens"] = 200
+    results = await asyncio.gather(*(post(proxy, token, slow) for _ in range(3)))
+    assert sorted(s for s, _, _ in results) == [200, 429, 429]  # no overshoot while generating
+    refused = next(r for r in results if r[0] == 429)
+    assert "tokens per minute (limit 300)" in refused[1]["error"]["message"]
+    # Settled to the real usage (the fake reports 5 tokens), so there is room again.
+    key = "llp:rl:{user:tina}:tpm:sum"
+    await eventually(lambda: redis_int(redis_url, key) == 5, 2, "the reservation to settle")
+    assert (await post(proxy, token, slow))[0] == 200
+
+
+async def test_concurrency_leases_are_released_on_disconnect(
+    make_proxy: ProxyFactory, fake: Fake, redis_url: str
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_concurrency=2)
+    headers = {"Authorization": f"Bearer {token_for(proxy, 'cora')}"}
+    long_stream = body(stream=True, chunks=1000, gap=0.05)
+    async with aiohttp.ClientSession(headers=headers) as http:
+        first = await http.post(proxy.base_url + CHAT, json=long_stream)
+        second = await http.post(proxy.base_url + CHAT, json=long_stream)
+        async with http.post(proxy.base_url + CHAT, json=body()) as third:
+            assert third.status == 429 and third.headers["Retry-After"] == "1"
+        first.close()  # the client goes away mid-stream
+        key = "llp:rl:{user:cora}:conc:sum"
+        await eventually(lambda: redis_int(redis_url, key) == 1, 2, "the lease to be released")
+        async with http.post(proxy.base_url + CHAT, json=body()) as fourth:
+            assert fourth.status == 200
+        second.close()
+    await eventually(lambda: redis_int(redis_url, key) == 0, 2, "every lease released")
+
+
+async def test_two_appliances_share_one_limit(make_proxy: ProxyFactory, fake: Fake) -> None:
+    one = await make_proxy(upstreams=[fake.url], limit_rpm=10)
+    two = await make_proxy(upstreams=[fake.url], limit_rpm=10)
+    token = token_for(one)  # same data dir, same secret
+    results = await asyncio.gather(*(post(p, token) for p in [one, two] * 15))
+    assert sorted(s for s, _, _ in results).count(200) == 10
+
+
+async def test_per_ip_limit_for_anonymous_traffic(make_proxy: ProxyFactory, fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", limit_ip_rpm=3)
+    async with aiohttp.ClientSession() as http:
+        statuses = []
+        for _ in range(5):
+            async with http.post(proxy.base_url + CHAT, json=body()) as resp:
+                statuses.append(resp.status)
+    assert statuses == [200, 200, 200, 429, 429]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    sock = tmp_path / "limits.sock"
+    cmd = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp_path),
+           "--save", "", "--appendonly", "yes"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL)]
+    wait_until(sock.exists, 10, "redis")
+
+    def kill() -> None:
+        procs[-1].kill()
+        procs[-1].wait()
+
+    def restart() -> None:
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        wait_until(sock.exists, 10, "redis again")
+
+    yield f"unix://{sock}", kill, restart
+    for proc in procs:
+        proc.terminate()
+        proc.wait()
+
+
+async def test_redis_outage_fails_open_to_local_limits_and_recovers(
+    make_proxy: ProxyFactory, fake: Fake, own_redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    url, kill, restart = own_redis
+    proxy = await make_proxy(upstreams=[fake.url], redis_url=url, limit_rpm=3)
+    token = token_for(proxy)
+    assert [(await post(proxy, token))[0] for _ in range(2)] == [200, 200]
+    kill()
+    caplog.set_level(logging.WARNING)
+    started = time.monotonic()
+    during = [(await post(proxy, token))[0] for _ in range(5)]
+    assert time.monotonic() - started < 2  # no hang, no retry storm
+    assert during == [200, 200, 200, 429, 429]  # the same limit, kept in process
+    assert "Redis unreachable" in caplog.text
+    restart()
+    await asyncio.sleep(1.1)  # the limiter retries Redis every second
+    after = [(await post(proxy, token))[0] for _ in range(3)]
+    assert after == [200, 429, 429]  # back on Redis, whose window still holds the first two
+    assert "Redis is back" in caplog.text
+
+
+async def test_redis_outage_closed_policy_refuses(make_proxy: ProxyFactory, fake: Fake,
+                                                  own_redis) -> None:
+    url, kill, _ = own_redis
+    proxy = await make_proxy(upstreams=[fake.url], redis_url=url, limit_rpm=3,
+                             limit_on_redis_down="closed")
+    token = token_for(proxy)
+    kill()
+    status, data, headers = await post(proxy, token)
+    assert status == 503 and data["error"]["code"] == "limits_unavailable"
+    assert headers["Retry-After"]
+
+
+async def test_fair_queue_keeps_a_light_user_fast_under_a_flood(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], admission_slots=1)
+    heavy, light = token_for(proxy, "heavy"), token_for(proxy, "light")
+    slow = body(ttfb=0.1)
+    flood = [asyncio.create_task(post(proxy, heavy, slow)) for _ in range(16)]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    status, _, _ = await post(proxy, light, slow)
+    light_latency = time.monotonic() - started
+    assert status == 200
+    assert [r[0] for r in await asyncio.gather(*flood)] == [200] * 16
+    # First come, first served would put it behind 16 x 0.1 s; taking turns, one or two.
+    assert light_latency < 0.45, light_latency
+
+
+async def test_queue_overflow_and_wait_limit_are_fast_503s(make_proxy: ProxyFactory, fake: Fake
+                                                          ) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], admission_slots=1, queue_max=2,
+                             queue_timeout=0.3)
+    token = token_for(proxy)
+    started = time.monotonic()
+    results = await asyncio.gather(*(post(proxy, token, body(ttfb=1.0)) for _ in range(6)))
+    codes = sorted((s, d.get("error", {}).get("code")) for s, d, _ in results)
+    assert codes.count((503, "queue_full")) == 3
+    assert codes.count((503, "queue_timeout")) == 2
+    assert codes.count((200, None)) == 1
+    assert all(h["Retry-After"] for s, _, h in results if s == 503)
+    assert time.monotonic() - started < 1.6
