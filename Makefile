@@ -23,7 +23,7 @@ help:
 	@echo "make run       start the appliance on embedded defaults (127.0.0.1:8000)"
 	@echo "make test      the whole test suite (real redis-server and llama-server)"
 	@echo "make lint      ruff"
-	@echo "make bench     side-by-side latency: upstream direct vs the appliance (auth off, JWT, key)"
+	@echo "make bench     side by side: upstream direct vs the appliance (auth off, JWT, key, limits)"
 
 install: system-packages venv python-deps llama-server model
 	@echo "==> installed. Next: make run   (or: make test)"
@@ -69,7 +69,7 @@ lint:
 	$(VENV)/bin/ruff check .
 
 bench:
-	$(PY) -m bench.auth_cost --requests 2000
+	$(PY) -m bench.overhead --requests 2000
 
 run:
 	$(PY) -m proxy $(ARGS)

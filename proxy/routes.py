@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.backends import BackendPool
 from proxy.errors import OpenAIError
-from proxy.keys import POOL, PRINCIPAL, QUEUE
+from proxy.keys import LIMITER, POOL, PRINCIPAL, QUEUE
 from proxy.limits import limited
 from proxy.relay import relay
 
@@ -79,8 +79,12 @@ async def health(request: web.Request) -> web.Response:
     pool: BackendPool = request.app[POOL]
     status = pool.status()
     models = pool.model_ids()
+    queue, limiter = request.app[QUEUE], request.app[LIMITER]
     body = {"status": status, "model": models[0] if models else None,
-            "backends": [b.public() for b in pool.backends]}
+            "backends": [b.public() for b in pool.backends],
+            "queue": {"slots": queue.slots, "free": queue.free, "waiting": queue.waiting,
+                      "waited": queue.waited, "wait_seconds": round(queue.wait_seconds, 3)},
+            "limits": "local" if limiter.degraded else "redis"}
     return json_response(body, 200 if status in CAN_SERVE else 503)
 
 

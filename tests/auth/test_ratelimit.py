@@ -198,6 +198,9 @@ async def test_redis_outage_fails_open_to_local_limits_and_recovers(
     assert time.monotonic() - started < 2  # no hang, no retry storm
     assert during == [200, 200, 200, 429, 429]  # the same limit, kept in process
     assert "Redis unreachable" in caplog.text
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.base_url + "/health") as resp:
+            assert (await resp.json())["limits"] == "local"
     restart()
     await asyncio.sleep(1.1)  # the limiter retries Redis every second
     after = [(await post(proxy, token))[0] for _ in range(3)]
@@ -232,6 +235,10 @@ async def test_fair_queue_keeps_a_light_user_fast_under_a_flood(
     assert [r[0] for r in await asyncio.gather(*flood)] == [200] * 16
     # First come, first served would put it behind 16 x 0.1 s; taking turns, one or two.
     assert light_latency < 0.45, light_latency
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.base_url + "/health") as resp:
+            queue = (await resp.json())["queue"]
+    assert queue["slots"] == 1 and queue["waiting"] == 0 and queue["waited"] >= 15
 
 
 async def test_queue_overflow_and_wait_limit_are_fast_503s(make_proxy: ProxyFactory, fake: Fake

@@ -1,7 +1,9 @@
-"""What authentication adds per request: the fake upstream directly, then the appliance with auth
-off, with a JWT and with an API key; one request at a time, non-streamed, same machine, same run.
+"""What the appliance, authentication and rate limits add per request: the fake upstream directly,
+then the appliance with auth off, with a JWT, with an API key, and with a JWT plus every rate limit;
+one request at a time, non-streamed, same machine, same run. Redis commands per request are read
+from the Redis server's own counters.
 
-    python -m bench.auth_cost [--requests 2000]
+    python -m bench.overhead [--requests 2000]
 """
 
 from __future__ import annotations
@@ -36,6 +38,22 @@ def appliance(work: Path, upstream: str, redis_url: str, *extra: str) -> tuple[s
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_status(base + "/ready") == 200, 30, "the appliance")
     return base, proc
+
+
+ROUND_TRIP_COMMANDS = ("evalsha", "eval", "exists", "hgetall", "hset", "script|load", "script")
+
+
+def redis_commands(sock: Path) -> int:
+    """Calls the appliance made to the bench Redis so far: scripts count once, not the commands
+    they run inside."""
+    out = subprocess.run(["redis-cli", "-s", str(sock), "INFO", "commandstats"],
+                         capture_output=True, text=True, check=True).stdout
+    calls = 0
+    for line in out.splitlines():
+        name, _, stats = line.partition(":")
+        if name.removeprefix("cmdstat_") in ROUND_TRIP_COMMANDS:
+            calls += int(stats.split(",")[0].split("=")[1])
+    return calls
 
 
 def issue(work: Path, redis_url: str, *args: str) -> str:
@@ -82,27 +100,40 @@ def main(argv: list[str] | None = None) -> int:
             wait_until(lambda: http_status(fake + "/v1/models") == 200, 10, "the fake upstream")
             open_base, p1 = appliance(work / "open", fake, redis_url, "--auth", "disabled")
             auth_base, p2 = appliance(work / "auth", fake, redis_url)
-            procs += [p1, p2]
+            limits = ["--limit-rpm", "1000000", "--limit-tpm", "1000000000",
+                      "--limit-ip-rpm", "1000000", "--limit-concurrency", "1000"]
+            # Same data dir as the JWT one: the same signing secret.
+            limited_base, p3 = appliance(work / "auth", fake, redis_url, *limits)
+            procs += [p1, p2, p3]
             token = issue(work, redis_url, "bench", "1")
             key = issue(work, redis_url, "bench", "--api-key")
+            bearer = {"Authorization": f"Bearer {token}"}
             runs = [("upstream directly", fake, {}), ("appliance, auth off", open_base, {}),
-                    ("appliance, JWT", auth_base, {"Authorization": f"Bearer {token}"}),
-                    ("appliance, API key", auth_base, {"X-API-Key": key})]
-            results = {name: asyncio.run(measure(url, headers, args.requests))
-                       for name, url, headers in runs}
+                    ("appliance, JWT", auth_base, bearer),
+                    ("appliance, API key", auth_base, {"X-API-Key": key}),
+                    ("JWT + rate limits", limited_base, bearer)]
+            results, commands = {}, {}
+            for name, url, headers in runs:
+                before = redis_commands(sock)
+                results[name] = asyncio.run(measure(url, headers, args.requests))
+                time.sleep(0.2)  # let settlement after the last response land
+                sent = args.requests + args.requests // 10  # warm-up included
+                commands[name] = (redis_commands(sock) - before) / sent
         finally:
             for proc in procs:
                 proc.terminate()  # type: ignore[attr-defined]
                 proc.wait(10)  # type: ignore[attr-defined]
     base = percentile(results["appliance, auth off"], 0.5)
     print(f"{args.requests} sequential non-streamed requests each (latency in ms)")
-    print(f"{'':22} {'p50':>7} {'p90':>7} {'p99':>7} {'req/s':>7} {'auth adds (p50)':>16}")
+    print(f"{'':22} {'p50':>7} {'p90':>7} {'p99':>7} {'req/s':>7} {'vs auth off':>12} "
+          f"{'redis/req':>10}")
+    print("(redis/req: round trips to Redis per request; with limits: admit + settle afterwards)")
     for name, lat in results.items():
         p50 = percentile(lat, 0.5)
-        extra = f"{(p50 - base) * 1000:+.3f}" if "auth off" not in name and "direct" not in name \
-            else ""
+        extra = "" if "auth off" in name or "direct" in name else f"{(p50 - base) * 1000:+.3f}"
         print(f"{name:22} {p50 * 1000:7.3f} {percentile(lat, 0.9) * 1000:7.3f} "
-              f"{percentile(lat, 0.99) * 1000:7.3f} {len(lat) / sum(lat):7.0f} {extra:>16}")
+              f"{percentile(lat, 0.99) * 1000:7.3f} {len(lat) / sum(lat):7.0f} {extra:>12} "
+              f"{max(commands[name], 0):10.2f}")
     return 0
 
 
