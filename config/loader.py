@@ -150,7 +150,7 @@ def _resolve(s: Settings, serving: bool) -> Settings:
         raise ConfigError("host", "must not be empty")
     if not 0 <= s.port <= 65535:
         raise ConfigError("port", f"{s.port} is outside 0-65535")
-    for name in ("parallel", "restart_limit", "max_body_bytes", "auth_fail_limit"):
+    for name in ("parallel", "restart_limit", "max_body_bytes", "auth_fail_limit", "workers"):
         if getattr(s, name) < 1:
             raise ConfigError(name, f"must be at least 1, got {getattr(s, name)}")
     for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "startup_timeout",

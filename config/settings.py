@@ -42,6 +42,7 @@ class Settings:
     # -- listening
     host: str = _opt("127.0.0.1", "str", "address to listen on")
     port: int = _opt(8000, "int", "TCP port to listen on")
+    workers: int = _opt(1, "int", "HTTP worker processes sharing the port (SO_REUSEPORT)")
     data_dir: Path = _opt(None, "path", "where everything persisted is kept (mode 0700)")
     # -- the model: a supervised llama-server, or existing upstreams
     model: Path | None = _opt(None, "path", "GGUF model file (default: the bundled SmolLM2-135M)")

@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="?", default="serve", choices=("serve", "check-config"),
                         help="serve (default) or print the effective settings and exit")
     add_arguments(parser)
+    parser.add_argument("--worker-settings", help=argparse.SUPPRESS)  # set by --workers
     return parser
 
 
@@ -39,7 +40,10 @@ def check_config(settings_dict: dict[str, object]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     command = args.pop("command")
+    worker_file = args.pop("worker_settings", None)
     try:
+        if worker_file:
+            return _run_worker(worker_file)
         settings = load_settings(args)
         if command == "check-config":
             print(check_config(settings.masked()))
@@ -52,6 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"llama-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _run_worker(path: str) -> int:
+    """An extra --workers process: settings resolved by the first process, no CLI of its own."""
+    import orjson
+
+    from proxy.logs import setup_logging
+    from proxy.server import serve
+
+    with open(path, "rb") as fh:
+        settings = load_settings(orjson.loads(fh.read()), env={})
+    setup_logging(settings.log_level, settings.log_format)
+    _run(serve(settings, worker=True))
     return 0
 
 

@@ -63,6 +63,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "msg": record.getMessage(),
         }
         if record.exc_info:
@@ -73,8 +74,8 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level.upper())  # loggers with their own level (the child's) obey it too
-    inner = (JsonFormatter() if fmt == "json"
-             else logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    text = "%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s"
+    inner = JsonFormatter() if fmt == "json" else logging.Formatter(text)
     handler.setFormatter(RedactingFormatter(inner))
     root = logging.getLogger()
     root.handlers[:] = [handler]

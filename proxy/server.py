@@ -15,14 +15,17 @@ from auth.authenticator import is_loopback
 from config import ConfigError, Settings
 from proxy.app import create_app
 from proxy.keys import SUPERVISOR
+from proxy.workers import WorkerPool
 
 log = logging.getLogger("proxy")
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # --workers: the kernel spreads connections over the processes
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -38,9 +41,9 @@ class Running:
     base_url: str
 
 
-async def start(settings: Settings) -> Running:
+async def start(settings: Settings, reuse_port: bool = False) -> Running:
     """Bind, build the app and start serving; the caller stops it with runner.cleanup()."""
-    sock = bind(settings.host, settings.port)
+    sock = bind(settings.host, settings.port, reuse_port)
     app = create_app(settings)
     # handler_cancellation: a client that leaves cancels its handler, so upstream work stops.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
@@ -56,24 +59,37 @@ async def start(settings: Settings) -> Running:
     return Running(app, runner, f"http://{host}:{port}")
 
 
-async def serve(settings: Settings) -> None:
-    running = await start(settings)
+async def serve(settings: Settings, *, worker: bool = False) -> None:
+    running = await start(settings, reuse_port=worker or settings.workers > 1)
     base = running.base_url
+    if worker:
+        log.info("worker listening on %s", base)
+        await _wait_for_signal()
+        await running.runner.cleanup()
+        return
     log.info("listening on %s (OpenAI base URL %s/v1)", base, base)
     print(f"llama-proxy listening on {base}  (OpenAI base URL: {base}/v1)", flush=True)
     _warn_if_open(settings)
+    pool = WorkerPool(settings, running) if settings.workers > 1 else None
+    if pool is not None:
+        await pool.start()
 
+    announcer = asyncio.create_task(_announce_ready(running.app, base))
+    await _wait_for_signal()
+    announcer.cancel()
+    log.info("shutting down: no new connections; in-flight requests get up to %.0fs",
+             settings.shutdown_grace)
+    # Workers drain alongside us; the child and Redis stop last, with this process's cleanup.
+    await asyncio.gather(running.runner.cleanup(), pool.stop() if pool else asyncio.sleep(0))
+    log.info("stopped")
+
+
+async def _wait_for_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    announcer = asyncio.create_task(_announce_ready(running.app, base))
     await stop.wait()
-    announcer.cancel()
-    log.info("shutting down: no new connections; in-flight requests get up to %.0fs",
-             settings.shutdown_grace)
-    await running.runner.cleanup()
-    log.info("stopped")
 
 
 def _warn_if_open(settings: Settings) -> None:

@@ -75,6 +75,9 @@ class LlamaSupervisor:
         self._stopping = False
         self._crashes: list[float] = []
         self._key_file = settings.data_dir / "llama-server.key"
+        # One port for the child's whole life: worker processes reach it there across restarts.
+        self.port = free_loopback_port()
+        backend.base_url = f"http://127.0.0.1:{self.port}"
         backend.api_key = secrets.token_urlsafe(32)
         register_secret(backend.api_key)
 
@@ -129,8 +132,7 @@ class LlamaSupervisor:
 
     async def _run_once(self) -> str:
         """Start one child, wait until it is healthy, then until it exits; say why it ended."""
-        port = free_loopback_port()
-        self.backend.base_url = f"http://127.0.0.1:{port}"
+        port = self.port
         self.backend.set_state(State.STARTING, "loading model")
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import threading
@@ -160,3 +161,23 @@ def test_loading_model_answers_503_with_retry_after(appliance, tmp_path: Path) -
         urllib.request.urlopen(req, timeout=5)
     assert err.value.code == 503 and err.value.headers["Retry-After"]
     assert json.loads(err.value.read())["error"]["code"] == "model_loading"
+
+
+def test_workers_share_the_port_the_child_and_the_limits(appliance) -> None:
+    app = appliance("--workers", "2", "--limit-rpm", "10")
+    app.wait_ready()
+    wait_until(lambda: "worker listening" in app.log, 20, "the extra worker")
+    statuses = []
+    for _ in range(30):  # a fresh connection each time, so the kernel spreads them
+        try:
+            post(app.base, HELLO)
+            statuses.append(200)
+        except urllib.error.HTTPError as exc:
+            statuses.append(exc.code)
+    assert statuses.count(200) == 10 and statuses.count(429) == 20  # one limit, not two
+    serving = set(re.findall(r"proxy\.access\[(\d+)\]", app.log))
+    assert len(serving) == 2
+    worker = int(re.search(r"proxy\[(\d+)\]: worker listening", app.log).group(1))
+    child = app.child_pids()[-1]
+    assert app.stop() == 0
+    wait_until(lambda: not pid_alive(worker) and not pid_alive(child), 10, "everything to stop")
