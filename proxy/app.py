@@ -105,11 +105,13 @@ async def backends(app: web.Application) -> AsyncIterator[None]:
     upstreams = [Backend(f"upstream-{i}", url, settings.upstream_api_key)
                  for i, url in enumerate(settings.upstreams, 1)]
     # One check before serving, so /v1/models knows the upstreams' model ids.
-    await asyncio.gather(*(check_upstream(client, b, settings.connect_timeout) for b in upstreams))
+    grace = settings.startup_timeout
+    await asyncio.gather(*(check_upstream(client, b, settings.connect_timeout, grace)
+                           for b in upstreams))
     app[POOL] = BackendPool(pool + upstreams)
     app[SUPERVISOR] = supervisor
-    watcher = (asyncio.create_task(watch_upstreams(client, upstreams, settings.health_interval))
-               if upstreams else None)
+    watcher = (asyncio.create_task(watch_upstreams(client, upstreams, settings.health_interval,
+                                                   grace)) if upstreams else None)
     yield
     if watcher is not None:
         watcher.cancel()

@@ -91,24 +91,35 @@ class BackendPool:
         return "down"
 
 
-async def check_upstream(client: ClientSession, backend: Backend, limit: float) -> None:
-    """Ask an upstream for its model list; that proves it is up and tells us its model ids."""
+async def check_upstream(client: ClientSession, backend: Backend, limit: float,
+                         starting_grace: float = 0.0) -> None:
+    """Ask an upstream for its model list; that proves it is up and tells us its model ids.
+
+    One that has never answered stays "starting" for starting_grace seconds (it may be loading,
+    or be the first process's llama-server seen from a --workers process), then it is "down".
+    """
     try:
         async with client.get(f"{backend.base_url}/v1/models", headers=backend.auth_headers(),
                               timeout=ClientTimeout(total=limit)) as resp:
             if resp.status != 200:
-                backend.set_state(State.DOWN, f"/v1/models answered {resp.status}")
-                return
+                raise ValueError(f"/v1/models answered {resp.status}")
             data = await resp.json(content_type=None)
         ids = tuple(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and "id" in m)
         backend.models = ids or backend.models
         backend.set_state(State.READY)
     except (ClientError, TimeoutError, ValueError, AttributeError) as exc:
-        backend.set_state(State.DOWN, type(exc).__name__)
+        reason = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
+        young = time.monotonic() - backend.changed < starting_grace
+        if backend.state is State.STARTING and young:
+            backend.set_state(State.STARTING, f"not answering yet ({reason})")
+        else:
+            backend.set_state(State.DOWN, reason)
 
 
-async def watch_upstreams(client: ClientSession, backends: list[Backend], interval: float) -> None:
+async def watch_upstreams(client: ClientSession, backends: list[Backend], interval: float,
+                          starting_grace: float) -> None:
     """Health-check every upstream forever (cancelled at shutdown)."""
     while True:
-        await asyncio.gather(*(check_upstream(client, b, min(interval, 5.0)) for b in backends))
         await asyncio.sleep(interval)
+        await asyncio.gather(*(check_upstream(client, b, min(interval, 5.0), starting_grace)
+                               for b in backends))

@@ -14,7 +14,7 @@ import shutil
 import signal
 import time
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -27,12 +27,23 @@ SOCKET = "redis.sock"
 START_DEADLINE = 10.0
 
 
+POOL_SIZE = 64
+POOL_WAIT = 1.0  # seconds a call may wait for a free connection under a burst
+
+
 def make_client(settings: Settings, url: str) -> Redis:
-    # No retries: redis-py's default (10 with backoff) would stall requests while Redis is down.
-    return Redis.from_url(
-        url, decode_responses=True, socket_timeout=settings.redis_timeout,
-        socket_connect_timeout=settings.redis_timeout, retry=Retry(NoBackoff(), 0),
+    """A client that fails fast when Redis is down and queues briefly when it is only busy.
+
+    The pool blocks instead of raising: redis-py's default pool errors on the 101st concurrent
+    call, which a burst of requests would take for an outage. No retries: redis-py's default
+    (10, with backoff) would stall requests while Redis is down.
+    """
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=POOL_SIZE, timeout=POOL_WAIT, decode_responses=True,
+        socket_timeout=settings.redis_timeout, socket_connect_timeout=settings.redis_timeout,
+        retry=Retry(NoBackoff(), 0),
     )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 async def answers(client: Redis) -> bool:

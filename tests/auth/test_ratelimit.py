@@ -254,3 +254,22 @@ async def test_queue_overflow_and_wait_limit_are_fast_503s(make_proxy: ProxyFact
     assert codes.count((200, None)) == 1
     assert all(h["Retry-After"] for s, _, h in results if s == 503)
     assert time.monotonic() - started < 1.6
+
+
+async def test_a_burst_is_not_mistaken_for_an_outage(redis_url: str, tmp_path: Path) -> None:
+    # redis-py's default pool raises on the 101st concurrent call; that must not look like
+    # "Redis is down" and switch the limiter to (per-process) local windows.
+    from auth.principal import Principal
+    from auth.ratelimit import RateLimiter
+    from config import load_settings
+    from proxy.redis_server import make_client
+
+    settings = load_settings({"limit_rpm": 50, "data_dir": str(tmp_path)}, env={},
+                             serving=False)
+    redis = make_client(settings, redis_url)
+    limiter = RateLimiter(redis, settings)
+    who = Principal(id="user:burst", kind="jwt")
+    admissions = await asyncio.gather(*(limiter.admit(who, "127.0.0.1", 1) for _ in range(300)))
+    assert not limiter.degraded
+    assert sum(1 for a in admissions if a and a.allowed) == 50
+    await redis.aclose()

@@ -167,6 +167,9 @@ def test_workers_share_the_port_the_child_and_the_limits(appliance) -> None:
     app = appliance("--workers", "2", "--limit-rpm", "10")
     app.wait_ready()
     wait_until(lambda: "worker listening" in app.log, 20, "the extra worker")
+    # Fresh connections land on either process: wait until both say they are ready.
+    wait_until(lambda: all(http_status(app.base + "/ready") == 200 for _ in range(10)), 20,
+               "both processes to be ready")
     statuses = []
     for _ in range(30):  # a fresh connection each time, so the kernel spreads them
         try:
