@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     args = parser.parse_args()
+    from proxy.server import raise_open_files_limit
+
+    raise_open_files_limit()
     uvloop.install()
     web.run_app(make_app(), host=args.host, port=args.port, access_log=None, print=None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -41,8 +42,16 @@ class Running:
     base_url: str
 
 
+def raise_open_files_limit() -> None:
+    """Each stream holds two sockets (client and model); 1024 files would cap us near 500."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def start(settings: Settings, reuse_port: bool = False) -> Running:
     """Bind, build the app and start serving; the caller stops it with runner.cleanup()."""
+    raise_open_files_limit()
     sock = bind(settings.host, settings.port, reuse_port)
     app = create_app(settings)
     # handler_cancellation: a client that leaves cancels its handler, so upstream work stops.

@@ -1,0 +1,380 @@
+"""Side-by-side benchmark (`make bench`): the same load, in the same run, on the same machine,
+against the upstream directly, nginx (the seeds' gateway), and this appliance with JWT auth and
+rate limits on, in one worker and in two. Then the real model, direct and through the appliance.
+
+Writes bench/results/latest.{json,csv,md,png} and prints the table and the targets.
+
+    python -m bench.harness [--quick] [--skip-model]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import math
+import os
+import platform
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.llm_benchmark import one as model_request
+from bench.loadgen import Target, closed_loop, hold_streams, open_loop
+from config.paths import bundled_llama_server, bundled_model
+from proxy.server import raise_open_files_limit
+from tests.helpers import REPO, free_port, http_status, wait_until
+
+RESULTS = REPO / "bench" / "results"
+CHAT = "/v1/chat/completions"
+MESSAGES = [{"role": "user", "content": "hi"}]
+# Limits on, high enough never to refuse: their cost is what is measured.
+LIMITS = ["--limit-rpm", "1000000000", "--limit-tpm", "1000000000000", "--limit-ip-rpm",
+          "1000000000", "--limit-concurrency", "100000"]
+
+
+class Processes:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.work / f"{name}.log").open("wb")
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def appliance(procs: Processes, name: str, upstream: str, redis_url: str, data: Path,
+              *extra: str) -> tuple[str, int]:
+    port = free_port()
+    proc = procs.start(name, [sys.executable, "-m", "proxy", "--port", str(port), "--upstream",
+                              upstream, "--redis-url", redis_url, "--data-dir", str(data),
+                              "--log-level", "warning", *LIMITS, *extra])
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_status(base + "/ready") == 200, 30, f"{name} to be ready")
+    except AssertionError:
+        log = (procs.work / f"{name}.log").read_text(errors="replace")
+        raise SystemExit(f"{name} did not become ready; its log ends:\n{log[-2000:]}") from None
+    return base, proc.pid
+
+
+def jwt_for(data: Path, redis_url: str) -> str:
+    out = subprocess.run([sys.executable, "generate_token.py", "--data-dir", str(data), "bench",
+                          "2"], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={"LLAMA_PROXY_REDIS_URL": redis_url, "PATH": os.defpath})
+    return out.stdout.strip().splitlines()[-1]
+
+
+def start_nginx(procs: Processes, upstream_port: int) -> str:
+    prefix = procs.work / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    conf = (REPO / "bench" / "nginx.conf").read_text()
+    for key, value in (("{prefix}", str(prefix)), ("{port}", str(port)),
+                       ("{upstream_port}", str(upstream_port))):
+        conf = conf.replace(key, value)
+    (prefix / "nginx.conf").write_text(conf)
+    nginx = next((p for p in ("/usr/sbin/nginx", "/usr/bin/nginx") if Path(p).exists()), None)
+    if nginx is None:
+        raise SystemExit("nginx not found: run `make install` (it installs nginx-light)")
+    procs.start("nginx", [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")])
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_status(base + "/v1/models") == 200, 10, "nginx")
+    return base
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_while(pid: int, action: Callable[[], Any]) -> tuple[Any, float]:
+    """Run action while sampling the process's RSS; return its result and the peak in MB."""
+    peak, done = [rss_mb(pid)], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(rss_mb(pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return action(), max(peak)
+    finally:
+        done.set()
+        sampler.join()
+
+
+def proxy_scenarios(targets: dict[str, Target], seconds: float) -> dict[str, dict[str, dict]]:
+    body = {"model": "fake-model", "messages": MESSAGES}
+    stream = {**body, "stream": True, "fake": {"chunks": 100}}
+    first_token = {**body, "stream": True, "fake": {"chunks": 3}}
+    scenarios: dict[str, tuple[Callable[[Target], Any], str]] = {
+        "whole c=1": (lambda t: closed_loop(t, body, 1, seconds), "latency added, one at a time"),
+        "whole c=32": (lambda t: closed_loop(t, body, 32, seconds), "throughput"),
+        "stream c=16": (lambda t: closed_loop(t, stream, 16, seconds), "chunks/s, 100 a stream"),
+        "ttft c=1": (lambda t: closed_loop(t, first_token, 1, seconds), "time to first byte"),
+        "open 300/s": (lambda t: open_loop(t, body, 300, seconds), "latency at a fixed rate"),
+    }
+    results: dict[str, dict[str, dict]] = {}
+    for scenario, (run, what) in scenarios.items():
+        results[scenario] = {}
+        for system, target in targets.items():
+            print(f"  {scenario:12} ({what}) -> {system}", file=sys.stderr, flush=True)
+            results[scenario][system] = asyncio.run(run(target)).summary()
+    return results
+
+
+def thousand_streams(target: Target, pid: int) -> dict[str, float]:
+    slow = {"model": "fake-model", "messages": MESSAGES, "stream": True,
+            "fake": {"chunks": 10, "gap": 0.5}}
+    before = rss_mb(pid)
+    stats, peak = peak_while(pid, lambda: asyncio.run(hold_streams(target, slow, 1000)))
+    return {"streams": 1000, "completed": len(stats.latencies), "errors": stats.errors,
+            "rss_before_mb": before, "rss_peak_mb": peak, "rss_growth_mb": peak - before,
+            "wall_s": stats.wall}
+
+
+def model_scenarios(procs: Processes, redis_url: str, data: Path, token: str,
+                    rounds: int) -> dict[str, dict[str, float]]:
+    binary, model = bundled_llama_server(), bundled_model()
+    assert binary and model, "run `make install` first"
+    port, key = free_port(), secrets.token_urlsafe(16)
+    procs.start("llama-server", [str(binary), "--model", str(model), "--alias", "smollm2",
+                                 "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
+                                 "--parallel", "4", "--ctx-size", "4096", "--no-webui"])
+    direct = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_status(direct + "/health") == 200, 60, "llama-server")
+    base, _ = appliance(procs, "appliance-model", direct, redis_url, data,
+                        "--upstream-api-key", key)
+    out: dict[str, dict[str, float]] = {}
+    for concurrency in (1, 2, 4):
+        rates: dict[str, list[float]] = {"direct": [], "appliance": []}
+        for _ in range(rounds):  # interleaved, so drift hits both alike
+            for system, url, credential in (("direct", direct, key), ("appliance", base, token)):
+                print(f"  model c={concurrency} -> {system}", file=sys.stderr, flush=True)
+                args = argparse.Namespace(base_url=url, api_key=credential, model="smollm2",
+                                          max_tokens=64, ignore_eos=True)
+                results = asyncio.run(_model_round(args, concurrency))
+                rates[system] += [r.tokens_per_s for r in results if r.ok]
+                if any(not r.ok for r in results):
+                    raise RuntimeError(f"model request failed via {system}: {results}")
+        out[f"c={concurrency}"] = {s: statistics.fmean(v) for s, v in rates.items()}
+    return out
+
+
+async def _model_round(args: argparse.Namespace, concurrency: int) -> list[Any]:
+    import aiohttp
+
+    from bench.llm_benchmark import Result
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        jobs = [model_request(http, args, i) for i in range(concurrency * 2)]
+        sem = asyncio.Semaphore(concurrency)
+
+        async def limited(job: Any) -> Result:
+            async with sem:
+                return await job
+
+        return await asyncio.gather(*(limited(j) for j in jobs))
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return (f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 s a scenario instead of 4")
+    parser.add_argument("--skip-model", action="store_true")
+    args = parser.parse_args(argv)
+    raise_open_files_limit()
+    seconds = 2.0 if args.quick else 4.0
+    started = time.monotonic()
+    report: dict[str, Any] = {"machine": machine()}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = Processes(Path(tmp))
+        try:
+            sock = Path(tmp) / "redis.sock"
+            procs.start("redis", ["redis-server", "--port", "0", "--unixsocket", str(sock),
+                                  "--save", "", "--appendonly", "no"])
+            wait_until(sock.exists, 10, "redis")
+            redis_url = f"unix://{sock}"
+            fake_port = free_port()
+            procs.start("fake", [sys.executable, "-m", "bench.fake_upstream", "--port",
+                                 str(fake_port)])
+            fake = f"http://127.0.0.1:{fake_port}"
+            wait_until(lambda: http_status(fake + "/v1/models") == 200, 10, "the fake upstream")
+            nginx = start_nginx(procs, fake_port)
+            data = Path(tmp) / "data"
+            one_worker, one_pid = appliance(procs, "appliance", fake, redis_url, data)
+            two_workers, _ = appliance(procs, "appliance-2w", fake, redis_url, data,
+                                       "--workers", "2")
+            time.sleep(1.5)  # the second worker's first upstream check
+            token = jwt_for(data, redis_url)
+            bearer = {"Authorization": f"Bearer {token}"}
+            targets = {"direct": Target(fake + CHAT), "nginx": Target(nginx + CHAT),
+                       "appliance": Target(one_worker + CHAT, bearer),
+                       "appliance x2": Target(two_workers + CHAT, bearer)}
+            print("proxy mechanics against the fake upstream:", file=sys.stderr)
+            report["scenarios"] = proxy_scenarios(targets, seconds)
+            print("  1000 open streams -> appliance", file=sys.stderr, flush=True)
+            report["streams_1000"] = thousand_streams(targets["appliance"], one_pid)
+            if not args.skip_model:
+                print("the real model (SmolLM2-135M, 64 tokens, ignore_eos):", file=sys.stderr)
+                report["model"] = model_scenarios(procs, redis_url, data, token,
+                                                  1 if args.quick else 2)
+        finally:
+            procs.stop()
+    report["bench_seconds"] = time.monotonic() - started
+    write_outputs(report)
+    print((RESULTS / "latest.md").read_text())
+    return 0
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.0%}" if b and not math.isnan(a) and not math.isnan(b) else "-"
+
+
+def table(report: dict[str, Any]) -> str:
+    s = report["scenarios"]
+    systems = list(s["whole c=1"])
+    rows = [
+        ("req/s, whole answers, c=32", lambda x: s["whole c=32"][x]["req_per_s"], "{:.0f}"),
+        ("p50 ms, whole, c=1", lambda x: s["whole c=1"][x]["p50_ms"], "{:.3f}"),
+        ("p99 ms, whole, c=1", lambda x: s["whole c=1"][x]["p99_ms"], "{:.3f}"),
+        ("chunks/s, streams, c=16", lambda x: s["stream c=16"][x]["chunks_per_s"], "{:.0f}"),
+        ("TTFT p50 ms, c=1", lambda x: s["ttft c=1"][x]["ttft_p50_ms"], "{:.3f}"),
+        ("p50 ms at 300 req/s", lambda x: s["open 300/s"][x]["p50_ms"], "{:.3f}"),
+        ("p99 ms at 300 req/s", lambda x: s["open 300/s"][x]["p99_ms"], "{:.3f}"),
+        ("errors (all runs)", lambda x: sum(s[k][x]["errors"] for k in s), "{:.0f}"),
+    ]
+    lines = [f"Machine: {report['machine']}", "",
+             "| metric | " + " | ".join(systems) + " | appliance / direct | appliance / nginx |",
+             "|---" * (len(systems) + 3) + "|"]
+    for label, get, fmt in rows:
+        values = [get(x) for x in systems]
+        lines.append(f"| {label} | " + " | ".join(fmt.format(v) for v in values) +
+                     f" | {ratio(get('appliance'), get('direct'))} | "
+                     f"{ratio(get('appliance'), get('nginx'))} |")
+    st = report["streams_1000"]
+    lines += ["", f"1000 concurrent slow streams through the appliance: {st['completed']} "
+              f"completed, {st['errors']} errors, RSS {st['rss_before_mb']:.0f} -> "
+              f"{st['rss_peak_mb']:.0f} MB (+{st['rss_growth_mb']:.0f} MB)."]
+    if "model" in report:
+        lines += ["", "| real model, tokens/s per request | direct | appliance | ratio |",
+                  "|---|---|---|---|"]
+        for c, v in report["model"].items():
+            lines.append(f"| {c} | {v['direct']:.1f} | {v['appliance']:.1f} | "
+                         f"{ratio(v['appliance'], v['direct'])} |")
+    lines += ["", *targets(report), "", f"(bench took {report['bench_seconds']:.0f} s)"]
+    return "\n".join(lines) + "\n"
+
+
+def targets(report: dict[str, Any]) -> list[str]:
+    s = report["scenarios"]
+    whole = s["whole c=32"]["appliance"]["req_per_s"] / s["whole c=32"]["nginx"]["req_per_s"]
+    added = s["whole c=1"]["appliance"]["p50_ms"] - s["whole c=1"]["direct"]["p50_ms"]
+    chunks = (s["stream c=16"]["appliance"]["chunks_per_s"]
+              / s["stream c=16"]["nginx"]["chunks_per_s"])
+    ttft = s["ttft c=1"]["appliance"]["ttft_p50_ms"] - s["ttft c=1"]["direct"]["ttft_p50_ms"]
+    streams = report["streams_1000"]
+    checks = [
+        ("non-streamed req/s vs nginx (target >= 35%)", f"{whole:.0%}", whole >= 0.35),
+        ("added p50 over direct at c=1 (target < 1 ms)", f"{added:.3f} ms", added < 1.0),
+        ("streamed chunks/s vs nginx (target >= 60%)", f"{chunks:.0%}", chunks >= 0.60),
+        ("TTFT added at p50 (target < 2 ms)", f"{ttft:.3f} ms", ttft < 2.0),
+        ("1000 open streams: errors (target 0)", str(streams["errors"]), streams["errors"] == 0),
+        ("1000 open streams: RSS growth (target < 50 MB)", f"{streams['rss_growth_mb']:.1f} MB",
+         streams["rss_growth_mb"] < 50),
+    ]
+    for c, v in report.get("model", {}).items():
+        share = v["appliance"] / v["direct"]
+        checks.append((f"model tokens/s vs direct, {c} (target >= 97%)", f"{share:.1%}",
+                       share >= 0.97))
+    return ["Targets:"] + [f"- {'met' if ok else 'NOT MET'}: {label}: {shown}"
+                           for label, shown, ok in checks]
+
+
+def write_outputs(report: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(report, indent=2))
+    with (RESULTS / "latest.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["scenario", "system", "metric", "value"])
+        for scenario, systems in report["scenarios"].items():
+            for system, metrics in systems.items():
+                for metric, value in metrics.items():
+                    writer.writerow([scenario, system, metric, value])
+        for c, values in report.get("model", {}).items():
+            for system, value in values.items():
+                writer.writerow([f"model {c}", system, "tokens_per_s", value])
+    (RESULTS / "latest.md").write_text(table(report))
+    chart(report)
+
+
+def chart(report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["scenarios"]
+    systems = list(s["whole c=1"])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = [
+        ("Throughput (higher is better)", [("req/s whole c=32", "whole c=32", "req_per_s"),
+                                           ("chunks/s / 10, c=16", "stream c=16",
+                                            "chunks_per_s")]),
+        ("Latency, one at a time (ms)", [("p50 whole", "whole c=1", "p50_ms"),
+                                         ("TTFT p50", "ttft c=1", "ttft_p50_ms")]),
+        ("Latency at 300 req/s (ms)", [("p50", "open 300/s", "p50_ms"),
+                                       ("p99", "open 300/s", "p99_ms")]),
+    ]
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        width = 0.8 / len(series)
+        for i, (label, scenario, metric) in enumerate(series):
+            values = [s[scenario][x][metric] for x in systems]
+            if metric == "chunks_per_s":
+                values = [v / 10 for v in values]
+            ax.bar([j + i * width for j in range(len(systems))], values, width, label=label)
+        ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(systems))])
+        ax.set_xticklabels(systems, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"llama-proxy vs direct and nginx - {report['machine']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "latest.png", dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
