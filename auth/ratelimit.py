@@ -9,17 +9,20 @@ refused (policy "closed"); Redis is tried again every second.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from auth.pipeline import AutoPipeline, PipelinedScript
 from auth.principal import Principal
 from config import Settings
+from proxy.ids import new_id
 
 log = logging.getLogger("proxy.ratelimit")
 
@@ -35,7 +38,7 @@ REQUEST_WINDOWS = ("rpm", "rpd", "ip_rpm")
 class Window:
     name: str  # rpm, rpd, tpm, ip_rpm, concurrency
     key: str
-    kind: str  # "n": sliding log weighted by cost; "c": concurrency leases
+    kind: str  # "r": requests (one each); "t": tokens (weighted); "c": concurrency leases
     limit: int
     window_ms: int
     cost: int
@@ -101,18 +104,18 @@ def plan(settings: Settings, principal: Principal, ip: str, tokens: int) -> list
     windows: list[Window] = []
     rpm = principal.rpm or settings.limit_rpm
     if rpm:
-        windows.append(Window("rpm", f"{who}:rpm", "n", rpm, minute, 1))
+        windows.append(Window("rpm", f"{who}:rpm", "r", rpm, minute, 1))
     if settings.limit_rpd:
-        windows.append(Window("rpd", f"{who}:rpd", "n", settings.limit_rpd, DAY_MS, 1))
+        windows.append(Window("rpd", f"{who}:rpd", "r", settings.limit_rpd, DAY_MS, 1))
     tpm = principal.tpm or settings.limit_tpm
     if tpm:
         # Never reserve more than the whole budget, or a large request could never run.
-        windows.append(Window("tpm", f"{who}:tpm", "n", tpm, minute, max(min(tokens, tpm), 1)))
+        windows.append(Window("tpm", f"{who}:tpm", "t", tpm, minute, max(min(tokens, tpm), 1)))
     if settings.limit_concurrency:
         windows.append(Window("concurrency", f"{who}:conc", "c", settings.limit_concurrency,
                               LEASE_MS, 1))
     if settings.limit_ip_rpm:
-        windows.append(Window("ip_rpm", f"llp:rl:{{ip:{_tag(ip)}}}:rpm", "n",
+        windows.append(Window("ip_rpm", f"llp:rl:{{ip:{_tag(ip)}}}:rpm", "r",
                               settings.limit_ip_rpm, minute, 1))
     return windows
 
@@ -124,23 +127,22 @@ class StoreDown(Exception):
 class RateLimiter:
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.settings = settings
-        self._admit = redis.register_script(ADMIT_LUA)
-        self._settle = redis.register_script(SETTLE_LUA)
+        self.pipeline = AutoPipeline(redis)
+        self._admit = PipelinedScript(self.pipeline, ADMIT_LUA)
+        self._settle = PipelinedScript(self.pipeline, SETTLE_LUA)
         self.local = LocalWindows()
         self.degraded = False
-        self.redis_round_trips = 0
         self._retry_redis_at = 0.0
 
     async def admit(self, principal: Principal, ip: str, tokens: int) -> Admission | None:
         windows = plan(self.settings, principal, ip, tokens)
         if not windows:
             return None
-        request_id = uuid.uuid4().hex
+        request_id = new_id()
         if time.monotonic() >= self._retry_redis_at:
             try:
                 result = await self._admit(keys=[w.key for w in windows],
                                            args=[request_id, *_window_args(windows)])
-                self.redis_round_trips += 1
                 self._recovered()
                 return _admission(request_id, windows, [int(x) for x in result], True)
             except (RedisError, OSError) as exc:
@@ -150,8 +152,11 @@ class RateLimiter:
         allowed, retry, rows = self.local.admit(request_id, windows)
         return _admission(request_id, windows, [allowed, retry, *rows], False)
 
-    async def settle(self, admission: Admission) -> None:
-        """Charge real usage instead of the reservation and release the lease; call once."""
+    def settle(self, admission: Admission) -> None:
+        """Charge real usage instead of the reservation and release the lease; call once.
+
+        Queued on the auto-pipeline without waiting: it rides with other requests' calls.
+        """
         if admission.settled or not admission.allowed:
             return
         admission.settled = True
@@ -169,12 +174,16 @@ class RateLimiter:
         args: list[str | int] = [admission.id, len(charges)]
         for window, actual in charges:
             args += [window.cost, actual]
-        try:
-            await self._settle(keys=[w.key for w, _ in charges] + [w.key for w in leases],
-                               args=args)
-        except (RedisError, OSError) as exc:
+        keys = [w.key for w, _ in charges] + [w.key for w in leases]
+        self._settle.send(keys, args).add_done_callback(
+            lambda done: self._settled(admission.id, done))
+
+    @staticmethod
+    def _settled(request_id: str, done: asyncio.Future[Any]) -> None:
+        exc = None if done.cancelled() else done.exception()
+        if exc is not None:
             # The lease's TTL is the backstop; the reservation stands as the charge.
-            log.warning("could not settle request %s in Redis (%s: %s)", admission.id,
+            log.warning("could not settle request %s in Redis (%s: %s)", request_id,
                         type(exc).__name__, exc)
 
     def _failed(self, exc: BaseException) -> None:

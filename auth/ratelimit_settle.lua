@@ -1,7 +1,7 @@
 -- Settle an admitted request once it has ended, in one round trip.
--- KEYS: windows whose charge changes ("n" kind) followed by concurrency lease sets ("c" kind).
--- ARGV[1] the request id, ARGV[2] the number of "n" keys; then per "n" key: reserved, actual.
--- A token window's reservation becomes the real usage at its original time; leases are released.
+-- KEYS: token windows ("t" kind) whose charge changes, then concurrency lease sets ("c" kind).
+-- ARGV[1] the request id, ARGV[2] the number of token keys; then per token key: reserved, actual.
+-- A reservation becomes the real usage at its original time; leases are released.
 
 local id = ARGV[1]
 local charged = tonumber(ARGV[2])
@@ -15,8 +15,8 @@ for i, key in ipairs(KEYS) do
       redis.call("ZADD", key, score, id .. ":" .. actual)
       redis.call("INCRBY", key .. ":sum", actual - tonumber(reserved))
     end
-  elseif redis.call("ZREM", key, id .. ":1") == 1 then
-    redis.call("DECRBY", key .. ":sum", 1)
+  else
+    redis.call("ZREM", key, id .. ":1")
   end
 end
 return 1

@@ -21,6 +21,8 @@ from auth.errors import unauthorized
 from auth.principal import Principal, model_set, positive_int, scope_set
 from config import Settings
 
+VERIFIED_CACHE_MAX = 10_000
+VERIFIED_CACHE_SECONDS = 300.0
 MAX_TOKEN_BYTES = 4096  # below aiohttp's 8190-byte header limit, so this check is reachable
 SECRET_FILE = "jwt.secret"
 
@@ -80,6 +82,8 @@ class TokenVerifier:
         else:
             assert settings.jwt_public_key is not None  # checked by the config loader
             self._key = Path(settings.jwt_public_key).read_text()
+        # Exact token bytes -> (claims, trust until): the signature is checked once, not per call.
+        self._verified: dict[str, tuple[dict[str, Any], float]] = {}
         self._required = ["exp", "sub"]
         if settings.jwt_issuer:
             self._required.append("iss")
@@ -92,6 +96,18 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> dict[str, Any]:
         """The token's claims, or AuthError (401) saying why in the log."""
+        now = time.time()
+        cached = self._verified.get(token)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        claims = await self._decode(token)
+        if len(self._verified) >= VERIFIED_CACHE_MAX:
+            self._verified.clear()
+        # Trusted until it expires (exp is required), and never longer than a few minutes.
+        self._verified[token] = (claims, min(float(claims["exp"]), now + VERIFIED_CACHE_SECONDS))
+        return claims
+
+    async def _decode(self, token: str) -> dict[str, Any]:
         if len(token) > MAX_TOKEN_BYTES:
             raise unauthorized(f"JWT of {len(token)} bytes is over the limit")
         try:

@@ -36,9 +36,10 @@ from tests.helpers import REPO, free_port, http_status, wait_until
 RESULTS = REPO / "bench" / "results"
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]
-# Limits on, high enough never to refuse: their cost is what is measured.
+# The example config's limits (requests and tokens per principal, requests per IP), set high
+# enough never to refuse: their cost is what is measured.
 LIMITS = ["--limit-rpm", "1000000000", "--limit-tpm", "1000000000000", "--limit-ip-rpm",
-          "1000000000", "--limit-concurrency", "100000"]
+          "1000000000"]
 
 
 class Processes:
@@ -176,7 +177,7 @@ def model_scenarios(procs: Processes, redis_url: str, data: Path, token: str,
             for system, url, credential in (("direct", direct, key), ("appliance", base, token)):
                 print(f"  model c={concurrency} -> {system}", file=sys.stderr, flush=True)
                 args = argparse.Namespace(base_url=url, api_key=credential, model="smollm2",
-                                          max_tokens=64, ignore_eos=True)
+                                          max_tokens=96, ignore_eos=True)
                 results = asyncio.run(_model_round(args, concurrency))
                 rates[system] += [r.tokens_per_s for r in results if r.ok]
                 if any(not r.ok for r in results):
@@ -192,7 +193,7 @@ async def _model_round(args: argparse.Namespace, concurrency: int) -> list[Any]:
 
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as http:
-        jobs = [model_request(http, args, i) for i in range(concurrency * 2)]
+        jobs = [model_request(http, args, i) for i in range(concurrency * 3)]
         sem = asyncio.Semaphore(concurrency)
 
         async def limited(job: Any) -> Result:
@@ -250,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             print("  1000 open streams -> appliance", file=sys.stderr, flush=True)
             report["streams_1000"] = thousand_streams(targets["appliance"], one_pid)
             if not args.skip_model:
-                print("the real model (SmolLM2-135M, 64 tokens, ignore_eos):", file=sys.stderr)
+                print("the real model (SmolLM2-135M, 96 tokens, ignore_eos):", file=sys.stderr)
                 report["model"] = model_scenarios(procs, redis_url, data, token,
-                                                  1 if args.quick else 2)
+                                                  1 if args.quick else 3)
         finally:
             procs.stop()
     report["bench_seconds"] = time.monotonic() - started

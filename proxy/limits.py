@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +14,6 @@ from proxy.errors import OpenAIError
 from proxy.keys import ADMISSION, LIMITER, PRINCIPAL, SETTINGS
 from proxy.usage import UsageMeter, wants_usage_in_stream, with_usage_requested
 
-_settling: set[asyncio.Task[None]] = set()
 WINDOW_NAMES = {"rpm": "requests per minute", "rpd": "requests per day",
                 "tpm": "tokens per minute", "concurrency": "concurrent requests",
                 "ip_rpm": "requests per minute from this IP"}
@@ -60,10 +58,7 @@ async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, A
     try:
         yield raw, meter
     finally:
-        # After the response: settling is off the latency path.
-        task = asyncio.create_task(limiter.settle(admission))
-        _settling.add(task)
-        task.add_done_callback(_settling.discard)
+        limiter.settle(admission)  # queued, not awaited: off the latency path
 
 
 def refusal(admission: Admission) -> OpenAIError:

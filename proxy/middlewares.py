@@ -13,13 +13,13 @@ import asyncio
 import logging
 import re
 import time
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.authn import authenticate
 from proxy.errors import OpenAIError
+from proxy.ids import new_id
 from proxy.keys import REQUEST_ID, SETTINGS
 
 log = logging.getLogger("proxy.access")
@@ -37,7 +37,7 @@ SECURITY_HEADERS = {
 @web.middleware
 async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
-    request[REQUEST_ID] = given if _SANE_ID.fullmatch(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = given if _SANE_ID.fullmatch(given) else new_id()
     return await handler(request)
 
 
@@ -94,7 +94,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> OpenAI
 
 async def stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: runs for streamed responses too, before the first byte."""
-    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or uuid.uuid4().hex
+    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or new_id()
     response.headers["Server"] = "llama-proxy"  # no library or version banner for scanners
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)

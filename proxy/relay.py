@@ -8,6 +8,7 @@ llama-server frees its slot.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import orjson
@@ -88,8 +89,7 @@ async def _open(request: web.Request, backend: Backend, path: str, raw: bytes, s
         # llama-server closes the connection after a stream although it said keep-alive;
         # never pool such a connection, or the next request would find it dead.
         headers["Connection"] = "close"
-    timeout = ClientTimeout(total=settings.request_timeout or None,
-                            connect=settings.connect_timeout, sock_read=None)
+    timeout = _client_timeout(settings.request_timeout, settings.connect_timeout)
     # A pooled connection may have been closed by the server just after a streamed response
     # (llama-server does this although it advertised keep-alive): retry that once, fresh.
     for attempt in (1, 2):
@@ -108,6 +108,12 @@ async def _open(request: web.Request, backend: Backend, path: str, raw: bytes, s
         except ClientConnectionError as exc:
             raise Unreachable(str(exc) or type(exc).__name__) from exc
     raise AssertionError("unreachable")
+
+
+@functools.cache
+def _client_timeout(total: float, connect: float) -> ClientTimeout:
+    """Built once, not per request: connect and whole-request caps; the rest is the relay's."""
+    return ClientTimeout(total=total or None, connect=connect, sock_read=None)
 
 
 async def _whole(upstream: ClientResponse, settings: Settings, meter: UsageMeter | None

@@ -1,0 +1,77 @@
+"""Auto-pipelining: Redis calls made in the same event-loop turn travel in one round trip.
+
+At one request at a time nothing waits (the batch is sent on the next turn of the loop); under
+load, dozens of rate-limit checks share a round trip and redis-py's per-call overhead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+
+class AutoPipeline:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sending: set[asyncio.Task[None]] = set()
+        self.round_trips = 0
+
+    def call(self, *command: Any) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            # The task starts on the next turn of the loop and takes everything queued by then.
+            task = asyncio.create_task(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+        self._pending.append((command, future))
+        return future
+
+    async def _send(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for command, _ in batch:
+                pipe.execute_command(*command)
+            results = await pipe.execute(raise_on_error=False)
+            self.round_trips += 1
+        except BaseException as exc:  # the connection failed: every caller learns it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc if isinstance(exc, Exception) else
+                                         ConnectionError("cancelled"))
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+class PipelinedScript:
+    """A Lua script run by SHA through the auto-pipeline, loaded again if Redis forgot it."""
+
+    def __init__(self, pipeline: AutoPipeline, source: str) -> None:
+        self.pipeline = pipeline
+        self.source = source
+        self.sha: str | None = None
+
+    def send(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue a call without waiting for it (its future tells how it went)."""
+        if self.sha is None:  # not loaded yet: send the source itself this once
+            return self.pipeline.call("EVAL", self.source, len(keys), *keys, *args)
+        return self.pipeline.call("EVALSHA", self.sha, len(keys), *keys, *args)
+
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
+        if self.sha is None:
+            self.sha = await self.pipeline.redis.script_load(self.source)
+        try:
+            return await self.pipeline.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis restarted empty
+            self.sha = await self.pipeline.redis.script_load(self.source)
+            return await self.pipeline.call("EVALSHA", self.sha, len(keys), *keys, *args)
