@@ -23,7 +23,7 @@ help:
 	@echo "make run       start the appliance on embedded defaults (127.0.0.1:8000)"
 	@echo "make test      the whole test suite (real redis-server and llama-server)"
 	@echo "make lint      ruff"
-	@echo "make bench     side by side: upstream direct vs the appliance (auth off, JWT, key, limits)"
+	@echo "make bench     benchmarks: direct vs nginx vs the appliance, and the real model (~4 min)"
 
 install: system-packages venv python-deps llama-server model
 	@echo "==> installed. Next: make run   (or: make test)"
@@ -69,6 +69,9 @@ lint:
 	$(VENV)/bin/ruff check .
 
 bench:
+	@echo "==> side by side: upstream direct, nginx, the appliance (1 and 2 workers), the real model"
+	$(PY) -m bench.harness
+	@echo "==> what auth and each limit add per request, and Redis round trips"
 	$(PY) -m bench.overhead --requests 2000
 
 run:

@@ -168,20 +168,24 @@ async def _stream(request: web.Request, upstream: ClientResponse, settings: Sett
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # tell any proxy in front of us not to buffer either
     })
+    loop = asyncio.get_running_loop()
     try:
         await response.prepare(request)
-        while True:
-            async with asyncio.timeout(settings.idle_timeout):
+        # One deadline, moved forward per chunk (cheaper than a new timeout for each).
+        async with asyncio.timeout(None) as idle:
+            while True:
+                idle.reschedule(loop.time() + settings.idle_timeout)
                 chunk = await upstream.content.readany()
-            if not chunk:
-                if meter is not None and (rest := meter.flush()):
-                    await response.write(rest)
-                break
-            if meter is not None:
-                chunk = meter.filter(chunk)
+                idle.reschedule(None)
                 if not chunk:
-                    continue
-            await response.write(chunk)
+                    if meter is not None and (rest := meter.flush()):
+                        await response.write(rest)
+                    break
+                if meter is not None:
+                    chunk = meter.filter(chunk)
+                    if not chunk:
+                        continue
+                await response.write(chunk)
     except ConnectionResetError:
         log.info("%s: client went away mid-stream; closing upstream", request[REQUEST_ID])
         return response

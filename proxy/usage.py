@@ -48,6 +48,9 @@ class UsageMeter:
 
     def filter(self, chunk: bytes) -> bytes:
         """Pass complete events on, noting usage; hold a trailing partial event back."""
+        if not self._pending and chunk.endswith(b"\n\n") and _USAGE not in chunk:
+            self.admission.chunks += chunk.count(b"\n\n")  # the common case: no copy
+            return chunk
         data = self._pending + chunk
         cut = data.rfind(b"\n\n")
         if cut < 0:
