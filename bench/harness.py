@@ -351,7 +351,8 @@ def chart(report: dict[str, Any]) -> None:
 
     s = report["scenarios"]
     systems = list(s["whole c=1"])
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    model = report.get("model", {})
+    fig, axes = plt.subplots(1, 4 if model else 3, figsize=(18 if model else 14, 4.2))
     panels = [
         ("Throughput (higher is better)", [("req/s whole c=32", "whole c=32", "req_per_s"),
                                            ("chunks/s / 10, c=16", "stream c=16",
@@ -361,7 +362,16 @@ def chart(report: dict[str, Any]) -> None:
         ("Latency at 300 req/s (ms)", [("p50", "open 300/s", "p50_ms"),
                                        ("p99", "open 300/s", "p99_ms")]),
     ]
-    for ax, (title, series) in zip(axes, panels, strict=True):
+    if model:
+        ax = axes[3]
+        for i, system in enumerate(("direct", "appliance")):
+            ax.bar([j + i * 0.4 for j in range(len(model))], [v[system] for v in model.values()],
+                   0.4, label=system)
+        ax.set_xticks([j + 0.2 for j in range(len(model))])
+        ax.set_xticklabels(list(model), fontsize=8)
+        ax.set_title("Real model: tokens/s per request", fontsize=10)
+        ax.legend(fontsize=8)
+    for ax, (title, series) in zip(axes, panels, strict=False):
         width = 0.8 / len(series)
         for i, (label, scenario, metric) in enumerate(series):
             values = [s[scenario][x][metric] for x in systems]

@@ -78,6 +78,38 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
+class KillableRedis:
+    """A redis-server of the test's own (append-only), to kill and restart mid-test."""
+
+    def __init__(self, work: Path) -> None:
+        self.sock = work / "own-redis.sock"
+        self.url = f"unix://{self.sock}"
+        self._cmd = ["redis-server", "--port", "0", "--unixsocket", str(self.sock), "--dir",
+                     str(work), "--save", "", "--appendonly", "yes"]
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self.restart()
+
+    def kill(self) -> None:
+        self._procs[-1].kill()
+        self._procs[-1].wait()
+
+    def restart(self) -> None:
+        self._procs.append(subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL))
+        wait_until(self.sock.exists, 10, "redis-server to start")
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[KillableRedis]:
+    server = KillableRedis(tmp_path)
+    yield server
+    server.stop()
+
+
 @dataclass
 class Fake:
     url: str

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -14,7 +12,7 @@ from redis.backoff import NoBackoff
 
 from auth.apikeys import KeyStore, digest
 from auth.errors import AuthError
-from tests.helpers import wait_until
+from tests.conftest import KillableRedis
 
 
 async def client(url: str) -> aioredis.Redis:
@@ -66,34 +64,13 @@ async def test_disabled_and_expired_keys(redis_url: str) -> None:
     await redis.aclose()
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path):
-    """A redis-server this test may kill and restart."""
-    sock = tmp_path / "r.sock"
-    cmd = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp_path),
-           "--appendonly", "yes", "--save", ""]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL)]
-    wait_until(sock.exists, 10, "redis")
-
-    def restart() -> None:
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-        wait_until(sock.exists, 10, "redis again")
-
-    yield f"unix://{sock}", procs, restart
-    for proc in procs:
-        proc.terminate()
-        proc.wait(10)
-
-
-async def test_redis_outage_keeps_known_keys_refuses_unknown(own_redis) -> None:
-    url, procs, restart = own_redis
-    redis = await client(url)
+async def test_redis_outage_keeps_known_keys_refuses_unknown(own_redis: KillableRedis) -> None:
+    redis = await client(own_redis.url)
     store = KeyStore(redis, 0.05)
     known, _ = await store.create("known")
     unknown_to_cache, _ = await store.create("other")
     await store.verify(known)
-    procs[0].terminate()
-    procs[0].wait(10)
+    own_redis.kill()
     await asyncio.sleep(0.1)  # past the cache period: Redis would be asked now
     started = time.monotonic()
     assert (await store.verify(known)).kind == "apikey"  # served stale from the cache
@@ -102,7 +79,7 @@ async def test_redis_outage_keeps_known_keys_refuses_unknown(own_redis) -> None:
     assert err.value.status == 503 and err.value.retry_after
     assert time.monotonic() - started < 1.0  # failing fast, never hanging
     assert await store.jti_revoked("some-jti") is False  # JWTs keep working
-    restart()
+    own_redis.restart()
     await asyncio.sleep(0.1)
     assert (await store.verify(unknown_to_cache)).kind == "apikey"  # nothing lost
     await redis.aclose()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import subprocess
 import time
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import pytest
 import redis as redis_sync
 
 from proxy.server import Running
-from tests.conftest import Fake, ProxyFactory, token_for
-from tests.helpers import eventually, wait_until
+from tests.conftest import Fake, KillableRedis, ProxyFactory, token_for
+from tests.helpers import eventually
 
 CHAT = "/v1/chat/completions"
 
@@ -170,36 +169,14 @@ async def test_per_ip_limit_for_anonymous_traffic(make_proxy: ProxyFactory, fake
     assert statuses == [200, 200, 200, 429, 429]
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path):
-    sock = tmp_path / "limits.sock"
-    cmd = ["redis-server", "--port", "0", "--unixsocket", str(sock), "--dir", str(tmp_path),
-           "--save", "", "--appendonly", "yes"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL)]
-    wait_until(sock.exists, 10, "redis")
-
-    def kill() -> None:
-        procs[-1].kill()
-        procs[-1].wait()
-
-    def restart() -> None:
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-        wait_until(sock.exists, 10, "redis again")
-
-    yield f"unix://{sock}", kill, restart
-    for proc in procs:
-        proc.terminate()
-        proc.wait()
-
-
 async def test_redis_outage_fails_open_to_local_limits_and_recovers(
-    make_proxy: ProxyFactory, fake: Fake, own_redis, caplog: pytest.LogCaptureFixture
+    make_proxy: ProxyFactory, fake: Fake, own_redis: KillableRedis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    url, kill, restart = own_redis
-    proxy = await make_proxy(upstreams=[fake.url], redis_url=url, limit_rpm=3)
+    proxy = await make_proxy(upstreams=[fake.url], redis_url=own_redis.url, limit_rpm=3)
     token = token_for(proxy)
     assert [(await post(proxy, token))[0] for _ in range(2)] == [200, 200]
-    kill()
+    own_redis.kill()
     caplog.set_level(logging.WARNING)
     started = time.monotonic()
     during = [(await post(proxy, token))[0] for _ in range(5)]
@@ -209,7 +186,7 @@ async def test_redis_outage_fails_open_to_local_limits_and_recovers(
     async with aiohttp.ClientSession() as http:
         async with http.get(proxy.base_url + "/health") as resp:
             assert (await resp.json())["limits"] == "local"
-    restart()
+    own_redis.restart()
     await asyncio.sleep(1.1)  # the limiter retries Redis every second
     after = [(await post(proxy, token))[0] for _ in range(3)]
     assert after == [200, 429, 429]  # back on Redis, whose window still holds the first two
@@ -217,12 +194,11 @@ async def test_redis_outage_fails_open_to_local_limits_and_recovers(
 
 
 async def test_redis_outage_closed_policy_refuses(make_proxy: ProxyFactory, fake: Fake,
-                                                  own_redis) -> None:
-    url, kill, _ = own_redis
-    proxy = await make_proxy(upstreams=[fake.url], redis_url=url, limit_rpm=3,
+                                                  own_redis: KillableRedis) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], redis_url=own_redis.url, limit_rpm=3,
                              limit_on_redis_down="closed")
     token = token_for(proxy)
-    kill()
+    own_redis.kill()
     status, data, headers = await post(proxy, token)
     assert status == 503 and data["error"]["code"] == "limits_unavailable"
     assert headers["Retry-After"]
