@@ -55,7 +55,15 @@ class Admission:
     in_redis: bool
     usage: int | None = None  # real tokens, once the response reports them
     chunks: int = 0  # streamed events seen, the fallback measure when usage never came
+    prompt_estimate: int = 0
     settled: bool = field(default=False, repr=False)
+
+    def spent(self) -> int:
+        """Real usage if the answer said; else, if the client left mid-stream, the prompt plus
+        what was streamed (about a token an event); nothing if nothing was generated."""
+        if self.usage is not None:
+            return self.usage
+        return self.prompt_estimate + self.chunks if self.chunks else 0
 
     @property
     def token_window(self) -> Window | None:
@@ -163,8 +171,7 @@ class RateLimiter:
         charges = []
         token_window = admission.token_window
         if token_window is not None:
-            actual = admission.usage if admission.usage is not None else admission.chunks
-            charges.append((token_window, max(actual, 0)))
+            charges.append((token_window, max(admission.spent(), 0)))
         leases = [w for w in admission.windows if w.kind == "c"]
         if not charges and not leases:
             return

@@ -19,9 +19,13 @@ WINDOW_NAMES = {"rpm": "requests per minute", "rpd": "requests per day",
                 "ip_rpm": "requests per minute from this IP"}
 
 
+def prompt_tokens(raw: bytes) -> int:
+    return len(raw) // 4 + 1  # about 4 bytes a token, JSON included: errs on the high side
+
+
 def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: int) -> int:
-    """What to reserve before generation: ~4 bytes a prompt token, plus the completion asked."""
-    prompt = len(raw) // 4 + 1
+    """What to reserve before generation: the prompt, plus the completion asked for."""
+    prompt = prompt_tokens(raw)
     if path.endswith("/embeddings"):
         return prompt
     for name in ("max_completion_tokens", "max_tokens", "n_predict"):
@@ -46,6 +50,7 @@ async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, A
         yield raw, None
         return
     request[ADMISSION] = admission  # headers go out with the response, streamed or not
+    admission.prompt_estimate = prompt_tokens(raw)
     if not admission.allowed:
         raise refusal(admission)
     meter = None

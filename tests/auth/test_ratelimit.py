@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import aiohttp
 import pytest
 import redis as redis_sync
 
+from proxy.limits import prompt_tokens
 from proxy.server import Running
 from tests.conftest import Fake, KillableRedis, ProxyFactory, token_for
 from tests.helpers import eventually
@@ -257,3 +259,22 @@ async def test_a_burst_is_not_mistaken_for_an_outage(redis_url: str, tmp_path: P
     assert not limiter.degraded
     assert sum(1 for a in admissions if a and a.allowed) == 50
     await redis.aclose()
+
+
+async def test_a_client_leaving_mid_stream_is_charged_prompt_and_streamed_tokens(
+    make_proxy: ProxyFactory, fake: Fake, redis_url: str
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_tpm=100_000)
+    headers = {"Authorization": f"Bearer {token_for(proxy, 'leaver')}"}
+    payload = json.dumps(body(stream=True, chunks=1000, gap=0.02)).encode()
+    async with aiohttp.ClientSession(headers=headers) as http:
+        resp = await http.post(proxy.base_url + CHAT, data=payload,
+                               headers={"Content-Type": "application/json"})
+        for _ in range(5):
+            await resp.content.readline()
+        resp.close()
+    key = "llp:rl:{user:leaver}:tpm:sum"
+    # Reserved: the prompt (~40) plus 512 default completion tokens; settled: far less.
+    charged = await eventually(lambda: 0 < redis_int(redis_url, key) < 300 and
+                               redis_int(redis_url, key), 2, "settlement below the reservation")
+    assert charged > prompt_tokens(payload)  # the prompt and what streamed, not events alone
