@@ -1,10 +1,9 @@
 """The middleware chain, outermost first, and the headers stamped on every response.
 
 Order and why:
-1. request_id  - first, so everything after it (logs, errors, upstream calls) can name the request;
-2. access_log  - outside the error mapping, so it sees the final status of every request;
-3. openai_errors - turns any failure below it into OpenAI's JSON shape;
-4. authenticate (proxy/authn.py) - last, so its refusals are shaped and logged like any error.
+1. front - names the request (x-request-id), turns any failure below it into OpenAI's JSON shape,
+   and logs the final status of every request; one layer, as aiohttp wraps each per request;
+2. authenticate (proxy/authn.py) - inside it, so its refusals are shaped and logged like any error.
 """
 
 from __future__ import annotations
@@ -35,21 +34,16 @@ SECURITY_HEADERS = {
 
 
 @web.middleware
-async def request_id(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
     request[REQUEST_ID] = given if _SANE_ID.fullmatch(given) else new_id()
-    return await handler(request)
-
-
-@web.middleware
-async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     status = 499  # nginx's "client closed request", if we are cancelled
     try:
-        response = await handler(request)
+        response = await _in_openai_shape(request, handler)
         status = response.status
         return response
-    except web.HTTPException as exc:
+    except web.HTTPException as exc:  # redirects and the like pass through
         status = exc.status
         raise
     finally:
@@ -58,8 +52,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
                  request.path, status, (time.perf_counter() - started) * 1000)
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _in_openai_shape(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except OpenAIError as exc:
@@ -100,4 +93,4 @@ async def stamp_headers(request: web.Request, response: web.StreamResponse) -> N
         response.headers.setdefault(name, value)
 
 
-MIDDLEWARES = [request_id, access_log, openai_errors, authenticate]
+MIDDLEWARES = [front, authenticate]
