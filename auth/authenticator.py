@@ -61,8 +61,7 @@ class Authenticator:
         if admin_key and hmac.compare_digest(credential.encode(), admin_key.encode()):
             return ADMIN_PRINCIPAL
         if self.tokens.looks_like_jwt(credential):
-            claims = await self.tokens.verify(credential)
-            principal = self.tokens.principal(claims)
+            principal = await self.tokens.verify(credential)
             if await self.keys.jti_revoked(principal.credential):
                 raise unauthorized(f"JWT {principal.credential} is revoked", "Token revoked")
             return principal

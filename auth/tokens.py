@@ -82,8 +82,9 @@ class TokenVerifier:
         else:
             assert settings.jwt_public_key is not None  # checked by the config loader
             self._key = Path(settings.jwt_public_key).read_text()
-        # Exact token bytes -> (claims, trust until): the signature is checked once, not per call.
-        self._verified: dict[str, tuple[dict[str, Any], float]] = {}
+        # Exact token bytes -> (principal, trust until): the signature is checked once, not per
+        # call; revocation is still checked per call (the jti deny-list).
+        self._verified: dict[str, tuple[Principal, float]] = {}
         self._required = ["exp", "sub"]
         if settings.jwt_issuer:
             self._required.append("iss")
@@ -94,18 +95,20 @@ class TokenVerifier:
     def looks_like_jwt(credential: str) -> bool:
         return credential.count(".") == 2 and credential.startswith("eyJ")
 
-    async def verify(self, token: str) -> dict[str, Any]:
-        """The token's claims, or AuthError (401) saying why in the log."""
+    async def verify(self, token: str) -> Principal:
+        """Who the token speaks for, or AuthError (401) saying why in the log."""
         now = time.time()
         cached = self._verified.get(token)
         if cached is not None and now < cached[1]:
             return cached[0]
         claims = await self._decode(token)
+        principal = self._principal(claims)
         if len(self._verified) >= VERIFIED_CACHE_MAX:
             self._verified.clear()
         # Trusted until it expires (exp is required), and never longer than a few minutes.
-        self._verified[token] = (claims, min(float(claims["exp"]), now + VERIFIED_CACHE_SECONDS))
-        return claims
+        self._verified[token] = (principal,
+                                 min(float(claims["exp"]), now + VERIFIED_CACHE_SECONDS))
+        return principal
 
     async def _decode(self, token: str) -> dict[str, Any]:
         if len(token) > MAX_TOKEN_BYTES:
@@ -131,7 +134,7 @@ class TokenVerifier:
         return signing.key
 
     @staticmethod
-    def principal(claims: dict[str, Any]) -> Principal:
+    def _principal(claims: dict[str, Any]) -> Principal:
         subject = str(claims["sub"])
         return Principal(
             id=f"user:{subject}", kind="jwt",

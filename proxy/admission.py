@@ -33,9 +33,7 @@ class FairQueue:
 
     @asynccontextmanager
     async def slot(self, who: str) -> AsyncIterator[None]:
-        if self.slots <= 0:  # admission control is off
-            yield
-            return
+        """Hold one of the model's slots (callers skip this when slots <= 0: no queue)."""
         await self._acquire(who)
         try:
             yield

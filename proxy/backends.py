@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from aiohttp import ClientError, ClientSession, ClientTimeout
+from yarl import URL
 
 log = logging.getLogger("proxy.backends")
 
@@ -36,6 +37,7 @@ class Backend:
     reason: str | None = None
     supervised: bool = False  # the child's state belongs to its supervisor, not to the relay
     changed: float = field(default_factory=time.monotonic)
+    _urls: dict[str, tuple[str, URL]] = field(default_factory=dict, repr=False)
 
     def set_state(self, state: State, reason: str | None = None) -> None:
         if state is not self.state:
@@ -43,6 +45,13 @@ class Backend:
                      f" ({reason})" if reason else "")
             self.changed = time.monotonic()
         self.state, self.reason = state, reason
+
+    def url(self, path: str) -> URL:
+        """Parsed once per path: yarl would parse the same string on every request."""
+        cached = self._urls.get(path)
+        if cached is None or cached[0] != self.base_url:  # the child's URL is set after start
+            cached = self._urls[path] = (self.base_url, URL(self.base_url + path))
+        return cached[1]
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

@@ -95,7 +95,7 @@ async def _open(request: web.Request, backend: Backend, path: str, raw: bytes, s
     for attempt in (1, 2):
         try:
             async with asyncio.timeout(settings.first_byte_timeout):
-                return await client.post(backend.base_url + path, data=raw, headers=headers,
+                return await client.post(backend.url(path), data=raw, headers=headers,
                                          timeout=timeout)
         except TimeoutError:
             raise OpenAIError(504, "The model server did not answer in time",

@@ -58,10 +58,13 @@ def openai_endpoint(path: str) -> Any:
         raw, body = await read_json(request)
         model = body.get("model")
         check_model_allowed(request, model)
+        stream = body.get("stream") is True
         async with limited(request, path, raw, body) as (payload, meter):
-            async with request.app[QUEUE].slot(request[PRINCIPAL].id):
-                return await relay(request, path, payload, model, body.get("stream") is True,
-                                   meter)
+            queue = request.app[QUEUE]
+            if queue.slots <= 0:  # admission control off: no queue to pass through
+                return await relay(request, path, payload, model, stream, meter)
+            async with queue.slot(request[PRINCIPAL].id):
+                return await relay(request, path, payload, model, stream, meter)
 
     handler.__name__ = path.strip("/").replace("/", "_")
     return handler
