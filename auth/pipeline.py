@@ -18,7 +18,6 @@ class AutoPipeline:
         self.redis = redis
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
-        self.round_trips = 0
 
     def call(self, *command: Any) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -37,7 +36,6 @@ class AutoPipeline:
             for command, _ in batch:
                 pipe.execute_command(*command)
             results = await pipe.execute(raise_on_error=False)
-            self.round_trips += 1
         except BaseException as exc:  # the connection failed: every caller learns it
             for _, future in batch:
                 if not future.done():

@@ -23,24 +23,29 @@ def prompt_tokens(raw: bytes) -> int:
     return len(raw) // 4 + 1  # about 4 bytes a token, JSON included: errs on the high side
 
 
-def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: int) -> int:
-    """What to reserve before generation: the prompt, plus the completion asked for."""
-    prompt = prompt_tokens(raw)
+def completion_budget(body: dict[str, Any], path: str, default_max: int) -> int:
+    """The completion tokens a request asks for (none for embeddings)."""
     if path.endswith("/embeddings"):
-        return prompt
+        return 0
     for name in ("max_completion_tokens", "max_tokens", "n_predict"):
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return prompt + value
-    return prompt + default_max
+            return value
+    return default_max
+
+
+def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: int) -> int:
+    """What to reserve before generation: the prompt, plus the completion asked for."""
+    return prompt_tokens(raw) + completion_budget(body, path, default_max)
 
 
 @asynccontextmanager
-async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, Any]
-                  ) -> AsyncIterator[tuple[bytes, UsageMeter | None]]:
+async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, Any],
+                  stream: bool) -> AsyncIterator[tuple[bytes, UsageMeter | None]]:
     """Admit the request or raise 429; yield the body to send and a meter for its usage."""
     limiter: RateLimiter = request.app[LIMITER]
-    tokens = estimate_tokens(raw, body, path, request.app[SETTINGS].limit_default_max_tokens)
+    prompt = prompt_tokens(raw)
+    tokens = prompt + completion_budget(body, path, request.app[SETTINGS].limit_default_max_tokens)
     try:
         admission = await limiter.admit(request[PRINCIPAL], request.remote or "unknown", tokens)
     except StoreDown:
@@ -50,12 +55,11 @@ async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, A
         yield raw, None
         return
     request[ADMISSION] = admission  # headers go out with the response, streamed or not
-    admission.prompt_estimate = prompt_tokens(raw)
+    admission.prompt_estimate = prompt
     if not admission.allowed:
         raise refusal(admission)
     meter = None
     if admission.token_window is not None:
-        stream = body.get("stream") is True
         strip = stream and not wants_usage_in_stream(body)
         if strip:
             raw = with_usage_requested(body)

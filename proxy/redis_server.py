@@ -118,9 +118,6 @@ class EmbeddedRedis:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
 
 async def open_store(settings: Settings) -> tuple[Redis, EmbeddedRedis | None]:

@@ -40,9 +40,11 @@ class Unreachable(Exception):
     """The backend could not be reached at all; another one may be tried."""
 
 
-async def relay(request: web.Request, path: str, raw: bytes, model: str | None, stream: bool,
-                meter: UsageMeter | None = None) -> web.StreamResponse:
-    """Send raw (an already-validated JSON body) to a ready backend serving model."""
+def choose_backends(request: web.Request, model: str | None) -> list[Backend]:
+    """The ready backends for this model, in round-robin order; 404 or 503 if there are none.
+
+    Decided before rate limits are charged, so a refused request costs the caller nothing.
+    """
     pool: BackendPool = request.app[POOL]
     candidates = pool.serving(model)
     if not candidates:
@@ -51,7 +53,13 @@ async def relay(request: web.Request, path: str, raw: bytes, model: str | None, 
     ready = pool.ready(candidates)
     if not ready:
         raise unavailable(candidates)
-    for backend in ready:
+    return ready
+
+
+async def relay(request: web.Request, backends: list[Backend], path: str, raw: bytes,
+                stream: bool, meter: UsageMeter | None = None) -> web.StreamResponse:
+    """Send raw (an already-validated JSON body) to the first backend that answers."""
+    for backend in backends:
         try:
             upstream = await _open(request, backend, path, raw, stream)
         except Unreachable as exc:

@@ -12,7 +12,7 @@ from proxy.backends import BackendPool
 from proxy.errors import OpenAIError
 from proxy.keys import LIMITER, POOL, PRINCIPAL, QUEUE
 from proxy.limits import limited
-from proxy.relay import relay
+from proxy.relay import choose_backends, relay
 
 CAN_SERVE = ("ok", "degraded")
 _STARTED = int(time.time())
@@ -58,13 +58,14 @@ def openai_endpoint(path: str) -> Any:
         raw, body = await read_json(request)
         model = body.get("model")
         check_model_allowed(request, model)
+        backends = choose_backends(request, model)
         stream = body.get("stream") is True
-        async with limited(request, path, raw, body) as (payload, meter):
+        async with limited(request, path, raw, body, stream) as (payload, meter):
             queue = request.app[QUEUE]
             if queue.slots <= 0:  # admission control off: no queue to pass through
-                return await relay(request, path, payload, model, stream, meter)
+                return await relay(request, backends, path, payload, stream, meter)
             async with queue.slot(request[PRINCIPAL].id):
-                return await relay(request, path, payload, model, stream, meter)
+                return await relay(request, backends, path, payload, stream, meter)
 
     handler.__name__ = path.strip("/").replace("/", "_")
     return handler

@@ -106,10 +106,6 @@ class LlamaSupervisor:
             await asyncio.gather(self._task, return_exceptions=True)
         self.backend.set_state(State.STOPPED)
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc and self._proc.returncode is None else None
-
     # -- the restart loop ------------------------------------------------------------------
     async def _run(self) -> None:
         while True:

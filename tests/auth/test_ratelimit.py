@@ -278,3 +278,16 @@ async def test_a_client_leaving_mid_stream_is_charged_prompt_and_streamed_tokens
     charged = await eventually(lambda: 0 < redis_int(redis_url, key) < 300 and
                                redis_int(redis_url, key), 2, "settlement below the reservation")
     assert charged > prompt_tokens(payload)  # the prompt and what streamed, not events alone
+
+
+async def test_requests_refused_before_the_model_do_not_count(
+    make_proxy: ProxyFactory, fake: Fake, llama
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url, llama.url], upstream_api_key=llama.key,
+                             limit_rpm=1)
+    token = token_for(proxy)
+    for _ in range(3):  # two models are served, so an unknown one is a 404
+        status, data, _ = await post(proxy, token, {**body(), "model": "no-such-model"})
+        assert status == 404 and data["error"]["code"] == "model_not_found"
+    assert (await post(proxy, token))[0] == 200  # the only request that counted
+    assert (await post(proxy, token))[0] == 429
