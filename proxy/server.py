@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import socket
@@ -121,7 +122,17 @@ async def _announce_ready(app: web.Application, base: str) -> None:
     if supervisor is None:
         return
     await supervisor.ready.wait()
-    print(f"model {supervisor.settings.model_alias} is ready: try\n"
-          f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
-          "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'",
-          file=sys.stdout, flush=True)
+    print(ready_hint(supervisor.settings, base), file=sys.stdout, flush=True)
+
+
+def ready_hint(settings: Settings, base: str) -> str:
+    """Commands a user can paste as printed to get a first answer."""
+    auth, first = "", ""
+    if settings.auth == "required":
+        python = os.path.relpath(sys.executable)  # the venv's python, as the user can type it
+        first = (f"  TOKEN=$({python} generate_token.py you 24 --data-dir {settings.data_dir}"
+                 " | tail -1)\n")
+        auth = '-H "Authorization: Bearer $TOKEN" '
+    return (f"model {settings.model_alias} is ready: try\n{first}"
+            f"  curl {base}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
+            "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'")
