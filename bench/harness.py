@@ -18,7 +18,6 @@ import os
 import platform
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,6 +28,7 @@ from typing import Any
 
 from bench.llm_benchmark import one as model_request
 from bench.loadgen import Target, closed_loop, hold_streams, open_loop
+from bench.stack import Processes, appliance, credential, start_fake, start_redis
 from config.paths import bundled_llama_server, bundled_model
 from proxy.server import raise_open_files_limit
 from tests.helpers import REPO, free_port, http_status, wait_until
@@ -41,49 +41,6 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 # enough never to refuse: their cost is what is measured.
 LIMITS = ["--limit-rpm", "1000000000", "--limit-tpm", "1000000000000", "--limit-ip-rpm",
           "1000000000"]
-
-
-class Processes:
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
-        log = (self.work / f"{name}.log").open("wb")
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def appliance(procs: Processes, name: str, upstream: str, redis_url: str, data: Path,
-              *extra: str) -> tuple[str, int]:
-    port = free_port()
-    proc = procs.start(name, [sys.executable, "-m", "proxy", "--port", str(port), "--upstream",
-                              upstream, "--redis-url", redis_url, "--data-dir", str(data),
-                              "--log-level", "warning", *LIMITS, *extra])
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_status(base + "/ready") == 200, 30, f"{name} to be ready")
-    except AssertionError:
-        log = (procs.work / f"{name}.log").read_text(errors="replace")
-        raise SystemExit(f"{name} did not become ready; its log ends:\n{log[-2000:]}") from None
-    return base, proc.pid
-
-
-def jwt_for(data: Path, redis_url: str) -> str:
-    out = subprocess.run([sys.executable, "generate_token.py", "--data-dir", str(data), "bench",
-                          "2"], cwd=REPO, capture_output=True, text=True, check=True,
-                         env={"LLAMA_PROXY_REDIS_URL": redis_url, "PATH": os.defpath})
-    return out.stdout.strip().splitlines()[-1]
 
 
 def start_nginx(procs: Processes, upstream_port: int) -> str:
@@ -178,15 +135,15 @@ def model_scenarios(procs: Processes, redis_url: str, data: Path, token: str,
                                  "--parallel", "4", "--ctx-size", "4096", "--no-webui"])
     direct = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_status(direct + "/health") == 200, 60, "llama-server")
-    base, _ = appliance(procs, "appliance-model", direct, redis_url, data,
+    base, _ = appliance(procs, "appliance-model", direct, redis_url, data, *LIMITS,
                         "--upstream-api-key", key)
     out: dict[str, dict[str, float]] = {}
     for concurrency in (1, 2, 4):
         rates: dict[str, list[float]] = {"direct": [], "appliance": []}
         for _ in range(rounds):  # interleaved, so drift hits both alike
-            for system, url, credential in (("direct", direct, key), ("appliance", base, token)):
+            for system, url, secret in (("direct", direct, key), ("appliance", base, token)):
                 print(f"  model c={concurrency} -> {system}", file=sys.stderr, flush=True)
-                args = argparse.Namespace(base_url=url, api_key=credential, model="smollm2",
+                args = argparse.Namespace(base_url=url, api_key=secret, model="smollm2",
                                           max_tokens=96, ignore_eos=True)
                 results = asyncio.run(_model_round(args, concurrency))
                 rates[system] += [r.tokens_per_s for r in results if r.ok]
@@ -236,23 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         procs = Processes(Path(tmp))
         try:
-            sock = Path(tmp) / "redis.sock"
-            procs.start("redis", ["redis-server", "--port", "0", "--unixsocket", str(sock),
-                                  "--save", "", "--appendonly", "no"])
-            wait_until(sock.exists, 10, "redis")
-            redis_url = f"unix://{sock}"
-            fake_port = free_port()
-            procs.start("fake", [sys.executable, "-m", "bench.fake_upstream", "--port",
-                                 str(fake_port)])
-            fake = f"http://127.0.0.1:{fake_port}"
-            wait_until(lambda: http_status(fake + "/v1/models") == 200, 10, "the fake upstream")
+            _, redis_url = start_redis(procs)
+            fake_port, fake = start_fake(procs)
             nginx = start_nginx(procs, fake_port)
             data = Path(tmp) / "data"
-            one_worker, one_pid = appliance(procs, "appliance", fake, redis_url, data)
-            two_workers, _ = appliance(procs, "appliance-2w", fake, redis_url, data,
+            one_worker, one_pid = appliance(procs, "appliance", fake, redis_url, data, *LIMITS)
+            two_workers, _ = appliance(procs, "appliance-2w", fake, redis_url, data, *LIMITS,
                                        "--workers", "2")
             time.sleep(1.5)  # the second worker's first upstream check
-            token = jwt_for(data, redis_url)
+            token = credential(data, redis_url, "bench", "2")
             bearer = {"Authorization": f"Bearer {token}"}
             targets = {"direct": Target(fake + CHAT), "nginx": Target(nginx + CHAT),
                        "appliance": Target(one_worker + CHAT, bearer),

@@ -20,24 +20,9 @@ from pathlib import Path
 import aiohttp
 
 from bench.llm_benchmark import percentile
-from tests.helpers import REPO, free_port, http_status, wait_until
+from bench.stack import Processes, appliance, credential, start_fake, start_redis
 
 BODY = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-
-
-def appliance(work: Path, upstream: str, redis_url: str, *extra: str) -> tuple[str, object]:
-    port = free_port()
-    work.mkdir(parents=True, exist_ok=True)
-    proc = start([sys.executable, "-m", "proxy", "--port", str(port), "--upstream", upstream,
-                  "--redis-url", redis_url, "--data-dir", str(work / "data"),
-                  "--log-level", "warning", *extra], work / f"proxy-{port}.log")
-    base = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_status(base + "/ready") == 200, 30, "the appliance")
-    return base, proc
 
 
 ROUND_TRIP_COMMANDS = ("evalsha", "eval", "exists", "hgetall", "hset", "script|load", "script")
@@ -54,15 +39,6 @@ def redis_commands(sock: Path) -> int:
         if name.removeprefix("cmdstat_") in ROUND_TRIP_COMMANDS:
             calls += int(stats.split(",")[0].split("=")[1])
     return calls
-
-
-def issue(work: Path, redis_url: str, *args: str) -> str:
-    """A credential from generate_token.py, as a user would get it."""
-    result = subprocess.run(
-        [sys.executable, "generate_token.py", "--data-dir", str(work / "auth" / "data"), *args],
-        cwd=REPO, capture_output=True, text=True, check=True,
-        env={"LLAMA_PROXY_REDIS_URL": redis_url, "PATH": "/usr/bin:/bin"})
-    return result.stdout.strip().splitlines()[-1]
 
 
 async def measure(url: str, headers: dict[str, str], requests: int) -> list[float]:
@@ -84,29 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args(argv)
-    procs: list[object] = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        procs = Processes(Path(tmp))
         try:
-            sock = work / "redis.sock"
-            procs.append(start(["redis-server", "--port", "0", "--unixsocket", str(sock),
-                                "--save", ""], work / "redis.log"))
-            wait_until(sock.exists, 10, "redis")
-            redis_url = f"unix://{sock}"
-            fake_port = free_port()
-            procs.append(start([sys.executable, "-m", "bench.fake_upstream", "--port",
-                                str(fake_port)], work / "fake.log"))
-            fake = f"http://127.0.0.1:{fake_port}"
-            wait_until(lambda: http_status(fake + "/v1/models") == 200, 10, "the fake upstream")
-            open_base, p1 = appliance(work / "open", fake, redis_url, "--auth", "disabled")
-            auth_base, p2 = appliance(work / "auth", fake, redis_url)
+            sock, redis_url = start_redis(procs)
+            _, fake = start_fake(procs)
+            open_base, _ = appliance(procs, "open", fake, redis_url, procs.work / "open",
+                                     "--auth", "disabled")
+            data = procs.work / "data"  # one data dir: one signing secret for both below
+            auth_base, _ = appliance(procs, "auth", fake, redis_url, data)
             limits = ["--limit-rpm", "1000000", "--limit-tpm", "1000000000",
                       "--limit-ip-rpm", "1000000", "--limit-concurrency", "1000"]
-            # Same data dir as the JWT one: the same signing secret.
-            limited_base, p3 = appliance(work / "auth", fake, redis_url, *limits)
-            procs += [p1, p2, p3]
-            token = issue(work, redis_url, "bench", "1")
-            key = issue(work, redis_url, "bench", "--api-key")
+            limited_base, _ = appliance(procs, "limited", fake, redis_url, data, *limits)
+            token = credential(data, redis_url, "bench", "1")
+            key = credential(data, redis_url, "bench", "--api-key")
             bearer = {"Authorization": f"Bearer {token}"}
             runs = [("upstream directly", fake, {}), ("appliance, auth off", open_base, {}),
                     ("appliance, JWT", auth_base, bearer),
@@ -120,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 sent = args.requests + args.requests // 10  # warm-up included
                 commands[name] = (redis_commands(sock) - before) / sent
         finally:
-            for proc in procs:
-                proc.terminate()  # type: ignore[attr-defined]
-                proc.wait(10)  # type: ignore[attr-defined]
+            procs.stop()
     base = percentile(results["appliance, auth off"], 0.5)
     print(f"{args.requests} sequential non-streamed requests each (latency in ms)")
     print(f"{'':22} {'p50':>7} {'p90':>7} {'p99':>7} {'req/s':>7} {'vs auth off':>12} "
