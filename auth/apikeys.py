@@ -10,6 +10,7 @@ cache; unknown ones get 503.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -94,7 +95,9 @@ class KeyRecord:
             return "expired"
         return "active"
 
+    @functools.cached_property
     def principal(self) -> Principal:
+        """Built once per fetched record: requests served from the cache reuse it."""
         return Principal(id=f"key:{self.prefix}", kind="apikey", scopes=scope_set(self.scopes),
                          models=model_set(self.models), rpm=positive_int(self.rpm),
                          tpm=positive_int(self.tpm), credential=self.prefix)
@@ -181,7 +184,7 @@ class KeyStore:
         status = record.status()
         if status != "active":
             raise unauthorized(f"API key {prefix} is {status}", f"API key {status}")
-        return record.principal()
+        return record.principal
 
     async def _lookup(self, prefix: str) -> KeyRecord | None:
         now = time.monotonic()
