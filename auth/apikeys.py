@@ -35,6 +35,12 @@ STALE_LIMIT = 3600.0  # how long a cached key may serve while Redis is unreachab
 CACHE_MAX = 10_000
 JTI_DEFAULT_TTL = 400 * 86400
 STORE_RETRY_AFTER = 5
+# Set the given fields of an existing record; nothing if it does not exist. Returns the record.
+UPDATE_LUA = """
+if redis.call("EXISTS", KEYS[1]) == 0 then return {} end
+redis.call("HSET", KEYS[1], unpack(ARGV))
+return redis.call("HGETALL", KEYS[1])
+"""
 
 
 def record_key(prefix: str) -> str:
@@ -110,6 +116,7 @@ class KeyStore:
         self._keys: dict[str, tuple[KeyRecord | None, float]] = {}
         self._jtis: dict[str, tuple[bool, float]] = {}
         self._touches: set[asyncio.Task[Any]] = set()
+        self._update = redis.register_script(UPDATE_LUA)
 
     # -- managing keys ---------------------------------------------------------------------
     async def create(self, name: str, *, owner: str = "", scopes: list[str] | None = None,
@@ -140,14 +147,20 @@ class KeyStore:
         return sorted((r for r in records if r), key=lambda r: r.created)
 
     async def update(self, prefix: str, **changes: Any) -> KeyRecord | None:
-        record = await self.get(prefix)
-        if record is None:
-            return None
-        for name, value in changes.items():
-            setattr(record, name, value)
-        await self.redis.hset(record_key(prefix), mapping=record.to_redis())
+        """Write only the changed fields, and only if the key exists, in one atomic step: a
+        concurrent revoke is never undone by rewriting the whole record."""
+        unknown = set(changes) - set(KeyRecord.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"not a key field: {sorted(unknown)}")
+        mapping = [x for name, value in changes.items()
+                   for x in (name, orjson.dumps(value).decode())]
+        if not mapping:
+            return await self.get(prefix)
+        data = await self._update(keys=[record_key(prefix)], args=mapping)
         self._keys.pop(prefix, None)
-        return record
+        if not data:
+            return None
+        return KeyRecord.from_redis(dict(zip(data[0::2], data[1::2], strict=True)))
 
     async def revoke(self, prefix: str) -> bool:
         return await self.update(prefix, revoked=time.time()) is not None
@@ -178,32 +191,33 @@ class KeyStore:
         prefix = parse_key(key)
         if prefix is None:
             raise unauthorized("malformed API key")
-        record = await self._lookup(prefix)
+        record, fetched = await self._lookup(prefix)
         if record is None or not hmac.compare_digest(record.hash, digest(key)):
             raise unauthorized(f"unknown API key {prefix}")
         status = record.status()
         if status != "active":
             raise unauthorized(f"API key {prefix} is {status}", f"API key {status}")
+        if fetched:  # a real use, recorded at most once per cache period
+            self._touch(prefix)
         return record.principal
 
-    async def _lookup(self, prefix: str) -> KeyRecord | None:
+    async def _lookup(self, prefix: str) -> tuple[KeyRecord | None, bool]:
+        """The record (from the cache while it is fresh) and whether it came from Redis now."""
         now = time.monotonic()
         cached = self._keys.get(prefix)
         if cached and now - cached[1] < self.cache_ttl:
-            return cached[0]
+            return cached[0], False
         try:
             record = await self.get(prefix)
         except (RedisError, OSError) as exc:
             if cached and cached[0] is not None and now - cached[1] < STALE_LIMIT:
-                return cached[0]
+                return cached[0], False
             log.warning("key store unreachable (%s); refusing unverified key %s",
                         type(exc).__name__, prefix)
             raise AuthError(503, "The credential store is unavailable; retry shortly",
                             code="auth_unavailable", retry_after=STORE_RETRY_AFTER) from None
         self._remember(self._keys, prefix, record, now)
-        if record is not None:
-            self._touch(prefix)
-        return record
+        return record, True
 
     def _touch(self, prefix: str) -> None:
         """Record last use in the background, at most once per cache period per key."""
@@ -214,9 +228,13 @@ class KeyStore:
     async def _write_last_used(self, prefix: str) -> None:
         try:
             now = orjson.dumps(time.time()).decode()
-            await self.redis.hset(record_key(prefix), "last_used", now)
+            await self._update(keys=[record_key(prefix)], args=["last_used", now])
         except (RedisError, OSError):
             pass
+
+    async def drain(self) -> None:
+        """Wait for the background last-used writes (before the Redis client closes)."""
+        await asyncio.gather(*self._touches, return_exceptions=True)
 
     @staticmethod
     def _remember(cache: dict[str, Any], name: str, value: Any, now: float) -> None:

@@ -7,6 +7,7 @@ load, dozens of rate-limit checks share a round trip and redis-py's per-call ove
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 from redis.asyncio import Redis
@@ -52,24 +53,45 @@ class AutoPipeline:
 
 
 class PipelinedScript:
-    """A Lua script run by SHA through the auto-pipeline, loaded again if Redis forgot it."""
+    """A Lua script run by SHA through the auto-pipeline; its source is sent only when Redis does
+    not know it yet (first use, or a Redis that restarted empty), which also registers it."""
 
     def __init__(self, pipeline: AutoPipeline, source: str) -> None:
         self.pipeline = pipeline
         self.source = source
-        self.sha: str | None = None
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # the name Redis gives the script
 
     def send(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Queue a call without waiting for it (its future tells how it went)."""
-        if self.sha is None:  # not loaded yet: send the source itself this once
-            return self.pipeline.call("EVAL", self.source, len(keys), *keys, *args)
-        return self.pipeline.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        """Queue a call without waiting for it (the returned future tells how it went)."""
+        result: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        first = self.pipeline.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        first.add_done_callback(lambda done: self._resend_if_unknown(done, result, keys, args))
+        return result
+
+    def _resend_if_unknown(self, done: asyncio.Future[Any], result: asyncio.Future[Any],
+                           keys: list[str], args: list[Any]) -> None:
+        if result.done():
+            return
+        exc = None if done.cancelled() else done.exception()
+        if isinstance(exc, NoScriptError):
+            again = self.pipeline.call("EVAL", self.source, len(keys), *keys, *args)
+            again.add_done_callback(lambda second: _copy(second, result))
+        else:
+            _copy(done, result)
 
     async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        if self.sha is None:
-            self.sha = await self.pipeline.redis.script_load(self.source)
         try:
             return await self.pipeline.call("EVALSHA", self.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted empty
-            self.sha = await self.pipeline.redis.script_load(self.source)
-            return await self.pipeline.call("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.pipeline.call("EVAL", self.source, len(keys), *keys, *args)
+
+
+def _copy(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())

@@ -2,8 +2,12 @@
 
 llama-server queues without bound and never says it is busy. Here at most `slots` requests reach
 the model at once; the others wait in a queue that takes turns across principals, so one caller
-with 32 parallel requests cannot starve another with one. A full queue or a long wait is a fast 503
-with Retry-After instead of an endless wait.
+with 32 parallel requests cannot starve another with one. A full queue, a long wait or a shutdown
+is a `Busy` error (the edge answers 503 with Retry-After) instead of an endless wait.
+
+Every await is a place where a waiter can be cancelled (its client left, its wait ran out) in the
+same loop turn as a slot is handed to it, so hand-off skips waiters that are already done, as
+asyncio.Semaphore does, and a waiter that gave up just after being granted passes the slot on.
 """
 
 from __future__ import annotations
@@ -14,9 +18,26 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from proxy.errors import OpenAIError
+BUSY_RETRY_AFTER = 2
 
-BUSY_RETRY_AFTER = "2"
+
+class Busy(Exception):
+    """No slot for this request; `code` says why (the edge turns it into a 503)."""
+
+    code = "busy"
+    retry_after = BUSY_RETRY_AFTER
+
+
+class QueueFull(Busy):
+    code = "queue_full"
+
+
+class QueueTimeout(Busy):
+    code = "queue_timeout"
+
+
+class QueueClosed(Busy):
+    code = "shutting_down"
 
 
 class FairQueue:
@@ -25,7 +46,8 @@ class FairQueue:
         self.free = slots
         self.max_waiting = max_waiting
         self.timeout = timeout
-        self.waiting = 0
+        self.waiting = 0  # futures still in the queues (each removed, and counted off, once)
+        self.closed = False
         self._queues: dict[str, collections.deque[asyncio.Future[None]]] = {}
         self._turns: collections.deque[str] = collections.deque()
         self.waited = 0  # requests that had to wait, and for how long in all (for metrics)
@@ -34,23 +56,24 @@ class FairQueue:
     @asynccontextmanager
     async def slot(self, who: str) -> AsyncIterator[None]:
         """Hold one of the model's slots (callers skip this when slots <= 0: no queue)."""
-        await self._acquire(who)
+        await self.acquire(who)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    async def _acquire(self, who: str) -> None:
+    async def acquire(self, who: str) -> None:
+        if self.closed:
+            raise QueueClosed("The appliance is shutting down; retry shortly")
         if self.free > 0 and not self.waiting:
             self.free -= 1
             return
         if self.waiting >= self.max_waiting:
-            raise OpenAIError(503, f"The model is busy ({self.waiting} requests waiting); "
-                              "retry shortly", code="queue_full",
-                              headers={"Retry-After": BUSY_RETRY_AFTER})
+            raise QueueFull(f"The model is busy ({self.waiting} requests waiting); retry shortly")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        queue = self._queues.setdefault(who, collections.deque())
-        if not queue:
+        queue = self._queues.get(who)
+        if queue is None:
+            queue = self._queues[who] = collections.deque()
             self._turns.append(who)
         queue.append(future)
         self.waiting += 1
@@ -59,19 +82,48 @@ class FairQueue:
             async with asyncio.timeout(self.timeout):
                 await future
         except BaseException as exc:
-            if future.done() and not future.cancelled():
-                self._release()  # granted in the same instant we gave up: pass it on
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.release()  # granted in the same instant we gave up: pass it on
             else:
                 future.cancel()
                 self._forget(who, future)
             if isinstance(exc, TimeoutError):
-                raise OpenAIError(503, f"The model stayed busy for {self.timeout:.0f}s; retry "
-                                  "shortly", code="queue_timeout",
-                                  headers={"Retry-After": BUSY_RETRY_AFTER}) from None
+                raise QueueTimeout(f"The model stayed busy for {self.timeout:.0f}s; retry "
+                                   "shortly") from None
             raise
         finally:
             self.waited += 1
             self.wait_seconds += time.monotonic() - started
+
+    def release(self) -> None:
+        """Hand the slot to the next live waiter, taking turns across principals, or free it."""
+        while self._turns:
+            who = self._turns[0]
+            future = self._pop(who)
+            if not future.done():  # a waiter cancelled this very turn is skipped
+                future.set_result(None)
+                return
+        self.free += 1
+
+    def close(self) -> None:
+        """Shutting down: every waiter, and every later request, gets QueueClosed."""
+        self.closed = True
+        while self._turns:
+            future = self._pop(self._turns[0])
+            if not future.done():
+                future.set_exception(QueueClosed("The appliance is shutting down; retry shortly"))
+
+    def _pop(self, who: str) -> asyncio.Future[None]:
+        """Take the first waiter of the principal whose turn it is; they go to the back."""
+        self._turns.popleft()
+        queue = self._queues[who]
+        future = queue.popleft()
+        self.waiting -= 1
+        if queue:
+            self._turns.append(who)
+        else:
+            del self._queues[who]
+        return future
 
     def _forget(self, who: str, future: asyncio.Future[None]) -> None:
         queue = self._queues.get(who)
@@ -82,17 +134,6 @@ class FairQueue:
                 del self._queues[who]
                 self._turns.remove(who)
 
-    def _release(self) -> None:
-        """Hand the slot to the next principal in turn, or free it."""
-        while self._turns:
-            who = self._turns.popleft()
-            queue = self._queues[who]
-            future = queue.popleft()
-            self.waiting -= 1
-            if queue:
-                self._turns.append(who)
-            else:
-                del self._queues[who]
-            future.set_result(None)
-            return
-        self.free += 1
+    def stats(self) -> dict[str, int | float]:
+        return {"slots": self.slots, "free": self.free, "waiting": self.waiting,
+                "waited": self.waited, "wait_seconds": round(self.wait_seconds, 3)}

@@ -88,6 +88,7 @@ async def credential_store(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await keys.drain()
         await redis.aclose()
         if embedded is not None:
             await embedded.stop()

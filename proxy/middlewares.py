@@ -16,6 +16,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy.admission import Busy
 from proxy.authn import authenticate
 from proxy.errors import OpenAIError
 from proxy.ids import new_id
@@ -57,6 +58,9 @@ async def _in_openai_shape(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except OpenAIError as exc:
         return exc.response()
+    except Busy as exc:
+        return OpenAIError(503, str(exc), code=exc.code,
+                           headers={"Retry-After": str(exc.retry_after)}).response()
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -86,8 +86,7 @@ async def health(request: web.Request) -> web.Response:
     queue, limiter = request.app[QUEUE], request.app[LIMITER]
     body = {"status": status, "model": models[0] if models else None,
             "backends": [b.public() for b in pool.backends],
-            "queue": {"slots": queue.slots, "free": queue.free, "waiting": queue.waiting,
-                      "waited": queue.waited, "wait_seconds": round(queue.wait_seconds, 3)},
+            "queue": queue.stats(),
             "limits": "local" if limiter.degraded else "redis"}
     return json_response(body, 200 if status in CAN_SERVE else 503)
 

@@ -65,3 +65,29 @@ async def test_issue_token_through_admin(make_proxy: ProxyFactory, fake: Fake) -
         async with user.post(proxy.base_url + "/v1/chat/completions", json=CHAT_BODY,
                              headers={"Authorization": f"Bearer {issued['token']}"}) as r:
             assert r.status == 200
+
+
+async def test_patch_racing_a_revoke_never_undoes_it(make_proxy: ProxyFactory, fake: Fake
+                                                    ) -> None:
+    import asyncio
+
+    proxy: Running = await make_proxy(upstreams=[fake.url], key_cache_ttl=0)
+    base = proxy.base_url
+    async with aiohttp.ClientSession(headers=ADMIN_HEADERS) as admin:
+        for round_ in range(6):
+            async with admin.post(base + "/admin/keys", json={"name": f"k{round_}"}) as r:
+                created = await r.json()
+            url = base + f"/admin/keys/{created['prefix']}"
+            calls = [admin.delete(url), admin.patch(url, json={"rpm": 9, "name": "x"})]
+            if round_ % 2:
+                calls.reverse()
+            for resp in await asyncio.gather(*calls):
+                assert resp.status == 200
+                resp.release()
+            async with admin.get(url) as r:
+                after = await r.json()
+            assert after["status"] == "revoked" and after["rpm"] == 9
+            async with aiohttp.ClientSession() as user:
+                async with user.post(base + "/v1/chat/completions", json=CHAT_BODY,
+                                     headers={"X-API-Key": created["key"]}) as r:
+                    assert r.status == 401

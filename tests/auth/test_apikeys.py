@@ -83,3 +83,37 @@ async def test_redis_outage_keeps_known_keys_refuses_unknown(own_redis: Killable
     await asyncio.sleep(0.1)
     assert (await store.verify(unknown_to_cache)).kind == "apikey"  # nothing lost
     await redis.aclose()
+
+
+async def test_failed_guesses_do_not_count_as_use(redis_url: str) -> None:
+    redis = await client(redis_url)
+    store = KeyStore(redis, 0)
+    key, record = await store.create("target")
+    guess = f"sk-{record.prefix}_" + "A" * 43  # the right prefix, a wrong secret
+    for _ in range(3):
+        with pytest.raises(AuthError):
+            await store.verify(guess)
+    await store.drain()
+    assert (await store.get(record.prefix)).last_used is None
+    await store.verify(key)
+    await store.drain()
+    assert (await store.get(record.prefix)).last_used is not None
+    await redis.aclose()
+
+
+async def test_a_revoke_always_wins_over_a_concurrent_update(redis_url: str) -> None:
+    redis = await client(redis_url)
+    store = KeyStore(redis, 0)
+    for round_ in range(10):
+        _, record = await store.create(f"k{round_}")
+        calls = [store.revoke(record.prefix),
+                 store.update(record.prefix, name="renamed", rpm=7)]
+        if round_ % 2:
+            calls.reverse()
+        await asyncio.gather(*calls)
+        after = await store.get(record.prefix)
+        assert after.status() == "revoked", round_
+        assert (after.name, after.rpm) == ("renamed", 7)  # the update kept what it changed
+    assert await store.update("nosuchk1", rpm=3) is None
+    assert await store.get("nosuchk1") is None  # an update never creates a key
+    await redis.aclose()

@@ -291,3 +291,29 @@ async def test_requests_refused_before_the_model_do_not_count(
         assert status == 404 and data["error"]["code"] == "model_not_found"
     assert (await post(proxy, token))[0] == 200  # the only request that counted
     assert (await post(proxy, token))[0] == 429
+
+
+def command_calls(url: str) -> dict[str, int]:
+    client = redis_sync.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(row["calls"]) for name, row in stats.items()}
+
+
+async def test_scripts_are_sent_in_full_once_then_by_sha(make_proxy: ProxyFactory, fake: Fake,
+                                                         redis_url: str) -> None:
+    client = redis_sync.Redis.from_url(redis_url)
+    client.config_resetstat()
+    client.close()
+    proxy = await make_proxy(upstreams=[fake.url], limit_tpm=100_000, limit_concurrency=5)
+    token = token_for(proxy)
+    for _ in range(20):
+        assert (await post(proxy, token))[0] == 200
+    key = "llp:rl:{user:alice}:conc"
+    await eventually(lambda: leases(redis_url, key) == 0, 2, "every request settled")
+    calls = command_calls(redis_url)
+    # Admit and settle: the source goes once each (Redis did not know them), then the SHA.
+    assert calls.get("eval", 0) <= 2, calls
+    assert calls.get("evalsha", 0) >= 40, calls

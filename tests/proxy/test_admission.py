@@ -1,0 +1,148 @@
+"""The fair slot queue under races: cancellations in the same loop turn as a hand-off, at random
+points, many times; the counters must come back exact and no slot may be lost."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import aiohttp
+import pytest
+
+from proxy.admission import FairQueue, QueueClosed, QueueFull, QueueTimeout
+from tests.conftest import Fake, ProxyFactory
+
+
+async def settle_loop() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_waiter_cancelled_in_the_turn_its_slot_is_freed_loses_nothing() -> None:
+    queue = FairQueue(1, 10, 60)
+    await queue.acquire("holder")
+    waiter = asyncio.create_task(queue.acquire("b"))
+    behind = asyncio.create_task(queue.acquire("c"))
+    await settle_loop()
+    assert queue.waiting == 2
+    waiter.cancel()  # the client hangs up ...
+    queue.release()  # ... in the same loop turn as the holder finishes
+    await settle_loop()
+    assert waiter.cancelled()
+    assert behind.done() and behind.exception() is None  # the slot went to the next one
+    assert (queue.free, queue.waiting) == (0, 0)
+    queue.release()
+    assert (queue.free, queue.waiting) == (1, 0)
+
+
+async def test_a_waiter_granted_in_the_turn_it_gives_up_passes_the_slot_on() -> None:
+    queue = FairQueue(1, 10, 60)
+    await queue.acquire("holder")
+    waiter = asyncio.create_task(queue.acquire("b"))
+    behind = asyncio.create_task(queue.acquire("c"))
+    await settle_loop()
+    queue.release()  # granted to b ...
+    waiter.cancel()  # ... which gives up before it could run
+    await settle_loop()
+    assert waiter.cancelled()
+    assert behind.done() and behind.exception() is None
+    queue.release()
+    assert (queue.free, queue.waiting) == (1, 0)
+
+
+async def test_random_cancellations_never_lose_a_slot() -> None:
+    rng = random.Random(8)
+    queue = FairQueue(1, 1000, 60)
+    served = 0
+
+    async def client(who: str, cancel_after: float | None) -> None:
+        nonlocal served
+        work = asyncio.create_task(use(who))
+        if cancel_after is None:
+            await work
+            return
+        await asyncio.sleep(cancel_after)
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+
+    async def use(who: str) -> None:
+        nonlocal served
+        async with queue.slot(who):
+            served += 1
+            await asyncio.sleep(rng.uniform(0, 0.01))
+
+    for _ in range(5):
+        clients = [client(f"p{i % 7}", rng.uniform(0, 0.3) if i % 2 else None)
+                   for i in range(50)]
+        await asyncio.gather(*clients)
+        assert (queue.free, queue.waiting) == (1, 0)
+    started = time.monotonic()
+    async with queue.slot("fresh"):
+        assert time.monotonic() - started < 0.01  # at once, not after a timeout
+    assert (queue.free, queue.waiting) == (1, 0)
+    assert served >= 125  # every client that did not cancel, and some that did
+
+
+async def test_full_queue_wait_limit_and_close() -> None:
+    queue = FairQueue(1, 1, 0.2)
+    await queue.acquire("a")
+    waiter = asyncio.create_task(queue.acquire("b"))
+    await settle_loop()
+    with pytest.raises(QueueFull):
+        await queue.acquire("c")
+    with pytest.raises(QueueTimeout):
+        await waiter
+    assert queue.waiting == 0
+    waiter = asyncio.create_task(queue.acquire("b"))
+    await settle_loop()
+    queue.close()
+    with pytest.raises(QueueClosed):
+        await waiter
+    with pytest.raises(QueueClosed):
+        await queue.acquire("d")
+    queue.release()
+    assert (queue.free, queue.waiting) == (1, 0)
+
+
+async def test_clients_hanging_up_in_the_queue_never_cost_a_slot(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    """Through HTTP: 1 slot, 50 clients per round of which half hang up at a random moment."""
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", admission_slots=1,
+                             queue_max=100, queue_timeout=5)
+    url = proxy.base_url + "/v1/chat/completions"
+    rng = random.Random(42)
+
+    async def one(http: aiohttp.ClientSession, i: int) -> int | None:
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
+                "fake": {"ttfb": rng.uniform(0.002, 0.012)}}
+        timeout = aiohttp.ClientTimeout(total=rng.uniform(0, 0.3)) if i % 2 else None
+        try:
+            async with http.post(url, json=body, timeout=timeout) as resp:
+                await resp.read()
+                return resp.status
+        except TimeoutError:
+            return None  # hung up
+
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        for _ in range(5):
+            statuses = await asyncio.gather(*(one(http, i) for i in range(50)))
+            assert set(statuses) <= {200, None}
+            assert statuses.count(200) >= 25
+        started = time.monotonic()
+        async with http.post(url, json={"model": "fake-model", "messages": []}) as resp:
+            assert resp.status == 200
+        assert time.monotonic() - started < 0.5
+
+        async def queue_idle() -> dict:
+            async with http.get(proxy.base_url + "/health") as resp:
+                return (await resp.json())["queue"]
+
+        for _ in range(50):
+            queue = await queue_idle()
+            if queue["free"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert queue["free"] == 1 and queue["waiting"] == 0
