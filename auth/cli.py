@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _with_store(settings: Settings, action) -> int:  # noqa: ANN001 - a small callback
-    redis, embedded = await open_store(settings)
+    redis, embedded = await open_store(settings, keep=False)
     try:
         return await action(KeyStore(redis, 0))
     finally:

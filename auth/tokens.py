@@ -8,10 +8,12 @@ RS*/ES* tokens use a public key file or a JWKS whose key is picked by the token'
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +50,31 @@ def _uses_hmac(settings: Settings) -> bool:
 
 
 class LocalJwks:
-    """A JWKS file picked by kid; re-read when it changes, so keys rotate without a restart."""
+    """A JWKS file picked by kid, re-read when it changes, so keys rotate without a restart.
 
-    def __init__(self, path: Path) -> None:
+    Whether it changed is checked at most once a second (a stat() is blocking I/O on the event
+    loop, and tokens with made-up kids must not turn into one each).
+    """
+
+    CHECK_EVERY = 1.0
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
+        self._clock = clock
+        self._checked = -math.inf
         self._mtime = -1.0
         self._keys: dict[str, Any] = {}
 
     def key_for(self, token: str) -> Any:
         kid = jwt.get_unverified_header(token).get("kid")
-        mtime = self.path.stat().st_mtime
-        if mtime != self._mtime:
-            keyset = jwt.PyJWKSet.from_json(self.path.read_text())
-            self._keys = {k.key_id: k.key for k in keyset.keys if k.key_id}
-            self._mtime = mtime
+        now = self._clock()
+        if now - self._checked >= self.CHECK_EVERY:
+            self._checked = now
+            mtime = self.path.stat().st_mtime
+            if mtime != self._mtime:
+                keyset = jwt.PyJWKSet.from_json(self.path.read_text())
+                self._keys = {k.key_id: k.key for k in keyset.keys if k.key_id}
+                self._mtime = mtime
         if kid not in self._keys:
             raise jwt.PyJWKClientError(f"no key with kid {kid!r}")
         return self._keys[kid]

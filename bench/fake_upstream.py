@@ -24,6 +24,8 @@ MODEL = "fake-model"
 @dataclass
 class Record:
     requests: int = 0
+    in_flight: int = 0  # requests being answered now, streamed or not
+    max_in_flight: int = 0
     headers: list[CIMultiDict[str]] = field(default_factory=list)
     open_streams: int = 0
     max_open_streams: int = 0
@@ -51,6 +53,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
     record = request.app[RECORD]
     record.requests += 1
     record.headers.append(request.headers.copy())
+    record.in_flight += 1
+    record.max_in_flight = max(record.max_in_flight, record.in_flight)
+    try:
+        return await _answer(request, record)
+    finally:
+        record.in_flight -= 1
+
+
+async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
     body = await request.json()
     fake = body.get("fake", {})
     await asyncio.sleep(fake.get("ttfb", 0))

@@ -120,12 +120,19 @@ class Settings:
     )
     redis_server: str = _opt("redis-server", "str", "redis-server binary for the embedded Redis")
     redis_timeout: float = _opt(0.25, "float", "seconds a Redis call may take before failing")
-    # -- rate limits (0 = no limit); per-credential rpm/tpm override the first and third
-    limit_rpm: int = _opt(0, "int", "requests per minute per principal")
-    limit_rpd: int = _opt(0, "int", "requests per day per principal")
-    limit_tpm: int = _opt(0, "int", "tokens (prompt + completion) per minute per principal")
-    limit_concurrency: int = _opt(0, "int", "requests in flight at once per principal")
-    limit_ip_rpm: int = _opt(0, "int", "requests per minute per client IP")
+    # -- rate limits (0 = no limit); on by default, since the appliance faces the internet.
+    # Per-credential rpm/tpm override the first and third.
+    limit_rpm: int = _opt(60, "int", "requests per minute per principal (0 = no limit)")
+    limit_rpd: int = _opt(0, "int", "requests per day per principal (0 = no limit)")
+    limit_tpm: int = _opt(
+        20_000, "int", "tokens (prompt + completion) per minute per principal (0 = no limit)"
+    )
+    limit_concurrency: int = _opt(
+        8, "int", "requests in flight at once per principal (0 = no limit)"
+    )
+    limit_ip_rpm: int = _opt(
+        120, "int", "requests per minute per client address (0 = no limit)"
+    )
     limit_default_max_tokens: int = _opt(
         512, "int", "completion tokens reserved when a request sets no max_tokens"
     )

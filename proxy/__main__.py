@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from config import ConfigError, add_arguments, load_settings
 
@@ -67,9 +68,11 @@ def _run_worker(path: str) -> int:
     from proxy.server import serve
 
     with open(path, "rb") as fh:
-        settings = load_settings(orjson.loads(fh.read()), env={})
+        config = orjson.loads(fh.read())
+    settings = load_settings(config["settings"], env={})
+    slots_from = Path(config["slots_from"]) if config["slots_from"] else None
     setup_logging(settings.log_level, settings.log_format)
-    _run(serve(settings, worker=True))
+    _run(serve(settings, worker=True, slots_from=slots_from))
     return 0
 
 

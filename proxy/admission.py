@@ -16,7 +16,8 @@ import asyncio
 import collections
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
 
 BUSY_RETRY_AFTER = 2
 
@@ -38,6 +39,19 @@ class QueueTimeout(Busy):
 
 class QueueClosed(Busy):
     code = "shutting_down"
+
+
+class SlotQueue(Protocol):
+    """What the edge needs of a slot queue: this process's FairQueue, or (in an extra --workers
+    process) the first process's, borrowed through proxy/shared_slots.py."""
+
+    slots: int
+
+    def slot(self, who: str) -> AbstractAsyncContextManager[None]: ...
+
+    async def stats(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 class FairQueue:
@@ -134,6 +148,6 @@ class FairQueue:
                 del self._queues[who]
                 self._turns.remove(who)
 
-    def stats(self) -> dict[str, int | float]:
+    async def stats(self) -> dict[str, Any]:
         return {"slots": self.slots, "free": self.free, "waiting": self.waiting,
                 "waited": self.waited, "wait_seconds": round(self.wait_seconds, 3)}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
@@ -19,9 +20,11 @@ from config import Settings
 from proxy.admin import setup_admin_routes
 from proxy.admission import FairQueue
 from proxy.backends import Backend, BackendPool, check_upstream, watch_upstreams
+from proxy.drain import Drain
 from proxy.keys import (
     AUTH,
     CLIENT,
+    DRAIN,
     GUARD,
     KEYS,
     LIMITER,
@@ -36,10 +39,14 @@ from proxy.logs import register_secret
 from proxy.middlewares import MIDDLEWARES, stamp_headers
 from proxy.redis_server import open_store
 from proxy.routes import setup_routes
+from proxy.shared_slots import SlotBorrower
 from proxy.supervisor import LlamaSupervisor
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, slots_from: Path | None = None,
+               on_shutdown: Sequence[Callable[[web.Application], Awaitable[None]]] = ()
+               ) -> web.Application:
+    """slots_from: an extra --workers process borrows the model's slots from the first one."""
     app = web.Application(client_max_size=settings.max_body_bytes,
                           middlewares=MIDDLEWARES)
     app[SETTINGS] = settings
@@ -48,7 +55,16 @@ def create_app(settings: Settings) -> web.Application:
         register_secret(secret)
     app.on_response_prepare.append(stamp_headers)
     app.on_response_prepare.append(stamp_limit_headers)
-    app[QUEUE] = FairQueue(settings.admission_slots, settings.queue_max, settings.queue_timeout)
+    if slots_from is not None and settings.admission_slots > 0:
+        borrower = SlotBorrower(slots_from, settings.admission_slots, settings.queue_timeout)
+        app[QUEUE] = borrower
+        app.cleanup_ctx.append(functools.partial(borrowed_slots, borrower))
+    else:
+        app[QUEUE] = FairQueue(settings.admission_slots, settings.queue_max,
+                               settings.queue_timeout)
+    app[DRAIN] = Drain()
+    app.on_shutdown.append(drain_requests)
+    app.on_shutdown.extend(on_shutdown)
     # Order matters: the store comes up before the model, so a bad Redis fails fast.
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(credential_store)
@@ -58,10 +74,21 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+async def drain_requests(app: web.Application) -> None:
+    """on_shutdown (the listening socket is closed by then): finish or cut in-flight requests."""
+    await app[DRAIN].wait(app[SETTINGS].shutdown_grace, at_deadline=app[QUEUE].close)
+
+
 def prepare_data_dir(path: Path) -> None:
     """Create the data dir owner-only; everything the appliance persists lives in it."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
+
+
+async def borrowed_slots(borrower: SlotBorrower, app: web.Application) -> AsyncIterator[None]:
+    await borrower.connect()
+    yield
+    await borrower.aclose()
 
 
 async def upstream_client(app: web.Application) -> AsyncIterator[None]:

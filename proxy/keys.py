@@ -11,8 +11,9 @@ from auth.guard import FailureGuard
 from auth.principal import Principal
 from auth.ratelimit import Admission, RateLimiter
 from config import Settings
-from proxy.admission import FairQueue
+from proxy.admission import SlotQueue
 from proxy.backends import BackendPool
+from proxy.drain import Drain
 from proxy.supervisor import LlamaSupervisor
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,8 +25,10 @@ KEYS = web.AppKey("keys", KeyStore)
 AUTH = web.AppKey("auth", Authenticator)
 GUARD = web.AppKey("guard", FailureGuard)
 LIMITER = web.AppKey("limiter", RateLimiter)
-QUEUE = web.AppKey("queue", FairQueue)
+QUEUE: web.AppKey[SlotQueue] = web.AppKey("queue")
+DRAIN = web.AppKey("drain", Drain)
 
 REQUEST_ID = web.RequestKey("request_id", str)  # set by the request-id middleware
 PRINCIPAL = web.RequestKey("principal", Principal)  # set by the auth middleware
 ADMISSION = web.RequestKey("admission", Admission)  # set when rate limits apply
+OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)  # set once a stream starts

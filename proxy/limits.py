@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from auth.ratelimit import Admission, RateLimiter, StoreDown
+from config import Settings
 from proxy.errors import OpenAIError
 from proxy.keys import ADMISSION, LIMITER, PRINCIPAL, SETTINGS
 from proxy.usage import UsageMeter, wants_usage_in_stream, with_usage_requested
@@ -17,6 +18,22 @@ from proxy.usage import UsageMeter, wants_usage_in_stream, with_usage_requested
 WINDOW_NAMES = {"rpm": "requests per minute", "rpd": "requests per day",
                 "tpm": "tokens per minute", "concurrency": "concurrent requests",
                 "ip_rpm": "requests per minute from this IP"}
+
+
+def describe_limits(settings: Settings) -> str:
+    """The start-up line: which limits apply, and which client address the per-IP one sees."""
+    each = [f"{value} {WINDOW_NAMES[name]}" for name, value in (
+        ("rpm", settings.limit_rpm), ("rpd", settings.limit_rpd), ("tpm", settings.limit_tpm),
+        ("concurrency", settings.limit_concurrency)) if value]
+    parts = [", ".join(each) + " per key or user"] if each else []
+    if settings.limit_ip_rpm:
+        parts.append(f"{settings.limit_ip_rpm} requests per minute per client address, taken "
+                     "from the connection: behind a tunnel or proxy on this host every client is "
+                     "127.0.0.1 and shares that one limit (--limit-ip-rpm 0 turns it off)")
+    if not parts:
+        return "rate limits: none (every --limit-* is 0)"
+    return ("rate limits: " + "; ".join(parts) + ". Change them with --limit-rpm, --limit-tpm, "
+            "--limit-concurrency, --limit-ip-rpm (0 = off), or per credential.")
 
 
 def prompt_tokens(raw: bytes) -> int:

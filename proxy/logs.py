@@ -1,11 +1,20 @@
-"""Logging set-up: text or JSON lines on stderr, with secrets redacted from every record."""
+"""Logging set-up: text or JSON lines on stderr, with secrets redacted from every record.
+
+Handlers write from a thread of their own (a queue in between), so a slow disk or a full pipe
+never stalls the event loop.
+"""
 
 from __future__ import annotations
 
+import atexit
+import copy
 import logging
+import queue
 import re
 import sys
+import threading
 import time
+from logging.handlers import QueueHandler
 
 import orjson
 
@@ -66,9 +75,71 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
             "msg": record.getMessage(),
         }
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
+
+
+class _Enqueue(QueueHandler):
+    """Hand a record to a writer thread: its message and traceback rendered now (the arguments
+    may change later), everything else kept for the writer's formatter."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = record.exc_text or _PLAIN.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_PLAIN = logging.Formatter()
+WRITER_STOP_WAIT = 2.0  # at exit; a writer stuck on a dead disk must not hang the exit
+
+
+class _Writer(threading.Thread):
+    """Takes records off a queue and hands them to one handler, on its own thread.
+
+    The handler is this thread's alone, so its lock is not taken: logging's own clean-up at exit
+    would otherwise wait forever for a writer stuck on a dead disk.
+    """
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord | None],
+                 handler: logging.Handler) -> None:
+        super().__init__(name=f"log-writer-{type(handler).__name__}", daemon=True)
+        self.records, self.handler = records, handler
+
+    def run(self) -> None:
+        while (record := self.records.get()) is not None:
+            if record.levelno >= self.handler.level and self.handler.filter(record):
+                self.handler.emit(record)
+        self.handler.flush()
+
+    def stop(self) -> None:
+        self.records.put(None)
+        self.join(WRITER_STOP_WAIT)
+
+
+_writers: list[_Writer] = []
+
+
+def add_threaded_handler(logger: logging.Logger, handler: logging.Handler) -> QueueHandler:
+    """Attach `handler` to `logger` so that it writes on a thread of its own."""
+    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+    writer = _Writer(records, handler)
+    writer.start()
+    _writers.append(writer)
+    front = _Enqueue(records)  # type: ignore[arg-type]
+    front.setLevel(handler.level)  # what the writer would drop is not even queued
+    logger.addHandler(front)
+    return front
+
+
+@atexit.register
+def stop_log_threads() -> None:
+    """Write out what is queued (at exit, so no line is lost)."""
+    while _writers:
+        _writers.pop().stop()
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -78,7 +149,8 @@ def setup_logging(level: str, fmt: str) -> None:
     inner = JsonFormatter() if fmt == "json" else logging.Formatter(text)
     handler.setFormatter(RedactingFormatter(inner))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers.clear()
+    add_threaded_handler(root, handler)
     root.setLevel(level.upper())
     # aiohttp's own access log is replaced by ours (request ids, no query strings).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import shutil
 import signal
 import time
@@ -20,10 +22,11 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from config import ConfigError, Settings
-from proxy.supervisor import die_with_parent
+from proxy.supervisor import with_parent_death_signal
 
 log = logging.getLogger("proxy.redis")
 SOCKET = "redis.sock"
+LOCK = "redis.lock"
 START_DEADLINE = 10.0
 RESTART_DELAY = 1.0
 
@@ -55,44 +58,90 @@ async def answers(client: Redis) -> bool:
 
 
 class EmbeddedRedis:
+    """The data dir's redis-server: started by one process, shared by the others.
+
+    Only the process that started it (and holds `redis.lock`) may stop it or remove its socket;
+    redis-server inherits the lock, so no second one is ever started on the same files while it
+    lives. A keeper (the appliance) that found it running watches it and takes over if it goes
+    away (say, it belonged to a generate_token.py run that has ended); a short-lived user
+    (generate_token.py) starts it only for itself when nothing answers.
+    """
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.socket = settings.data_dir / SOCKET
         self.url = f"unix://{self.socket}"
         self.log_file = settings.data_dir / "logs" / "redis.log"
+        self._lock_path = settings.data_dir / LOCK
+        self._lock: int | None = None  # our flock on redis.lock while we own redis-server
         self._proc: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Start redis-server (and keep it running), or share the one already answering."""
+    @property
+    def owned(self) -> bool:
+        return self._lock is not None
+
+    async def start(self, keep: bool = True) -> None:
+        """Share the running redis-server, or start one; keep=True watches it from then on."""
+        self.settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         probe = make_client(self.settings, self.url)
         try:
-            if self.socket.exists() and await answers(probe):
-                log.info("using the running embedded Redis at %s", self.socket)
-                return
-            await self._spawn(probe)
+            await self._share_or_spawn(probe)
         finally:
             await probe.aclose()
-        self._watcher = asyncio.create_task(self._watch(), name="embedded-redis")
+        if keep:
+            self._watcher = asyncio.create_task(self._keep(), name="embedded-redis")
+
+    async def _share_or_spawn(self, probe: Redis) -> None:
+        deadline = time.monotonic() + START_DEADLINE
+        while True:
+            if await answers(probe):
+                log.info("using the running embedded Redis at %s", self.socket)
+                return
+            if self._try_lock():
+                await self._spawn(probe)
+                return
+            # Another process owns it and is starting or restarting it: wait, never start twice.
+            if time.monotonic() > deadline:
+                raise ConfigError("redis_server", f"the embedded Redis in {self.socket.parent} "
+                                  "belongs to another process but does not answer")
+            await asyncio.sleep(0.05)
+
+    def _try_lock(self) -> bool:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock = fd
+        return True
+
+    def _unlock(self) -> None:
+        fd, self._lock = self._lock, None
+        if fd is not None:
+            os.close(fd)  # redis-server's inherited copy is gone once it has exited
 
     async def _spawn(self, probe: Redis) -> None:
         binary = shutil.which(self.settings.redis_server)
         if binary is None:
+            self._unlock()
             raise ConfigError("redis_server", f"{self.settings.redis_server} not found "
                               "(run `make install`, or set redis_url)")
-        self.socket.unlink(missing_ok=True)
+        self.socket.unlink(missing_ok=True)  # ours to remove: we hold the lock
         store = self.settings.data_dir / "redis"
         store.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        assert self._lock is not None
         # Its log goes to a file: a pipe nobody reads would fill up and stall Redis one day.
         self._proc = await asyncio.create_subprocess_exec(
-            binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-            "--dir", str(store), "--appendonly", "yes", "--appendfsync", "everysec",
-            "--save", "", "--daemonize", "no", "--loglevel", "warning",
-            "--logfile", str(self.log_file),
+            *with_parent_death_signal([
+                binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm",
+                "700", "--dir", str(store), "--appendonly", "yes", "--appendfsync", "everysec",
+                "--save", "", "--daemonize", "no", "--loglevel", "warning",
+                "--logfile", str(self.log_file)]),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=die_with_parent,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True, pass_fds=(self._lock,),
         )
         await self._wait_until_up(probe)
         log.info("embedded Redis (pid %d) on %s, data in %s", self._proc.pid, self.socket, store)
@@ -101,26 +150,31 @@ class EmbeddedRedis:
         assert self._proc is not None
         deadline = time.monotonic() + START_DEADLINE
         while time.monotonic() < deadline and self._proc.returncode is None:
-            if self.socket.exists() and await answers(probe):
+            if await answers(probe):
                 return
             await asyncio.sleep(0.05)
         await self._terminate()
+        self._unlock()
         raise ConfigError("redis_server", f"embedded redis-server did not start "
                           f"({self._last_log_line()})")
 
-    async def _watch(self) -> None:
-        """Restart redis-server if it dies; the append-only file brings the data back."""
-        while self._proc is not None:
-            code = await self._proc.wait()
-            log.error("embedded redis-server exited with %d (%s); restarting in %.0fs", code,
-                      self._last_log_line(), RESTART_DELAY)
+    async def _keep(self) -> None:
+        """Restart our redis-server if it dies (the append-only file brings the data back);
+        take over one we only shared once it stops answering."""
+        while True:
+            if self._proc is not None:
+                code = await self._proc.wait()
+                log.error("embedded redis-server exited with %d (%s); restarting in %.0fs", code,
+                          self._last_log_line(), RESTART_DELAY)
             await asyncio.sleep(RESTART_DELAY)
             probe = make_client(self.settings, self.url)
             try:
-                await self._spawn(probe)
+                if self._proc is None and await answers(probe):
+                    continue  # still shared and healthy
+                if self.owned or self._try_lock():
+                    await self._spawn(probe)
             except ConfigError as exc:
                 log.error("embedded Redis could not be restarted: %s", exc)
-                return
             finally:
                 await probe.aclose()
 
@@ -132,14 +186,18 @@ class EmbeddedRedis:
         return lines[-1] if lines else "no log"
 
     async def stop(self) -> None:
-        """SIGTERM makes redis-server flush its append-only file before exiting."""
+        """Stop redis-server if we started it (SIGTERM: it flushes its append-only file first);
+        a Redis we only shared is left alone, socket and all."""
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
+        if not self.owned:
+            return
         await self._terminate()
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
+        self._unlock()
 
     async def _terminate(self) -> None:
         proc, self._proc = self._proc, None
@@ -153,13 +211,18 @@ class EmbeddedRedis:
             await proc.wait()
 
 
-async def open_store(settings: Settings) -> tuple[Redis, EmbeddedRedis | None]:
-    """Connect to the configured Redis (or start the embedded one); one clear line if it fails."""
+async def open_store(settings: Settings, keep: bool = True
+                     ) -> tuple[Redis, EmbeddedRedis | None]:
+    """Connect to the configured Redis (or the embedded one); one clear line if it fails.
+
+    keep=False is for short-lived tools: they share a running embedded Redis and start one only
+    for themselves, and never watch it.
+    """
     embedded = None
     url = settings.redis_url
     if not url:
         embedded = EmbeddedRedis(settings)
-        await embedded.start()
+        await embedded.start(keep)
         url = embedded.url
     client = make_client(settings, url)
     if not await answers(client):

@@ -27,7 +27,7 @@ from aiohttp import (
 from config import Settings
 from proxy.backends import Backend, BackendPool, State
 from proxy.errors import ERROR_TYPES, OpenAIError, error_body, sse_error_event
-from proxy.keys import CLIENT, POOL, REQUEST_ID, SETTINGS
+from proxy.keys import CLIENT, OPEN_STREAM, POOL, REQUEST_ID, SETTINGS
 from proxy.usage import UsageMeter
 
 log = logging.getLogger("proxy.relay")
@@ -177,6 +177,7 @@ async def _stream(request: web.Request, upstream: ClientResponse, settings: Sett
         "X-Accel-Buffering": "no",  # tell any proxy in front of us not to buffer either
     })
     loop = asyncio.get_running_loop()
+    request[OPEN_STREAM] = response  # a shutdown past its grace ends it with an error event
     try:
         await response.prepare(request)
         # One deadline, moved forward per chunk (cheaper than a new timeout for each).

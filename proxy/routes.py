@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -9,8 +10,9 @@ import orjson
 from aiohttp import web
 
 from proxy.backends import BackendPool
+from proxy.drain import Drain, cut_short
 from proxy.errors import OpenAIError
-from proxy.keys import LIMITER, POOL, PRINCIPAL, QUEUE
+from proxy.keys import DRAIN, LIMITER, OPEN_STREAM, POOL, PRINCIPAL, QUEUE
 from proxy.limits import limited
 from proxy.relay import choose_backends, relay
 
@@ -55,20 +57,32 @@ def check_model_allowed(request: web.Request, model: str | None) -> None:
 
 def openai_endpoint(path: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
-        raw, body = await read_json(request)
-        model = body.get("model")
-        check_model_allowed(request, model)
-        backends = choose_backends(request, model)
-        stream = body.get("stream") is True
-        async with limited(request, path, raw, body, stream) as (payload, meter):
-            queue = request.app[QUEUE]
-            if queue.slots <= 0:  # admission control off: no queue to pass through
-                return await relay(request, backends, path, payload, stream, meter)
-            async with queue.slot(request[PRINCIPAL].id):
-                return await relay(request, backends, path, payload, stream, meter)
+        drain: Drain = request.app[DRAIN]
+        with drain.track():
+            try:
+                return await _model_request(request, path)
+            except asyncio.CancelledError:
+                if not drain.aborting:  # the client left: nobody to answer
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                return await cut_short(request.get(OPEN_STREAM))
 
     handler.__name__ = path.strip("/").replace("/", "_")
     return handler
+
+
+async def _model_request(request: web.Request, path: str) -> web.StreamResponse:
+    raw, body = await read_json(request)
+    model = body.get("model")
+    check_model_allowed(request, model)
+    backends = choose_backends(request, model)
+    stream = body.get("stream") is True
+    async with limited(request, path, raw, body, stream) as (payload, meter):
+        queue = request.app[QUEUE]
+        if queue.slots <= 0:  # admission control off: no queue to pass through
+            return await relay(request, backends, path, payload, stream, meter)
+        async with queue.slot(request[PRINCIPAL].id):
+            return await relay(request, backends, path, payload, stream, meter)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -86,7 +100,7 @@ async def health(request: web.Request) -> web.Response:
     queue, limiter = request.app[QUEUE], request.app[LIMITER]
     body = {"status": status, "model": models[0] if models else None,
             "backends": [b.public() for b in pool.backends],
-            "queue": queue.stats(),
+            "queue": await queue.stats(),
             "limits": "local" if limiter.degraded else "redis"}
     return json_response(body, 200 if status in CAN_SERVE else 503)
 

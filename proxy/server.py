@@ -9,14 +9,18 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from auth.authenticator import is_loopback
 from config import ConfigError, Settings
 from proxy.app import create_app
+from proxy.drain import ABORT_WAIT
 from proxy.keys import SUPERVISOR
+from proxy.limits import describe_limits
 from proxy.workers import WorkerPool
 
 log = logging.getLogger("proxy")
@@ -50,14 +54,18 @@ def raise_open_files_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def start(settings: Settings, reuse_port: bool = False) -> Running:
+async def start(settings: Settings, reuse_port: bool = False, slots_from: Path | None = None,
+                on_shutdown: Sequence[Callable[[web.Application], Awaitable[None]]] = ()
+                ) -> Running:
     """Bind, build the app and start serving; the caller stops it with runner.cleanup()."""
     raise_open_files_limit()
     sock = bind(settings.host, settings.port, reuse_port)
-    app = create_app(settings)
+    app = create_app(settings, slots_from, on_shutdown)
     # handler_cancellation: a client that leaves cancels its handler, so upstream work stops.
+    # Model requests are drained on_shutdown (proxy/drain.py); what is left after that gets
+    # aiohttp's own short wait.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=settings.shutdown_grace)
+                           shutdown_timeout=ABORT_WAIT)
     try:
         await runner.setup()
         await web.SockSite(runner, sock).start()
@@ -69,28 +77,36 @@ async def start(settings: Settings, reuse_port: bool = False) -> Running:
     return Running(app, runner, f"http://{host}:{port}")
 
 
-async def serve(settings: Settings, *, worker: bool = False) -> None:
-    running = await start(settings, reuse_port=worker or settings.workers > 1)
-    base = running.base_url
+async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | None = None
+                ) -> None:
     if worker:
-        log.info("worker listening on %s", base)
+        running = await start(settings, reuse_port=True, slots_from=slots_from)
+        log.info("worker listening on %s", running.base_url)
         await _wait_for_signal()
         await running.runner.cleanup()
         return
+    pool = WorkerPool(settings) if settings.workers > 1 else None
+    # Shutdown order: our own requests drain, then the workers', then the child and Redis stop.
+    running = await start(settings, reuse_port=pool is not None,
+                          on_shutdown=[pool.stopped] if pool else [])
+    base = running.base_url
     log.info("listening on %s (OpenAI base URL %s/v1)", base, base)
     print(f"llama-proxy listening on {base}  (OpenAI base URL: {base}/v1)", flush=True)
+    limits = describe_limits(settings)
+    log.info("%s", limits)
+    print(limits, flush=True)
     _warn_if_open(settings)
-    pool = WorkerPool(settings, running) if settings.workers > 1 else None
     if pool is not None:
-        await pool.start()
+        await pool.start(running)
 
     announcer = asyncio.create_task(_announce_ready(running.app, base))
     await _wait_for_signal()
     announcer.cancel()
     log.info("shutting down: no new connections; in-flight requests get up to %.0fs",
              settings.shutdown_grace)
-    # Workers drain alongside us; the child and Redis stop last, with this process's cleanup.
-    await asyncio.gather(running.runner.cleanup(), pool.stop() if pool else asyncio.sleep(0))
+    if pool is not None:
+        pool.terminate()  # the workers drain alongside us
+    await running.runner.cleanup()
     log.info("stopped")
 
 

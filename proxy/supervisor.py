@@ -3,18 +3,20 @@
 States live on the child's Backend: starting -> ready, and after a crash starting again (with
 exponential backoff) until too many crashes in a window turn it failed. The child runs in its own
 process group on a free loopback port, protected by a random API key kept in an owner-only file,
-and dies with us even if we are SIGKILLed (PR_SET_PDEATHSIG).
+and dies with us even if we are SIGKILLed (PR_SET_PDEATHSIG, set by setpriv before it execs: a
+preexec_fn is not safe once the process has threads, and the log writers are threads).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
+import functools
 import logging
 import logging.handlers
 import os
 import secrets
+import shutil
 import signal
 import socket
 import time
@@ -24,7 +26,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from config import Settings
 from proxy.backends import Backend, State
-from proxy.logs import RedactingFilter, register_secret
+from proxy.logs import RedactingFilter, add_threaded_handler, register_secret
 
 log = logging.getLogger("proxy.supervisor")
 child_log = logging.getLogger("llama-server")
@@ -34,13 +36,56 @@ BACKOFF_MAX = 30.0
 HEALTH_POLL = 0.1
 TAIL_LINES = 30
 LOG_FILE_BYTES = 10 * 1024 * 1024
-_PR_SET_PDEATHSIG = 1
+LOG_LINE_MAX = 8192  # longer output lines are logged truncated (the pipe is drained regardless)
+READ_CHUNK = 65536
 
 
-def die_with_parent() -> None:
-    """Runs in a child before exec: SIGKILL it when the appliance goes away (even by SIGKILL)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+@functools.cache
+def _setpriv() -> str | None:
+    path = shutil.which("setpriv")  # util-linux: on every Debian and in the slim images
+    if path is None:
+        log.warning("setpriv not found: child processes will outlive a killed appliance")
+    return path
+
+
+def with_parent_death_signal(command: list[str]) -> list[str]:
+    """The command, started so that it is SIGKILLed when the appliance dies (even by SIGKILL)."""
+    setpriv = _setpriv()
+    return [setpriv, "--pdeathsig", "KILL", "--", *command] if setpriv else command
+
+
+class LineSplitter:
+    """Bytes in, whole lines out; a line over `limit` bytes is cut there and the rest of it
+    dropped, so a child that writes one endless line cannot grow our memory or stop the pump."""
+
+    def __init__(self, limit: int = LOG_LINE_MAX) -> None:
+        self.limit = limit
+        self._partial = b""
+        self._skipping = False  # inside an over-long line whose start was already given out
+
+    def feed(self, data: bytes) -> list[bytes]:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        out = []
+        for line in lines:
+            if self._skipping:
+                self._skipping = False
+            else:
+                out.append(self._cut(line))
+        if len(self._partial) > self.limit:
+            if not self._skipping:
+                out.append(self._cut(self._partial))
+            self._partial, self._skipping = b"", True
+        return out
+
+    def rest(self) -> list[bytes]:
+        partial, self._partial = self._partial, b""
+        return [partial] if partial and not self._skipping else []
+
+    def _cut(self, line: bytes) -> bytes:
+        if len(line) <= self.limit:
+            return line
+        return line[: self.limit] + b" ... (line truncated)"
 
 
 def free_loopback_port() -> int:
@@ -132,12 +177,11 @@ class LlamaSupervisor:
         self.backend.set_state(State.STARTING, "loading model")
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            *self._command(port),
+            *with_parent_death_signal(self._command(port)),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         self._proc = proc
         log.info("started llama-server (pid %d) on 127.0.0.1:%d", proc.pid, port)
@@ -186,9 +230,18 @@ class LlamaSupervisor:
         ]
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
-        """Forward the child's output into our log, keeping the last lines for crash reports."""
+        """Forward the child's output into our log, keeping the last lines for crash reports.
+
+        It never stops draining: a child blocked on a full pipe would never exit.
+        """
         assert proc.stdout is not None
-        async for raw in proc.stdout:
+        lines = LineSplitter()
+        while chunk := await proc.stdout.read(READ_CHUNK):
+            self._log_lines(lines.feed(chunk))
+        self._log_lines(lines.rest())
+
+    def _log_lines(self, lines: list[bytes]) -> None:
+        for raw in lines:
             line = raw.decode(errors="replace").rstrip()
             if line:
                 self.tail.append(line)
@@ -198,16 +251,20 @@ class LlamaSupervisor:
         """Keep the child's output in <data_dir>/logs/llama-server.log (rotated)."""
         logs = self.settings.data_dir / "logs"
         logs.mkdir(mode=0o700, exist_ok=True)
-        if any(isinstance(h, logging.FileHandler) for h in child_log.handlers):
+        if child_log.handlers:  # one file per process
             return
+        path = logs / "llama-server.log"
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+        # Opened (delay=True) and written on the log thread: a slow disk never stalls requests.
         handler = logging.handlers.RotatingFileHandler(
-            logs / "llama-server.log", maxBytes=LOG_FILE_BYTES, backupCount=2)
+            path, maxBytes=LOG_FILE_BYTES, backupCount=2, delay=True)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         handler.setLevel(logging.DEBUG)
         handler.addFilter(RedactingFilter())
-        child_log.addHandler(handler)
+        add_threaded_handler(child_log, handler)
         child_log.setLevel(logging.DEBUG)
-        os.chmod(logs / "llama-server.log", 0o600)
 
     @staticmethod
     def _signal_group(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:

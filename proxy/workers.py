@@ -1,9 +1,11 @@
 """--workers N: extra HTTP worker processes sharing the listening port (SO_REUSEPORT).
 
-The first process keeps everything stateful: the llama-server child and the embedded Redis. Each
-extra worker is the same appliance fronting that child as an upstream and using that Redis, so
-credentials and limits stay shared. Workers get their settings from an owner-only file, die with
-the first process (PR_SET_PDEATHSIG) and are restarted if they crash.
+The first process keeps everything stateful: the llama-server child, the embedded Redis and the
+model's slot queue. Each extra worker is the same appliance fronting that child as an upstream,
+using that Redis and borrowing slots from that queue (proxy/shared_slots.py), so credentials,
+limits, the bound on the model and the turn-taking are all shared. Workers get their settings
+from an owner-only file, die with the first process (PR_SET_PDEATHSIG) and are restarted if they
+crash.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import signal
 import sys
 from dataclasses import fields
@@ -21,15 +22,18 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from config import Settings
-from proxy.keys import SUPERVISOR
+from proxy.admission import FairQueue
+from proxy.keys import QUEUE, SUPERVISOR
 from proxy.redis_server import EmbeddedRedis
-from proxy.supervisor import die_with_parent, write_private
+from proxy.shared_slots import SlotLender
+from proxy.supervisor import with_parent_death_signal, write_private
 
 if TYPE_CHECKING:
     from proxy.server import Running
 
 log = logging.getLogger("proxy.workers")
 SETTINGS_FILE = "worker-settings.json"
+SLOTS_SOCKET = "slots.sock"
 RESTART_DELAY = 1.0
 
 
@@ -40,30 +44,33 @@ def worker_settings(settings: Settings, running: Running) -> dict[str, Any]:
     supervisor = running.app[SUPERVISOR]
     if supervisor is not None:
         upstreams, key = [supervisor.backend.base_url, *upstreams], supervisor.backend.api_key
-    slots = settings.admission_slots
     values.update(
         workers=1, model=None, llama_server=None, upstreams=upstreams, upstream_api_key=key,
         redis_url=settings.redis_url or EmbeddedRedis(settings).url,
         port=int(running.base_url.rsplit(":", 1)[1]),
-        # The model's slots are shared out, so all processes together keep the bound.
-        admission_slots=math.ceil(slots / settings.workers) if slots > 0 else 0,
         health_interval=min(settings.health_interval, 1.0),
     )
     return {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
 
 
 class WorkerPool:
-    def __init__(self, settings: Settings, running: Running) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.running = running
         self.path = settings.data_dir / SETTINGS_FILE
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._lender: SlotLender | None = None
         self._stopping = False
 
-    async def start(self) -> None:
-        write_private(self.path, orjson.dumps(worker_settings(self.settings, self.running))
-                      .decode())
+    async def start(self, running: Running) -> None:
+        slots_from = None
+        queue = running.app[QUEUE]
+        if isinstance(queue, FairQueue) and queue.slots > 0:
+            self._lender = SlotLender(queue, self.settings.data_dir / SLOTS_SOCKET)
+            await self._lender.start()
+            slots_from = str(self._lender.path)
+        config = {"settings": worker_settings(self.settings, running), "slots_from": slots_from}
+        write_private(self.path, orjson.dumps(config).decode())
         for index in range(1, self.settings.workers):
             self._tasks.append(asyncio.create_task(self._keep(index)))
         log.info("started %d extra worker processes", self.settings.workers - 1)
@@ -71,8 +78,9 @@ class WorkerPool:
     async def _keep(self, index: int) -> None:
         while not self._stopping:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy", "--worker-settings", str(self.path),
-                stdin=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent)
+                *with_parent_death_signal([sys.executable, "-m", "proxy", "--worker-settings",
+                                           str(self.path)]),
+                stdin=asyncio.subprocess.DEVNULL)
             self.procs[index] = proc
             code = await proc.wait()
             if self._stopping:
@@ -81,14 +89,20 @@ class WorkerPool:
                       code, RESTART_DELAY)
             await asyncio.sleep(RESTART_DELAY)
 
-    async def stop(self) -> None:
-        """SIGTERM every worker (each drains its own requests), SIGKILL what outlives the grace."""
+    def terminate(self) -> None:
+        """SIGTERM every worker: each drains its own requests."""
+        if self._stopping:
+            return
         self._stopping = True
-        live = [p for p in self.procs.values() if p.returncode is None]
-        for proc in live:
-            proc.send_signal(signal.SIGTERM)
-        grace = self.settings.shutdown_grace + 5
-        for proc in live:
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+
+    async def stopped(self, _app: object = None) -> None:
+        """Wait for the workers to exit (SIGKILL past their grace), then stop lending slots."""
+        self.terminate()
+        grace = self.settings.shutdown_grace + 10
+        for proc in list(self.procs.values()):
             try:
                 await asyncio.wait_for(proc.wait(), grace)
             except TimeoutError:
@@ -97,5 +111,7 @@ class WorkerPool:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._lender is not None:
+            await self._lender.close()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()

@@ -22,6 +22,7 @@ from tests.helpers import free_port, http_status, wait_until
 MODEL_ID = "smollm2"
 ADMIN_KEY = "test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
+NO_LIMITS = {"limit_rpm": 0, "limit_tpm": 0, "limit_concurrency": 0, "limit_ip_rpm": 0}
 
 
 @dataclass
@@ -78,6 +79,16 @@ def redis_url(redis_server: str) -> str:
     return redis_server
 
 
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
 class KillableRedis:
     """A redis-server of the test's own (append-only), to kill and restart mid-test."""
 
@@ -94,8 +105,9 @@ class KillableRedis:
         self._procs[-1].wait()
 
     def restart(self) -> None:
+        # A killed Redis leaves its socket file behind: wait for an answer, not for the file.
         self._procs.append(subprocess.Popen(self._cmd, stdout=subprocess.DEVNULL))
-        wait_until(self.sock.exists, 10, "redis-server to start")
+        wait_until(lambda: redis_answers(self.url), 10, "redis-server to answer")
 
     def stop(self) -> None:
         for proc in self._procs:
@@ -135,13 +147,14 @@ ProxyFactory = Callable[..., Awaitable[Running]]
 async def make_proxy(tmp_path: Path, redis_url: str) -> AsyncIterator[ProxyFactory]:
     """Start in-process appliances exactly as `serve` does; stopped at teardown.
 
-    Auth is on unless a test says otherwise, as it is for users.
+    Auth is on unless a test says otherwise, as it is for users; rate limits are off unless a
+    test sets the ones it is about.
     """
     started: list[Running] = []
 
     async def make(**overrides: Any) -> Running:
         values: dict[str, Any] = {"port": 0, "data_dir": str(tmp_path / "data"),
-                                  "redis_url": redis_url, "admin_key": ADMIN_KEY}
+                                  "redis_url": redis_url, "admin_key": ADMIN_KEY, **NO_LIMITS}
         values.update(overrides)
         settings: Settings = load_settings(values, env={})
         running = await start(settings)

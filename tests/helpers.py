@@ -57,11 +57,19 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+# The shipped rate limits, turned off for tests about something else (flags still win).
+NO_LIMITS_ENV = {"LLAMA_PROXY_LIMIT_RPM": "0", "LLAMA_PROXY_LIMIT_TPM": "0",
+                 "LLAMA_PROXY_LIMIT_CONCURRENCY": "0", "LLAMA_PROXY_LIMIT_IP_RPM": "0"}
+
+
 class Appliance:
-    """`python -m proxy` as users run it, with its log captured to a file."""
+    """`python -m proxy` as users run it, with its log captured to a file.
+
+    Rate limits are off unless the test passes its own or asks for the shipped defaults.
+    """
 
     def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None,
-                 data_dir: Path | None = None) -> None:
+                 data_dir: Path | None = None, default_limits: bool = False) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -70,6 +78,8 @@ class Appliance:
         cmd = [sys.executable, "-m", "proxy", "--port", str(self.port),
                "--data-dir", str(self.data_dir), *args]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_PROXY_")}
+        if not default_limits:
+            full_env.update(NO_LIMITS_ENV)
         full_env.update(env or {})
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
@@ -102,12 +112,16 @@ class Appliance:
 
 
 async def eventually(predicate: Callable[[], Any], limit: float, what: str) -> Any:
-    """wait_until for async tests: the event loop keeps running while we wait."""
+    """wait_until for async tests: the event loop keeps running while we wait; the predicate
+    may be a coroutine function."""
     import asyncio
+    import inspect
 
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         await asyncio.sleep(0.02)

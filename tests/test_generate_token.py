@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
-from tests.helpers import REPO, Appliance
+from tests.helpers import REPO, Appliance, wait_until
 
 
 def generate(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -82,3 +84,55 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     result = generate(tmp_path / "data", "--config", str(tmp_path / "missing.toml"), "x")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def redis_servers_for(sock: Path) -> list[int]:
+    """Live redis-server processes serving this socket path."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"redis-server" in cmdline and str(sock).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def post_many(base: str, credential: str, count: int) -> list[int]:
+    async def run() -> list[int]:
+        async def one(http: aiohttp.ClientSession) -> int:
+            async with http.post(base + "/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}) as resp:
+                await resp.read()
+                return resp.status
+
+        headers = {"Authorization": f"Bearer {credential}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            return await asyncio.gather(*(one(http) for _ in range(count)))
+
+    return asyncio.run(run())
+
+
+def test_the_readme_sequence_keeps_one_redis_and_revocations_apply(tmp_path: Path) -> None:
+    app = Appliance(tmp_path, default_limits=True)  # as the README runs it: embedded Redis
+    try:
+        app.wait_ready()
+        sock = app.data_dir / "redis.sock"
+        key = last_line(generate(app.data_dir, "phone", "--api-key", "--rpm", "5"))
+        assert sock.exists()  # the tool left the appliance's Redis alone
+        statuses = post_many(app.base, key, 20)
+        assert statuses.count(200) == 5 and statuses.count(429) == 15, statuses
+        prefix = key[3:11]
+        assert "revoked API key" in last_line(generate(app.data_dir, "--revoke", prefix))
+        listing = generate(app.data_dir, "--list").stdout
+        assert any(prefix in row and "revoked" in row for row in listing.splitlines())
+        # The appliance sees the revocation within key_cache_ttl (5 s).
+        wait_until(lambda: post_many(app.base, key, 1) == [401], 6, "the key to be refused")
+        other = last_line(generate(app.data_dir, "laptop", "--api-key"))
+        assert chat(app.base, other).strip()  # a key made now is known to the appliance
+        assert sock.exists()
+        assert len(redis_servers_for(sock)) == 1
+    finally:
+        assert app.stop() == 0
+    wait_until(lambda: not redis_servers_for(sock), 10, "Redis to stop with the appliance")

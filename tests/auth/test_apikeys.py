@@ -80,7 +80,6 @@ async def test_redis_outage_keeps_known_keys_refuses_unknown(own_redis: Killable
     assert time.monotonic() - started < 1.0  # failing fast, never hanging
     assert await store.jti_revoked("some-jti") is False  # JWTs keep working
     own_redis.restart()
-    await asyncio.sleep(0.1)
     assert (await store.verify(unknown_to_cache)).kind == "apikey"  # nothing lost
     await redis.aclose()
 
@@ -97,7 +96,7 @@ async def test_failed_guesses_do_not_count_as_use(redis_url: str) -> None:
     assert (await store.get(record.prefix)).last_used is None
     await store.verify(key)
     await store.drain()
-    assert (await store.get(record.prefix)).last_used is not None
+    assert (await store.get(record.prefix)).last_used > time.time() - 5
     await redis.aclose()
 
 

@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 import redis as redis_sync
 
+from proxy.keys import QUEUE
 from proxy.limits import prompt_tokens
 from proxy.server import Running
-from tests.conftest import Fake, KillableRedis, ProxyFactory, token_for
+from tests.conftest import NO_LIMITS, Fake, KillableRedis, ProxyFactory, token_for
 from tests.helpers import eventually
 
 CHAT = "/v1/chat/completions"
@@ -33,9 +34,8 @@ async def post(proxy: Running, token: str, payload: dict | None = None
     async with aiohttp.ClientSession() as http:
         async with http.post(proxy.base_url + CHAT, json=payload or body(),
                              headers={"Authorization": f"Bearer {token}"}) as resp:
-            raw = await resp.read()
+            await resp.read()
             data = {} if resp.content_type == "text/event-stream" else await resp.json()
-            assert raw is not None
             return resp.status, data, dict(resp.headers)
 
 
@@ -213,7 +213,8 @@ async def test_fair_queue_keeps_a_light_user_fast_under_a_flood(
     heavy, light = token_for(proxy, "heavy"), token_for(proxy, "light")
     slow = body(ttfb=0.1)
     flood = [asyncio.create_task(post(proxy, heavy, slow)) for _ in range(16)]
-    await asyncio.sleep(0.05)
+    queue = proxy.app[QUEUE]
+    await eventually(lambda: queue.waiting == 15, 2, "the flood to be queued")
     started = time.monotonic()
     status, _, _ = await post(proxy, light, slow)
     light_latency = time.monotonic() - started
@@ -250,7 +251,7 @@ async def test_a_burst_is_not_mistaken_for_an_outage(redis_url: str, tmp_path: P
     from config import load_settings
     from proxy.redis_server import make_client
 
-    settings = load_settings({"limit_rpm": 50, "data_dir": str(tmp_path)}, env={},
+    settings = load_settings({**NO_LIMITS, "limit_rpm": 50, "data_dir": str(tmp_path)}, env={},
                              serving=False)
     redis = make_client(settings, redis_url)
     limiter = RateLimiter(redis, settings)

@@ -12,6 +12,7 @@ import pytest
 
 from proxy.admission import FairQueue, QueueClosed, QueueFull, QueueTimeout
 from tests.conftest import Fake, ProxyFactory
+from tests.helpers import eventually
 
 
 async def settle_loop() -> None:
@@ -136,13 +137,9 @@ async def test_clients_hanging_up_in_the_queue_never_cost_a_slot(
             assert resp.status == 200
         assert time.monotonic() - started < 0.5
 
-        async def queue_idle() -> dict:
+        async def queue_idle() -> bool:
             async with http.get(proxy.base_url + "/health") as resp:
-                return (await resp.json())["queue"]
+                queue = (await resp.json())["queue"]
+            return queue["free"] == 1 and queue["waiting"] == 0
 
-        for _ in range(50):
-            queue = await queue_idle()
-            if queue["free"] == 1:
-                break
-            await asyncio.sleep(0.02)
-        assert queue["free"] == 1 and queue["waiting"] == 0
+        await eventually(queue_idle, 2, "every slot free and nobody waiting")

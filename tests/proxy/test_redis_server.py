@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import openai
 
 from tests.helpers import Appliance, pid_alive, wait_until
-from tests.test_generate_token import chat, generate, last_line
+from tests.test_generate_token import chat, generate, last_line, redis_servers_for
 
 
 def redis_pids(app: Appliance) -> list[int]:
@@ -23,7 +23,10 @@ def test_embedded_redis_is_restarted_and_keeps_its_keys(tmp_path: Path) -> None:
     try:
         app.wait_ready()
         key = last_line(generate(app.data_dir, "before", "--api-key"))
-        time.sleep(1.2)  # appendfsync everysec: the key is on disk after a second
+        prefix = key[3:11].encode()
+        aof = app.data_dir / "redis" / "appendonlydir"
+        wait_until(lambda: any(prefix in f.read_bytes() for f in aof.glob("*.aof")), 5,
+                   "the key to reach the append-only file (appendfsync everysec)")
         first = redis_pids(app)[-1]
         os.kill(first, signal.SIGKILL)
         wait_until(lambda: len(redis_pids(app)) == 2, 15, "the embedded Redis to restart")
@@ -41,3 +44,34 @@ def test_embedded_redis_is_restarted_and_keeps_its_keys(tmp_path: Path) -> None:
     finally:
         assert app.stop() == 0
     wait_until(lambda: not pid_alive(second), 10, "Redis to stop with the appliance")
+
+
+async def test_the_appliance_takes_over_a_redis_it_only_shared(tmp_path: Path) -> None:
+    """generate_token.py started Redis for itself; the appliance came up meanwhile and shared
+    it; when the tool ends and stops its Redis, the appliance starts its own, with the data."""
+    from config import load_settings
+    from proxy.redis_server import EmbeddedRedis, make_client
+
+    data = tmp_path / "data"
+    settings = load_settings({"data_dir": str(data)}, env={}, serving=False)
+    tool = EmbeddedRedis(settings)
+    await tool.start(keep=False)
+    assert tool.owned
+    client = make_client(settings, tool.url)
+    await client.set("llp:test", "kept")
+    await client.aclose()
+    app = Appliance(tmp_path / "app", data_dir=data)
+    try:
+        await asyncio.to_thread(app.wait_ready)
+        assert "using the running embedded Redis" in app.log
+        await tool.stop()  # the tool ends
+        await asyncio.to_thread(wait_until, lambda: redis_pids(app), 10,
+                                "the appliance to start its own Redis")
+        key = last_line(await asyncio.to_thread(generate, data, "after", "--api-key"))
+        assert (await asyncio.to_thread(chat, app.base, key)).strip()
+        assert len(redis_servers_for(data / "redis.sock")) == 1
+        client = make_client(settings, tool.url)
+        assert await client.get("llp:test") == "kept"  # the same append-only data
+        await client.aclose()
+    finally:
+        assert await asyncio.to_thread(app.stop) == 0

@@ -20,9 +20,10 @@ from tests.helpers import Appliance, http_status, pid_alive, wait_until
 def appliance(tmp_path: Path):
     started: list[Appliance] = []
 
-    def make(*args: str) -> Appliance:
+    def make(*args: str, data_dir: Path | None = None) -> Appliance:
         # Supervision is under test here; auth has its own tests (and the embedded Redis runs).
-        app = Appliance(tmp_path / f"a{len(started)}", "--auth", "disabled", *args)
+        app = Appliance(tmp_path / f"a{len(started)}", "--auth", "disabled", *args,
+                        data_dir=data_dir)
         started.append(app)
         return app
 
@@ -112,13 +113,18 @@ def test_sigterm_drains_streams_then_stops_the_child(appliance) -> None:
     assert not pid_alive(child)
 
 
-def test_appliance_killed_hard_takes_its_child_along(appliance) -> None:
-    app = appliance()
+def test_appliance_killed_hard_takes_its_children_along(appliance) -> None:
+    app = appliance("--workers", "2")
     app.wait_ready()
-    child = app.child_pids()[-1]
+    wait_until(lambda: "worker listening" in app.log, 20, "the extra worker")
+    children = [app.child_pids()[-1],
+                int(re.search(r"embedded Redis \(pid (\d+)\)", app.log).group(1)),
+                int(re.search(r"proxy\[(\d+)\]: worker listening", app.log).group(1))]
+    assert all(pid_alive(pid) for pid in children)
     app.proc.kill()
     app.proc.wait()
-    wait_until(lambda: not pid_alive(child), 5, "the orphaned llama-server to die")
+    wait_until(lambda: not any(pid_alive(pid) for pid in children), 5,
+               "llama-server, Redis and the worker to die with the appliance")
 
 
 def test_repeated_crashes_stop_retrying_and_say_why(appliance, tmp_path: Path) -> None:
@@ -184,3 +190,112 @@ def test_workers_share_the_port_the_child_and_the_limits(appliance) -> None:
     child = app.child_pids()[-1]
     assert app.stop() == 0
     wait_until(lambda: not pid_alive(worker) and not pid_alive(child), 10, "everything to stop")
+
+
+def test_a_huge_output_line_neither_stops_the_pump_nor_hangs_shutdown(appliance, tmp_path: Path
+                                                                     ) -> None:
+    from config.paths import bundled_llama_server
+
+    # 1 MiB on one line (the pump used to die past 64 KiB; the child then blocked on the pipe).
+    wrapper = script(tmp_path / "noisy.sh",
+                     "head -c 1048576 /dev/zero | tr '\\0' x >&2\necho >&2\n"
+                     f'exec {bundled_llama_server()} "$@"\n')
+    app = appliance("--llama-server", str(wrapper), "--shutdown-grace", "5",
+                    "--child-stop-grace", "5")
+    app.wait_ready()
+    assert post(app.base, HELLO)["choices"]
+    assert "... (line truncated)" in app.log
+    child = app.child_pids()[-1]
+    app.proc.send_signal(signal.SIGTERM)
+    assert app.proc.wait(15) == 0
+    assert not pid_alive(child)
+
+
+def test_a_stalled_log_file_never_stalls_requests(appliance, tmp_path: Path) -> None:
+    # A FIFO nobody reads: opening or writing it blocks forever, as a dead disk would.
+    data = tmp_path / "data"
+    (data / "logs").mkdir(parents=True)
+    os.mkfifo(data / "logs" / "llama-server.log")
+    app = appliance(data_dir=data)
+    app.wait_ready()
+    assert post(app.base, HELLO)["choices"]
+    assert "llama-server:" in app.log or "llama-server[" in app.log  # still logged to stderr
+    app.proc.send_signal(signal.SIGTERM)
+    assert app.proc.wait(20) == 0
+
+
+def test_line_splitter_cuts_long_lines_and_keeps_going() -> None:
+    from proxy.supervisor import LineSplitter
+
+    lines = LineSplitter(limit=10)
+    assert lines.feed(b"short\npart") == [b"short"]
+    assert lines.feed(b"ial\n") == [b"partial"]
+    out = lines.feed(b"y" * 25)  # over the limit with no newline yet: its start goes out now
+    assert out == [b"y" * 10 + b" ... (line truncated)"]
+    assert lines.feed(b"y" * 1000) == []  # the rest of that line is dropped, memory stays flat
+    assert lines.feed(b"yy\nnext\n") == [b"next"]
+    assert lines.feed(b"z" * 12 + b"\nlast") == [b"z" * 10 + b" ... (line truncated)"]
+    assert lines.rest() == [b"last"]
+
+
+def test_shutdown_past_its_grace_answers_every_request(appliance) -> None:
+    app = appliance("--shutdown-grace", "3")  # --parallel 2: two slots
+    app.wait_ready()
+    long_stream = {"prompt": "Count:", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    results: dict[str, tuple[int, dict[str, str], bytes]] = {}
+    first_chunks = [threading.Event(), threading.Event()]
+
+    def call(name: str, body: dict, started: threading.Event | None = None) -> None:
+        req = urllib.request.Request(app.base + "/v1/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                chunks = []
+                for line in resp:
+                    chunks.append(line)
+                    if started is not None:
+                        started.set()
+                results[name] = (resp.status, dict(resp.headers), b"".join(chunks))
+        except urllib.error.HTTPError as exc:
+            results[name] = (exc.code, dict(exc.headers), exc.read())
+
+    threads = [threading.Thread(target=call, args=(f"stream{i}", long_stream, first_chunks[i]))
+               for i in range(2)]
+    threads += [threading.Thread(target=call, args=("queued-stream", long_stream)),
+                threading.Thread(target=call, args=("queued-whole", {**long_stream,
+                                                                    "stream": False}))]
+    for thread in threads[:2]:
+        thread.start()
+    assert all(event.wait(20) for event in first_chunks)
+    for thread in threads[2:]:
+        thread.start()
+    wait_until(lambda: health(app.base)["queue"]["waiting"] == 2, 10, "two queued requests")
+    app.proc.send_signal(signal.SIGTERM)
+    for thread in threads:
+        thread.join(30)
+    for name in ("stream0", "stream1"):
+        status, _, body = results[name]
+        events = [e for e in body.split(b"\n\n") if e.strip()]
+        assert status == 200 and b"[DONE]" not in body
+        assert json.loads(events[-1].removeprefix(b"data: "))["error"]["code"] == "shutting_down"
+    for name in ("queued-stream", "queued-whole"):
+        status, headers, body = results[name]
+        assert status == 503 and headers["Retry-After"], (name, status)
+        assert json.loads(body)["error"]["code"] == "shutting_down"
+    assert app.proc.wait(20) == 0
+    assert "Traceback" not in app.log and "InvalidStateError" not in app.log
+
+
+def test_no_child_is_started_with_a_preexec_fn() -> None:
+    """preexec_fn runs Python between fork and exec, which is unsafe once the process has
+    threads (the log writers are threads); the death signal is set by setpriv instead."""
+    import ast
+
+    from tests.helpers import REPO
+
+    found = [f"{file.relative_to(REPO)}:{node.lineno}"
+             for package in ("proxy", "auth", "config") for file in (REPO / package).glob("*.py")
+             for node in ast.walk(ast.parse(file.read_text()))
+             if isinstance(node, ast.keyword) and node.arg == "preexec_fn"]
+    assert found == []
