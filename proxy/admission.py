@@ -20,6 +20,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 BUSY_RETRY_AFTER = 2
+SHUTTING_DOWN = "The appliance is shutting down; retry shortly"
 
 
 class Busy(Exception):
@@ -39,6 +40,7 @@ class QueueTimeout(Busy):
 
 class QueueClosed(Busy):
     code = "shutting_down"
+    retry_after = 5  # a restart takes a few seconds
 
 
 class SlotQueue(Protocol):
@@ -78,7 +80,7 @@ class FairQueue:
 
     async def acquire(self, who: str) -> None:
         if self.closed:
-            raise QueueClosed("The appliance is shutting down; retry shortly")
+            raise QueueClosed(SHUTTING_DOWN)
         if self.free > 0 and not self.waiting:
             self.free -= 1
             return
@@ -112,9 +114,8 @@ class FairQueue:
     def release(self) -> None:
         """Hand the slot to the next live waiter, taking turns across principals, or free it."""
         while self._turns:
-            who = self._turns[0]
-            future = self._pop(who)
-            if not future.done():  # a waiter cancelled this very turn is skipped
+            future = self._pop()
+            if future is not None:
                 future.set_result(None)
                 return
         self.free += 1
@@ -123,21 +124,24 @@ class FairQueue:
         """Shutting down: every waiter, and every later request, gets QueueClosed."""
         self.closed = True
         while self._turns:
-            future = self._pop(self._turns[0])
-            if not future.done():
-                future.set_exception(QueueClosed("The appliance is shutting down; retry shortly"))
+            future = self._pop()
+            if future is not None:
+                future.set_exception(QueueClosed(SHUTTING_DOWN))
 
-    def _pop(self, who: str) -> asyncio.Future[None]:
-        """Take the first waiter of the principal whose turn it is; they go to the back."""
-        self._turns.popleft()
+    def _pop(self) -> asyncio.Future[None] | None:
+        """Take the first waiter of the principal whose turn it is, who then goes to the back;
+        None if that waiter was cancelled this very turn (the principal keeps its turn)."""
+        who = self._turns[0]
         queue = self._queues[who]
         future = queue.popleft()
         self.waiting -= 1
-        if queue:
-            self._turns.append(who)
-        else:
+        live = not future.done()
+        if not queue:
             del self._queues[who]
-        return future
+            self._turns.popleft()
+        elif live:
+            self._turns.rotate(-1)
+        return future if live else None
 
     def _forget(self, who: str, future: asyncio.Future[None]) -> None:
         queue = self._queues.get(who)

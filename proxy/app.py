@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     app.on_response_prepare.append(stamp_headers)
     app.on_response_prepare.append(stamp_limit_headers)
     if slots_from is not None and settings.admission_slots > 0:
-        borrower = SlotBorrower(slots_from, settings.admission_slots, settings.queue_timeout)
+        # A worker that lost the first process's queue shuts down; the first process restarts it.
+        borrower = SlotBorrower(slots_from, settings.admission_slots, settings.queue_timeout,
+                                on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
         app[QUEUE] = borrower
         app.cleanup_ctx.append(functools.partial(borrowed_slots, borrower))
     else:

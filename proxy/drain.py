@@ -1,6 +1,6 @@
 """Shutting down without losing answers.
 
-On SIGTERM the listening socket closes first (aiohttp), then model requests in flight get up to
+On SIGTERM the listening socket closes first (aiohttp), then requests in flight get up to
 `shutdown_grace` to finish. Past that deadline none is simply cut: the slot queue is closed, so
 every queued request gets a 503 with Retry-After, and every request still running is cancelled
 and answers for itself: an open stream ends with an SSE error event, anything else with a 503.
@@ -15,13 +15,12 @@ from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
+from proxy.admission import SHUTTING_DOWN, QueueClosed
 from proxy.errors import OpenAIError, sse_error_event
 
 log = logging.getLogger("proxy")
 
 ABORT_WAIT = 5.0  # seconds the cancelled requests get to write their last words
-RETRY_AFTER = "5"  # a restart of the appliance takes a few seconds
-MESSAGE = "The appliance is shutting down; retry shortly"
 
 
 class Drain:
@@ -37,7 +36,8 @@ class Drain:
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
-        """Around a model request's handler, so shutdown can wait for it or cut it cleanly."""
+        """Around every request (the front middleware), so shutdown can wait for it or cut it
+        cleanly wherever it is: in authentication, the queue, or the model."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -53,13 +53,13 @@ class Drain:
         """Let in-flight requests finish for up to `grace` seconds; then call at_deadline
         (closing the slot queue) and cancel the rest."""
         if self._tasks:
-            log.info("waiting up to %.0fs for %d model requests", grace, len(self._tasks))
+            log.info("waiting up to %.0fs for %d requests", grace, len(self._tasks))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
             return
         self.aborting = True
         at_deadline()
-        log.warning("shutdown grace of %.0fs is over: ending %d model requests with an error",
+        log.warning("shutdown grace of %.0fs is over: ending %d requests with an error",
                     grace, len(self._tasks))
         for task in list(self._tasks):
             task.cancel()
@@ -69,10 +69,11 @@ class Drain:
 
 async def cut_short(stream: web.StreamResponse | None) -> web.StreamResponse:
     """The answer of a request cancelled by shutdown: an SSE error event on a stream already
-    under way, a 503 otherwise (raised, so the edge shapes and logs it like any error)."""
+    under way, a 503 otherwise."""
     if stream is None or not stream.prepared:
-        raise OpenAIError(503, MESSAGE, code="shutting_down", headers={"Retry-After": RETRY_AFTER})
+        return OpenAIError(503, SHUTTING_DOWN, code=QueueClosed.code,
+                           headers={"Retry-After": str(QueueClosed.retry_after)}).response()
     with contextlib.suppress(ConnectionResetError):
-        await stream.write(sse_error_event(MESSAGE, code="shutting_down"))
+        await stream.write(sse_error_event(SHUTTING_DOWN, code=QueueClosed.code))
         await stream.write_eof()
     return stream

@@ -7,6 +7,7 @@ never stalls the event loop.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import logging
 import queue
@@ -80,9 +81,59 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+_PLAIN = logging.Formatter()
+WRITER_STOP_WAIT = 2.0  # at exit; a writer stuck on a dead disk must not hang the exit
+QUEUE_LINES = 10_000  # records waiting for a writer; past that they are counted, not kept
+
+
+class _Writer(threading.Thread):
+    """Takes records off a bounded queue and hands them to one handler, on its own thread.
+
+    The handler is this thread's alone, so its lock is not taken: logging's own clean-up at exit
+    would otherwise wait forever for a writer stuck on a dead disk. Records that find the queue
+    full are dropped and counted, so a stuck writer costs bounded memory; the count is logged
+    once the writer catches up.
+    """
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__(name=f"log-writer-{type(handler).__name__}", daemon=True)
+        self.records: queue.Queue[logging.LogRecord | None] = queue.Queue(QUEUE_LINES)
+        self.handler = handler
+        self.dropped = 0
+
+    def put(self, record: logging.LogRecord) -> None:
+        try:
+            self.records.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def run(self) -> None:
+        while (record := self.records.get()) is not None:
+            if self.dropped:
+                dropped, self.dropped = self.dropped, 0
+                self._write(logging.makeLogRecord({
+                    "name": "proxy.logs", "levelno": logging.WARNING, "levelname": "WARNING",
+                    "msg": f"the log writer fell behind: {dropped} lines were dropped"}))
+            self._write(record)
+        self.handler.flush()
+
+    def _write(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self.handler.level and self.handler.filter(record):
+            self.handler.emit(record)
+
+    def stop(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self.records.put(None, timeout=WRITER_STOP_WAIT)
+        self.join(WRITER_STOP_WAIT)
+
+
 class _Enqueue(QueueHandler):
     """Hand a record to a writer thread: its message and traceback rendered now (the arguments
     may change later), everything else kept for the writer's formatter."""
+
+    def __init__(self, writer: _Writer) -> None:
+        super().__init__(writer.records)  # type: ignore[arg-type]
+        self.writer = writer
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         record = copy.copy(record)
@@ -92,32 +143,8 @@ class _Enqueue(QueueHandler):
             record.exc_info = None
         return record
 
-
-_PLAIN = logging.Formatter()
-WRITER_STOP_WAIT = 2.0  # at exit; a writer stuck on a dead disk must not hang the exit
-
-
-class _Writer(threading.Thread):
-    """Takes records off a queue and hands them to one handler, on its own thread.
-
-    The handler is this thread's alone, so its lock is not taken: logging's own clean-up at exit
-    would otherwise wait forever for a writer stuck on a dead disk.
-    """
-
-    def __init__(self, records: queue.SimpleQueue[logging.LogRecord | None],
-                 handler: logging.Handler) -> None:
-        super().__init__(name=f"log-writer-{type(handler).__name__}", daemon=True)
-        self.records, self.handler = records, handler
-
-    def run(self) -> None:
-        while (record := self.records.get()) is not None:
-            if record.levelno >= self.handler.level and self.handler.filter(record):
-                self.handler.emit(record)
-        self.handler.flush()
-
-    def stop(self) -> None:
-        self.records.put(None)
-        self.join(WRITER_STOP_WAIT)
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.writer.put(record)
 
 
 _writers: list[_Writer] = []
@@ -125,11 +152,10 @@ _writers: list[_Writer] = []
 
 def add_threaded_handler(logger: logging.Logger, handler: logging.Handler) -> QueueHandler:
     """Attach `handler` to `logger` so that it writes on a thread of its own."""
-    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
-    writer = _Writer(records, handler)
+    writer = _Writer(handler)
     writer.start()
     _writers.append(writer)
-    front = _Enqueue(records)  # type: ignore[arg-type]
+    front = _Enqueue(writer)
     front.setLevel(handler.level)  # what the writer would drop is not even queued
     logger.addHandler(front)
     return front

@@ -2,7 +2,8 @@
 
 Order and why:
 1. front - names the request (x-request-id), turns any failure below it into OpenAI's JSON shape,
-   and logs the final status of every request; one layer, as aiohttp wraps each per request;
+   logs the final status of every request, and lets shutdown wait for it or cut it short with
+   an answer (proxy/drain.py); one layer, as aiohttp wraps each per request;
 2. authenticate (proxy/authn.py) - inside it, so its refusals are shaped and logged like any error.
 """
 
@@ -18,9 +19,10 @@ from aiohttp.typedefs import Handler
 
 from proxy.admission import Busy
 from proxy.authn import authenticate
+from proxy.drain import cut_short
 from proxy.errors import OpenAIError
 from proxy.ids import new_id
-from proxy.keys import REQUEST_ID, SETTINGS
+from proxy.keys import DRAIN, OPEN_STREAM, REQUEST_ID, SETTINGS
 
 log = logging.getLogger("proxy.access")
 error_log = logging.getLogger("proxy.errors")
@@ -40,8 +42,16 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID] = given if _SANE_ID.fullmatch(given) else new_id()
     started = time.perf_counter()
     status = 499  # nginx's "client closed request", if we are cancelled
+    drain = request.app[DRAIN]
     try:
-        response = await _in_openai_shape(request, handler)
+        with drain.track():
+            try:
+                response = await _in_openai_shape(request, handler)
+            except asyncio.CancelledError:
+                if not drain.aborting:  # the client left: nobody to answer
+                    raise
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                response = await cut_short(request.get(OPEN_STREAM))
         status = response.status
         return response
     except web.HTTPException as exc:  # redirects and the like pass through

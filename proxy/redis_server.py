@@ -161,22 +161,25 @@ class EmbeddedRedis:
     async def _keep(self) -> None:
         """Restart our redis-server if it dies (the append-only file brings the data back);
         take over one we only shared once it stops answering."""
-        while True:
-            if self._proc is not None:
-                code = await self._proc.wait()
-                log.error("embedded redis-server exited with %d (%s); restarting in %.0fs", code,
-                          self._last_log_line(), RESTART_DELAY)
-            await asyncio.sleep(RESTART_DELAY)
-            probe = make_client(self.settings, self.url)
-            try:
+        probe = make_client(self.settings, self.url)
+        try:
+            while True:
+                if self._proc is not None:
+                    code = await self._proc.wait()
+                    log.error("embedded redis-server exited with %d (%s); restarting in %.0fs",
+                              code, self._last_log_line(), RESTART_DELAY)
+                await asyncio.sleep(RESTART_DELAY)
                 if self._proc is None and await answers(probe):
                     continue  # still shared and healthy
-                if self.owned or self._try_lock():
-                    await self._spawn(probe)
-            except ConfigError as exc:
-                log.error("embedded Redis could not be restarted: %s", exc)
-            finally:
-                await probe.aclose()
+                try:
+                    if self.owned or self._try_lock():
+                        await self._spawn(probe)
+                except (ConfigError, OSError) as exc:
+                    self._proc = None
+                    self._unlock()  # let whoever can start it try
+                    log.error("embedded Redis could not be restarted: %s", exc)
+        finally:
+            await probe.aclose()
 
     def _last_log_line(self) -> str:
         try:

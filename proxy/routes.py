@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -10,9 +9,8 @@ import orjson
 from aiohttp import web
 
 from proxy.backends import BackendPool
-from proxy.drain import Drain, cut_short
 from proxy.errors import OpenAIError
-from proxy.keys import DRAIN, LIMITER, OPEN_STREAM, POOL, PRINCIPAL, QUEUE
+from proxy.keys import LIMITER, POOL, PRINCIPAL, QUEUE
 from proxy.limits import limited
 from proxy.relay import choose_backends, relay
 
@@ -57,21 +55,13 @@ def check_model_allowed(request: web.Request, model: str | None) -> None:
 
 def openai_endpoint(path: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
-        drain: Drain = request.app[DRAIN]
-        with drain.track():
-            try:
-                return await _model_request(request, path)
-            except asyncio.CancelledError:
-                if not drain.aborting:  # the client left: nobody to answer
-                    raise
-                asyncio.current_task().uncancel()  # type: ignore[union-attr]
-                return await cut_short(request.get(OPEN_STREAM))
+        return await model_request(request, path)
 
     handler.__name__ = path.strip("/").replace("/", "_")
     return handler
 
 
-async def _model_request(request: web.Request, path: str) -> web.StreamResponse:
+async def model_request(request: web.Request, path: str) -> web.StreamResponse:
     raw, body = await read_json(request)
     model = body.get("model")
     check_model_allowed(request, model)

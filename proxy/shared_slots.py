@@ -15,24 +15,22 @@ The protocol is JSON lines. Worker to lender: {"op": "acquire", "id": n, "who": 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from proxy.admission import Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout
+from proxy.admission import SHUTTING_DOWN, Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout
 
 log = logging.getLogger("proxy.slots")
 
 BUSY_ERRORS: dict[str, type[Busy]] = {e.code: e for e in (QueueFull, QueueTimeout, QueueClosed)}
 LENDER_GRACE = 5.0  # a borrower gives up this long after the lender's own queue timeout
-GONE = "The appliance is shutting down; retry shortly"
 _HELD = object()  # a lease whose slot is granted (else its entry is the task waiting for it)
 
 
@@ -43,25 +41,24 @@ class SlotLender:
         self.queue = queue
         self.path = path
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)  # named after our pid: a stale one is ours to remove
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
         os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
+        """Stop lending; connections still open are closed, so their slots come back."""
         if self._server is not None:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
+            for writer in list(self._writers):
+                writer.close()  # each connection's reader sees its end and cleans up
+            await self._server.wait_closed()
         self.path.unlink(missing_ok=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+        self._writers.add(writer)
         leases: dict[int, Any] = {}
         try:
             async for line in reader:
@@ -80,7 +77,7 @@ class SlotLender:
             for entry in leases.values():  # a worker gone: its slots come back at once
                 self._end(entry)
             writer.close()
-            self._connections.discard(task)
+            self._writers.discard(writer)
 
     async def _grant(self, writer: asyncio.StreamWriter, leases: dict[int, Any], lease: int,
                      who: str) -> None:
@@ -108,10 +105,13 @@ def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
 class SlotBorrower:
     """A worker's view of the first process's queue, with the FairQueue's interface."""
 
-    def __init__(self, path: Path, slots: int, timeout: float) -> None:
+    def __init__(self, path: Path, slots: int, timeout: float,
+                 on_lost: Callable[[], None]) -> None:
+        """on_lost: called if the lender goes away while we still serve (the worker restarts)."""
         self.path = path
         self.slots = slots
         self.timeout = timeout
+        self.on_lost = on_lost
         self.closed = False
         self._ids = itertools.count()
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -154,11 +154,11 @@ class SlotBorrower:
         self.closed = True
         for future in self._replies.values():
             if not future.done():
-                future.set_exception(QueueClosed(GONE))
+                future.set_exception(QueueClosed(SHUTTING_DOWN))
 
     async def _ask(self, message: dict[str, Any], limit: float) -> dict[str, Any]:
         if self.closed or self._writer is None or self._writer.is_closing():
-            raise QueueClosed(GONE)
+            raise QueueClosed(SHUTTING_DOWN)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[message["id"]] = future
         self._tell(message)
@@ -179,11 +179,16 @@ class SlotBorrower:
             _send(self._writer, message)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(ConnectionError):
+        try:
             async for line in reader:
                 reply = orjson.loads(line)
                 future = self._replies.get(reply["id"])
                 if future is not None and not future.done():
                     future.set_result(reply)
-        log.warning("slot lender went away; model requests are refused until restart")
+        except Exception as exc:  # whatever broke the connection, the lender is lost
+            log.error("slot lender connection failed (%s)", type(exc).__name__)
+        if self.closed:
+            return  # we are shutting down ourselves
+        log.error("slot lender went away; this worker restarts to reconnect")
         self.close()
+        self.on_lost()

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,9 +43,18 @@ READ_CHUNK = 65536
 
 @functools.cache
 def _setpriv() -> str | None:
-    path = shutil.which("setpriv")  # util-linux: on every Debian and in the slim images
-    if path is None:
-        log.warning("setpriv not found: child processes will outlive a killed appliance")
+    """util-linux's setpriv, if it is there and knows --pdeathsig (2.33 and later)."""
+    path = shutil.which("setpriv")
+    try:
+        usable = path is not None and subprocess.run(
+            [path, "--pdeathsig", "KILL", "--", "true"], capture_output=True, timeout=5,
+            check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        usable = False
+    if not usable:
+        log.warning("setpriv --pdeathsig is not available: child processes would outlive an "
+                    "appliance killed with SIGKILL (install util-linux 2.33 or later)")
+        return None
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from dataclasses import fields
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
     from proxy.server import Running
 
 log = logging.getLogger("proxy.workers")
-SETTINGS_FILE = "worker-settings.json"
-SLOTS_SOCKET = "slots.sock"
+SETTINGS_FILE = "worker-settings-{pid}.json"
+SLOTS_SOCKET = "slots-{pid}.sock"  # named after the first process: two appliances never collide
 RESTART_DELAY = 1.0
 
 
@@ -56,7 +57,7 @@ def worker_settings(settings: Settings, running: Running) -> dict[str, Any]:
 class WorkerPool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.path = settings.data_dir / SETTINGS_FILE
+        self.path = settings.data_dir / SETTINGS_FILE.format(pid=os.getpid())
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._lender: SlotLender | None = None
@@ -66,7 +67,8 @@ class WorkerPool:
         slots_from = None
         queue = running.app[QUEUE]
         if isinstance(queue, FairQueue) and queue.slots > 0:
-            self._lender = SlotLender(queue, self.settings.data_dir / SLOTS_SOCKET)
+            socket = self.settings.data_dir / SLOTS_SOCKET.format(pid=os.getpid())
+            self._lender = SlotLender(queue, socket)
             await self._lender.start()
             slots_from = str(self._lender.path)
         config = {"settings": worker_settings(self.settings, running), "slots_from": slots_from}
