@@ -30,6 +30,12 @@ class AutoPipeline:
         self._pending.append((command, future))
         return future
 
+    async def flush(self) -> None:
+        """Wait until every queued call has been sent and answered (before the client closes:
+        a settlement still queued would otherwise be lost)."""
+        while self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
+
     async def _send(self) -> None:
         batch, self._pending = self._pending, []
         try:
@@ -79,11 +85,6 @@ class PipelinedScript:
         else:
             _copy(done, result)
 
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self.pipeline.call("EVALSHA", self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await self.pipeline.call("EVAL", self.source, len(keys), *keys, *args)
 
 
 def _copy(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:

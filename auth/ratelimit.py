@@ -84,7 +84,9 @@ class Admission:
             window, used, reset = min(rows, key=lambda row: row[0].limit - row[1])
             out[f"x-ratelimit-limit-{label}"] = str(window.limit)
             out[f"x-ratelimit-remaining-{label}"] = str(max(window.limit - used, 0))
-            out[f"x-ratelimit-reset-{label}"] = duration(reset if used else 0)
+            # A window that was empty before this request resets when this request leaves it.
+            out[f"x-ratelimit-reset-{label}"] = duration((reset or window.window_ms) if used
+                                                         else 0)
         return out
 
 
@@ -148,13 +150,19 @@ class RateLimiter:
             return None
         request_id = new_id()
         if time.monotonic() >= self._retry_redis_at:
+            sent = self._admit.send([w.key for w in windows], [request_id, *_window_args(windows)])
             try:
-                result = await self._admit(keys=[w.key for w in windows],
-                                           args=[request_id, *_window_args(windows)])
-                self._recovered()
-                return _admission(request_id, windows, [int(x) for x in result], True)
+                # Shielded: a caller that leaves while Redis decides must not leave a lease or
+                # a reservation behind that nobody settles.
+                result = await asyncio.shield(sent)
+            except asyncio.CancelledError:
+                sent.add_done_callback(lambda done: self._abandoned(request_id, windows, done))
+                raise
             except (RedisError, OSError) as exc:
                 self._failed(exc)
+            else:
+                self._recovered()
+                return _admission(request_id, windows, [int(x) for x in result], True)
         if self.settings.limit_on_redis_down == "closed":
             raise StoreDown
         allowed, retry, rows = self.local.admit(request_id, windows)
@@ -184,6 +192,19 @@ class RateLimiter:
         keys = [w.key for w, _ in charges] + [w.key for w in leases]
         self._settle.send(keys, args).add_done_callback(
             lambda done: self._settled(admission.id, done))
+
+    def _abandoned(self, request_id: str, windows: list[Window], done: asyncio.Future[Any]
+                   ) -> None:
+        """Redis admitted a request whose caller had already left: give everything back."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        admission = _admission(request_id, windows, [int(x) for x in done.result()], True)
+        admission.usage = 0  # nothing reached the model
+        self.settle(admission)
+
+    async def aclose(self) -> None:
+        """Send what is still queued (settlements), before the Redis client closes."""
+        await self.pipeline.flush()
 
     @staticmethod
     def _settled(request_id: str, done: asyncio.Future[Any]) -> None:

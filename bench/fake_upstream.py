@@ -27,6 +27,7 @@ class Record:
     in_flight: int = 0  # requests being answered now, streamed or not
     max_in_flight: int = 0
     headers: list[CIMultiDict[str]] = field(default_factory=list)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
     open_streams: int = 0
     max_open_streams: int = 0
     cancelled: int = 0
@@ -63,6 +64,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
     body = await request.json()
+    record.bodies.append(body)
     fake = body.get("fake", {})
     await asyncio.sleep(fake.get("ttfb", 0))
     if "raw" in fake:

@@ -166,6 +166,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.metadata["secret"] and value:
                 value = mask_secret(value)
+            elif f.name == "upstreams":  # a URL may carry a password
+                value = [mask_secret(url) if urlsplit(url).password else url for url in value]
             elif isinstance(value, Path):
                 value = str(value)
             out[f.name] = value

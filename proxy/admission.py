@@ -104,7 +104,7 @@ class FairQueue:
                 future.cancel()
                 self._forget(who, future)
             if isinstance(exc, TimeoutError):
-                raise QueueTimeout(f"The model stayed busy for {self.timeout:.0f}s; retry "
+                raise QueueTimeout(f"The model stayed busy for {self.timeout:g}s; retry "
                                    "shortly") from None
             raise
         finally:

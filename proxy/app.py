@@ -119,6 +119,7 @@ async def credential_store(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await keys.drain()
+        await app[LIMITER].aclose()
         await redis.aclose()
         if embedded is not None:
             await embedded.stop()

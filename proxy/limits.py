@@ -7,13 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from auth.ratelimit import Admission, RateLimiter, StoreDown
 from config import Settings
 from proxy.errors import OpenAIError
 from proxy.keys import ADMISSION, LIMITER, PRINCIPAL, SETTINGS
-from proxy.usage import UsageMeter, wants_usage_in_stream, with_usage_requested
+from proxy.usage import UsageMeter, usage_requested, wants_usage_in_stream
 
 WINDOW_NAMES = {"rpm": "requests per minute", "rpd": "requests per day",
                 "tpm": "tokens per minute", "concurrency": "concurrent requests",
@@ -40,15 +41,30 @@ def prompt_tokens(raw: bytes) -> int:
     return len(raw) // 4 + 1  # about 4 bytes a token, JSON included: errs on the high side
 
 
+BUDGET_FIELDS = ("max_completion_tokens", "max_tokens", "n_predict")
+
+
+def _asked(body: dict[str, Any]) -> dict[str, int]:
+    """The completion caps a request sets (positive integers only; -1 means none)."""
+    return {name: value for name in BUDGET_FIELDS
+            if isinstance(value := body.get(name), int) and not isinstance(value, bool)
+            and value > 0}
+
+
 def completion_budget(body: dict[str, Any], path: str, default_max: int) -> int:
     """The completion tokens a request asks for (none for embeddings)."""
     if path.endswith("/embeddings"):
         return 0
-    for name in ("max_completion_tokens", "max_tokens", "n_predict"):
-        value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return default_max
+    return next(iter(_asked(body).values()), default_max)
+
+
+def capped(body: dict[str, Any], allowed: int) -> dict[str, int]:
+    """The changes that keep generation within what was reserved: a request with no cap gets
+    one, a larger cap is lowered (the model server would otherwise generate past the budget)."""
+    asked = _asked(body)
+    if not asked:
+        return {"max_tokens": allowed}
+    return {name: allowed for name, value in asked.items() if value > allowed}
 
 
 def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: int) -> int:
@@ -76,10 +92,16 @@ async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, A
     if not admission.allowed:
         raise refusal(admission)
     meter = None
-    if admission.token_window is not None:
+    window = admission.token_window
+    if window is not None:
+        changes: dict[str, Any] = {}
+        if not path.endswith("/embeddings"):
+            changes.update(capped(body, max(window.cost - prompt, 1)))
         strip = stream and not wants_usage_in_stream(body)
         if strip:
-            raw = with_usage_requested(body)
+            changes["stream_options"] = usage_requested(body)
+        if changes:
+            raw = orjson.dumps({**body, **changes})
         meter = UsageMeter(admission, strip)
     try:
         yield raw, meter

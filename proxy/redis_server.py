@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
@@ -22,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from config import ConfigError, Settings
-from proxy.supervisor import with_parent_death_signal
+from proxy.supervisor import hold_lock, with_parent_death_signal
 
 log = logging.getLogger("proxy.redis")
 SOCKET = "redis.sock"
@@ -108,14 +107,8 @@ class EmbeddedRedis:
             await asyncio.sleep(0.05)
 
     def _try_lock(self) -> bool:
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock = fd
-        return True
+        self._lock = hold_lock(self._lock_path)
+        return self._lock is not None
 
     def _unlock(self) -> None:
         fd, self._lock = self._lock, None

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from auth.authenticator import is_loopback
 from config import ConfigError, Settings
+from config.settings import default_data_dir
 from proxy.app import create_app
 from proxy.drain import ABORT_WAIT
 from proxy.keys import SUPERVISOR
@@ -120,8 +121,8 @@ async def _wait_for_signal() -> None:
 
 def _warn_if_open(settings: Settings) -> None:
     if settings.auth != "disabled":
-        print("credentials: python generate_token.py NAME 24   (a JWT)   or   "
-              "python generate_token.py NAME --api-key", flush=True)
+        tool = f"{_python()} generate_token.py" + _data_dir_flag(settings)
+        print(f"credentials: {tool} NAME 24   (a JWT)   or   {tool} NAME --api-key", flush=True)
         return
     if is_loopback(settings.host):
         message = ("AUTH IS DISABLED: anyone who can reach this loopback port uses the model; "
@@ -141,12 +142,20 @@ async def _announce_ready(app: web.Application, base: str) -> None:
     print(ready_hint(supervisor.settings, base), file=sys.stdout, flush=True)
 
 
+def _python() -> str:
+    return os.path.relpath(sys.executable)  # the venv's python, as the user can type it
+
+
+def _data_dir_flag(settings: Settings) -> str:
+    """generate_token.py must use the appliance's data dir (its JWT secret and Redis)."""
+    return "" if settings.data_dir == default_data_dir() else f" --data-dir {settings.data_dir}"
+
+
 def ready_hint(settings: Settings, base: str) -> str:
     """Commands a user can paste as printed to get a first answer."""
     auth, first = "", ""
     if settings.auth == "required":
-        python = os.path.relpath(sys.executable)  # the venv's python, as the user can type it
-        first = (f"  TOKEN=$({python} generate_token.py you 24 --data-dir {settings.data_dir}"
+        first = (f"  TOKEN=$({_python()} generate_token.py you 24{_data_dir_flag(settings)}"
                  " | tail -1)\n")
         auth = '-H "Authorization: Bearer $TOKEN" '
     return (f"model {settings.model_alias} is ready: try\n{first}"

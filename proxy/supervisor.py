@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import functools
 import logging
 import logging.handlers
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
-from config import Settings
+from config import ConfigError, Settings
 from proxy.backends import Backend, State
 from proxy.logs import RedactingFilter, add_threaded_handler, register_secret
 
@@ -110,6 +111,18 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def hold_lock(path: Path) -> int | None:
+    """An exclusive flock on path (created owner-only), or None if another process holds it.
+    The lock lasts as long as the returned descriptor stays open, in any process."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def write_private(path: Path, text: str) -> None:
     """Create or replace a file only its owner can read."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -130,6 +143,7 @@ class LlamaSupervisor:
         self._stopping = False
         self._crashes: list[float] = []
         self._key_file = settings.data_dir / "llama-server.key"
+        self._lock: int | None = None
         # One port for the child's whole life: worker processes reach it there across restarts.
         self.port = free_loopback_port()
         backend.base_url = f"http://127.0.0.1:{self.port}"
@@ -138,6 +152,10 @@ class LlamaSupervisor:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        self._lock = hold_lock(self.settings.data_dir / "llama-server.lock")
+        if self._lock is None:  # its key file and log are this data dir's: one appliance each
+            raise ConfigError("data_dir", f"another appliance is already running with "
+                              f"{self.settings.data_dir}; give this one its own --data-dir")
         write_private(self._key_file, self.backend.api_key + "\n")
         self._attach_log_file()
         self._task = asyncio.create_task(self._run(), name="llama-supervisor")
@@ -160,6 +178,9 @@ class LlamaSupervisor:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self.backend.set_state(State.STOPPED)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     # -- the restart loop ------------------------------------------------------------------
     async def _run(self) -> None:

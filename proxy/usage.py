@@ -87,6 +87,7 @@ def wants_usage_in_stream(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def with_usage_requested(body: dict[str, Any]) -> bytes:
+def usage_requested(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's stream_options, asking for the usage event."""
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
-    return orjson.dumps({**body, "stream_options": {**options, "include_usage": True}})
+    return {**options, "include_usage": True}

@@ -54,6 +54,25 @@ def worker_settings(settings: Settings, running: Running) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
 
 
+def remove_stale_files(data_dir: Path) -> None:
+    """Files a killed appliance left behind (named after its pid, which is gone)."""
+    for pattern in (SETTINGS_FILE, SLOTS_SOCKET):
+        for path in data_dir.glob(pattern.format(pid="*")):
+            pid = path.name.split("-")[-1].split(".")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class WorkerPool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -64,6 +83,7 @@ class WorkerPool:
         self._stopping = False
 
     async def start(self, running: Running) -> None:
+        remove_stale_files(self.settings.data_dir)
         slots_from = None
         queue = running.app[QUEUE]
         if isinstance(queue, FairQueue) and queue.slots > 0:

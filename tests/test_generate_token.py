@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,26 @@ def test_the_readme_sequence_keeps_one_redis_and_revocations_apply(tmp_path: Pat
     finally:
         assert app.stop() == 0
     wait_until(lambda: not redis_servers_for(sock), 10, "Redis to stop with the appliance")
+
+
+def test_what_the_appliance_prints_works_when_pasted(tmp_path: Path) -> None:
+    """The start-up lines tell a new user how to get a credential and a first answer; with a
+    data dir of their own, the printed commands must use it."""
+    app = Appliance(tmp_path)  # the helper always passes its own --data-dir
+    try:
+        app.wait_ready()
+        wait_until(lambda: "is ready: try" in app.log, 10, "the ready hint")
+        printed = app.log.split("is ready: try\n", 1)[1].splitlines()[:2]
+        hint = "\n".join(line.strip() for line in printed)
+        assert f"--data-dir {app.data_dir}" in hint
+        result = subprocess.run(["bash", "-c", hint], cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["choices"][0]["message"]["content"]
+        line = next(x for x in app.log.splitlines() if x.startswith("credentials: "))
+        command = line.removeprefix("credentials: ").split("   (a JWT)")[0]
+        token = subprocess.run(["bash", "-c", command.replace("NAME", "bob")], cwd=REPO,
+                               capture_output=True, text=True, timeout=60).stdout.split()[-1]
+        assert chat(app.base, token).strip()
+    finally:
+        assert app.stop() == 0

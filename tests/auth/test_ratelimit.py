@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -115,6 +116,9 @@ async def test_headers_on_whole_and_streamed_responses(make_proxy: ProxyFactory,
             assert f"x-ratelimit-reset-{kind}" in headers
     assert headers["x-ratelimit-limit-requests"] == "10"
     assert headers["x-ratelimit-remaining-requests"] == "8"
+    fresh = token_for(proxy, "fresh")
+    _, _, first = await post(proxy, fresh)  # the first request of an empty window
+    assert first["x-ratelimit-reset-requests"] == "1m0s"  # when this request leaves it
 
 
 async def test_tokens_are_reserved_before_generation(make_proxy: ProxyFactory, fake: Fake,
@@ -318,3 +322,76 @@ async def test_scripts_are_sent_in_full_once_then_by_sha(make_proxy: ProxyFactor
     # Admit and settle: the source goes once each (Redis did not know them), then the SHA.
     assert calls.get("eval", 0) <= 2, calls
     assert calls.get("evalsha", 0) >= 40, calls
+
+
+async def test_a_caller_leaving_while_redis_decides_leaves_no_lease(redis_url: str,
+                                                                     tmp_path: Path) -> None:
+    from auth.principal import Principal
+    from auth.ratelimit import RateLimiter
+    from config import load_settings
+    from proxy.redis_server import make_client
+
+    settings = load_settings({**NO_LIMITS, "limit_concurrency": 2, "limit_tpm": 1000,
+                              "data_dir": str(tmp_path)}, env={}, serving=False)
+    redis = make_client(settings, redis_url)
+    limiter = RateLimiter(redis, settings)
+    who = Principal(id="user:leaver", kind="jwt")
+    for _ in range(20):
+        task = asyncio.create_task(limiter.admit(who, "127.0.0.1", 100))
+        await asyncio.sleep(0)  # the check is on its way to Redis ...
+        task.cancel()  # ... when the client hangs up
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await limiter.aclose()
+    assert leases(redis_url, "llp:rl:{user:leaver}:conc") == 0
+    assert redis_int(redis_url, "llp:rl:{user:leaver}:tpm:sum") == 0
+    admitted = await limiter.admit(who, "127.0.0.1", 100)
+    assert admitted is not None and admitted.allowed
+    await redis.aclose()
+
+
+async def test_clients_hanging_up_at_once_never_lock_their_user_out(
+    make_proxy: ProxyFactory, fake: Fake, redis_url: str
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_concurrency=3)
+    token = token_for(proxy, "flaky")
+    payload = json.dumps(body()).encode()
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    request = (f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+               ).encode() + payload
+    rng = random.Random(3)
+
+    async def hang_up() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        await asyncio.sleep(rng.uniform(0, 0.004))
+        writer.transport.abort()
+
+    for _ in range(10):
+        await asyncio.gather(*(hang_up() for _ in range(5)))
+    key = "llp:rl:{user:flaky}:conc"
+    await eventually(lambda: leases(redis_url, key) == 0, 3, "every lease given back")
+    results = await asyncio.gather(*(post(proxy, token) for _ in range(3)))
+    assert [s for s, _, _ in results] == [200, 200, 200]
+
+
+async def test_generation_is_capped_at_what_was_reserved(make_proxy: ProxyFactory, fake: Fake
+                                                         ) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_tpm=1000)
+    token = token_for(proxy)
+    assert (await post(proxy, token, body()))[0] == 200  # no max_tokens: the default is the cap
+    assert fake.record.bodies[-1]["max_tokens"] == 512
+    greedy = {**body(), "max_tokens": 5000, "max_completion_tokens": 4000}
+    # Only the whole budget can be reserved (a fresh user: nothing used in its window yet).
+    assert (await post(proxy, token_for(proxy, "greedy"), greedy))[0] == 200
+    allowed = 1000 - prompt_tokens(json.dumps(greedy).encode())
+    sent = fake.record.bodies[-1]
+    assert (sent["max_tokens"], sent["max_completion_tokens"]) == (allowed, allowed)
+    modest = {**body(), "max_tokens": 7}
+    assert (await post(proxy, token, modest))[0] == 200
+    assert fake.record.bodies[-1] == modest  # within budget: forwarded as it came
+    unlimited = await make_proxy(upstreams=[fake.url])
+    assert (await post(unlimited, token_for(unlimited), body()))[0] == 200
+    assert "max_tokens" not in fake.record.bodies[-1]  # no token limit, nothing to enforce

@@ -63,3 +63,18 @@ async def test_streamed_and_whole_answers_are_charged_their_real_usage(
             answer = await resp.json()
         assert answer["usage"]["total_tokens"] == total
         await eventually(lambda: spent(redis_url, "sam") == 3 * total, 2, "settlement")
+
+
+async def test_a_request_without_max_tokens_stops_at_the_reservation(
+    make_proxy: ProxyFactory, llama: Llama
+) -> None:
+    proxy = await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key,
+                             limit_tpm=2000, limit_default_max_tokens=40)
+    headers = {"Authorization": f"Bearer {token_for(proxy, 'endless')}"}
+    body = {"model": llama.model, "messages": MESSAGES, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(proxy.base_url + "/v1/chat/completions", json=body) as resp:
+            got = await events(resp)
+    usage = next(e["usage"] for e in got if e.get("usage"))
+    assert usage["completion_tokens"] == 40  # ignore_eos would otherwise run to the context end

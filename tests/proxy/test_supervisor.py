@@ -125,6 +125,13 @@ def test_appliance_killed_hard_takes_its_children_along(appliance) -> None:
     app.proc.wait()
     wait_until(lambda: not any(pid_alive(pid) for pid in children), 5,
                "llama-server, Redis and the worker to die with the appliance")
+    # What the killed one left in its data dir (named after its pid) goes at the next start.
+    left = sorted(p.name for p in app.data_dir.glob(f"*-{app.proc.pid}.*"))
+    assert left == [f"slots-{app.proc.pid}.sock", f"worker-settings-{app.proc.pid}.json"]
+    again = appliance("--workers", "2", data_dir=app.data_dir)
+    again.wait_ready()
+    wait_until(lambda: "started 1 extra worker" in again.log, 10, "the workers to start")
+    assert not list(app.data_dir.glob(f"*-{app.proc.pid}.*"))
 
 
 def test_repeated_crashes_stop_retrying_and_say_why(appliance, tmp_path: Path) -> None:
@@ -299,3 +306,15 @@ def test_no_child_is_started_with_a_preexec_fn() -> None:
              for node in ast.walk(ast.parse(file.read_text()))
              if isinstance(node, ast.keyword) and node.arg == "preexec_fn"]
     assert found == []
+
+
+def test_a_second_appliance_on_the_same_data_dir_is_refused(appliance) -> None:
+    first = appliance()
+    first.wait_ready()
+    key = (first.data_dir / "llama-server.key").read_text()
+    second = appliance(data_dir=first.data_dir)
+    assert second.proc.wait(30) == 2
+    assert "another appliance is already running" in second.log
+    assert "Traceback" not in second.log
+    assert (first.data_dir / "llama-server.key").read_text() == key  # the first one untouched
+    assert post(first.base, HELLO)["choices"]
