@@ -134,7 +134,8 @@ class Settings:
         120, "int", "requests per minute per client address (0 = no limit)"
     )
     limit_default_max_tokens: int = _opt(
-        512, "int", "completion tokens reserved when a request sets no max_tokens"
+        512, "int", "with a token limit: completion tokens reserved for, and the cap on, a "
+        "request that sets no max_tokens",
     )
     limit_window: float = _opt(60.0, "float", "length of a 'minute' window (seconds)")
     limit_on_redis_down: str = _opt(
