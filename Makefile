@@ -22,7 +22,7 @@ help:
 	@echo "make install   system packages, .venv, Python deps, llama-server, the bundled model"
 	@echo "make run       start the appliance on embedded defaults (127.0.0.1:8000)"
 	@echo "make test      the whole test suite (real redis-server and llama-server)"
-	@echo "make lint      ruff"
+	@echo "make lint      ruff and the import-layer contract (lint-imports)"
 	@echo "make bench     benchmarks: direct vs nginx vs the appliance, and the real model (~4 min)"
 
 install: system-packages venv python-deps llama-server model
@@ -67,6 +67,7 @@ test:
 
 lint:
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 bench:
 	@echo "==> side by side: upstream direct, nginx, the appliance (1 and 2 workers), the real model"

@@ -10,6 +10,7 @@
 import sys
 
 from auth.cli import main
+from proxy.store import store_for_a_tool
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(store=store_for_a_tool))

@@ -24,7 +24,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from auth.errors import AuthError, unauthorized
+from auth.errors import CredentialStoreDown, unauthorized
 from auth.principal import Principal, model_set, positive_int, scope_set
 
 log = logging.getLogger("proxy.auth")
@@ -34,7 +34,6 @@ INDEX = "llp:keys"
 STALE_LIMIT = 3600.0  # how long a cached key may serve while Redis is unreachable
 CACHE_MAX = 10_000
 JTI_DEFAULT_TTL = 400 * 86400
-STORE_RETRY_AFTER = 5
 # Set the given fields of an existing record; nothing if it does not exist. Returns the record.
 UPDATE_LUA = """
 if redis.call("EXISTS", KEYS[1]) == 0 then return {} end
@@ -214,8 +213,7 @@ class KeyStore:
                 return cached[0], False
             log.warning("key store unreachable (%s); refusing unverified key %s",
                         type(exc).__name__, prefix)
-            raise AuthError(503, "The credential store is unavailable; retry shortly",
-                            code="auth_unavailable", retry_after=STORE_RETRY_AFTER) from None
+            raise CredentialStoreDown from None
         self._remember(self._keys, prefix, record, now)
         return record, True
 

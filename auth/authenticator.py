@@ -7,10 +7,9 @@ import ipaddress
 from collections.abc import Mapping
 
 from auth.apikeys import KeyStore, parse_key
-from auth.errors import AuthError, unauthorized
+from auth.errors import MissingCredential, unauthorized
 from auth.principal import ADMIN, INFERENCE, Principal
 from auth.tokens import MAX_TOKEN_BYTES, TokenVerifier
-from config import Settings
 
 ADMIN_PRINCIPAL = Principal(id="admin", kind="admin", scopes=frozenset({ADMIN, INFERENCE}),
                             credential="admin-key")
@@ -44,20 +43,22 @@ def presented_credential(headers: Mapping[str, str]) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, settings: Settings, keys: KeyStore, tokens: TokenVerifier) -> None:
-        self.settings = settings
+    def __init__(self, keys: KeyStore, tokens: TokenVerifier, *, required: bool,
+                 dev_mode: bool, admin_key: str | None) -> None:
+        """dev_mode: without a credential, X-User-Id names the user (loopback development
+        only, and never while credentials are required)."""
         self.keys = keys
         self.tokens = tokens
-        self.required = settings.auth == "required"
-        # X-User-Id without a credential is a local development shortcut, nothing more.
-        self.dev_mode = not self.required and is_loopback(settings.host)
+        self.required = required
+        self.dev_mode = dev_mode and not required
+        self.admin_key = admin_key
 
     async def identify(self, headers: Mapping[str, str], client_ip: str, *, admin: bool = False
                        ) -> Principal:
         credential = presented_credential(headers)
         if credential is None:
             return self._without_credential(headers, client_ip, admin)
-        admin_key = self.settings.admin_key
+        admin_key = self.admin_key
         if admin_key and hmac.compare_digest(credential.encode(), admin_key.encode()):
             return ADMIN_PRINCIPAL
         if self.tokens.looks_like_jwt(credential):
@@ -76,9 +77,7 @@ class Authenticator:
             if user:
                 raise unauthorized("X-User-Id sent without a credential while auth is required",
                                    "X-User-Id is accepted only in development mode")
-            raise AuthError(401, "Missing credential: send `Authorization: Bearer <token or key>`"
-                            " or `X-API-Key: <key>`", code="missing_credential",
-                            reason="no credential")
+            raise MissingCredential
         if user and self.dev_mode:
             if len(user) > _DEV_USER_MAX or not user.isprintable():
                 raise unauthorized("malformed X-User-Id")

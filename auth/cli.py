@@ -1,4 +1,8 @@
-"""The commands behind generate_token.py: issue JWTs, create/list/revoke API keys, snippets, QR."""
+"""The commands behind generate_token.py: issue JWTs, create/list/revoke API keys, snippets, QR.
+
+The key store is reached through `store`, given by the caller (generate_token.py passes the
+appliance's own way of opening its Redis), so this layer never depends on the appliance.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +13,17 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+
+from redis.asyncio import Redis
 
 from auth.apikeys import KeyStore, parse_key
 from auth.tokens import issue_token
 from config import ConfigError, Settings, load_settings
-from proxy.redis_server import open_store
+
+# Opens the key store's Redis for these settings, and closes it on the way out.
+StoreOpener = Callable[[Settings], AbstractAsyncContextManager[Redis]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,20 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, store: StoreOpener) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = {k: v for k, v in (("config", args.config), ("data_dir", args.data_dir)) if v}
     try:
         settings = load_settings(given, serving=False)
         if args.list:
-            return asyncio.run(_with_store(settings, _list))
+            return asyncio.run(_with_store(store, settings, _list))
         if args.revoke:
-            return asyncio.run(_with_store(settings, lambda keys: _revoke(keys, args.revoke)))
+            return asyncio.run(_with_store(store, settings,
+                                           lambda keys: _revoke(keys, args.revoke)))
         if not args.subject:
             parser.error("give a subject (user or key name), or --list / --revoke")
         if args.api_key:
-            return asyncio.run(_with_store(settings, lambda keys: _new_key(settings, keys, args)))
+            return asyncio.run(_with_store(store, settings,
+                                           lambda keys: _new_key(settings, keys, args)))
         return _new_token(settings, args)
     except ConfigError as exc:
         print(f"generate_token.py: configuration error: {exc}", file=sys.stderr)
@@ -71,14 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-async def _with_store(settings: Settings, action) -> int:  # noqa: ANN001 - a small callback
-    redis, embedded = await open_store(settings, keep=False)
-    try:
+async def _with_store(store: StoreOpener, settings: Settings,
+                      action: Callable[[KeyStore], Awaitable[int]]) -> int:
+    async with store(settings) as redis:
         return await action(KeyStore(redis, 0))
-    finally:
-        await redis.aclose()
-        if embedded is not None:
-            await embedded.stop()
 
 
 def _when(ts: float | None) -> str:

@@ -1,25 +1,49 @@
-"""Authentication failures, independent of HTTP; the proxy maps them to OpenAI errors."""
+"""Why a caller is not let in, independent of HTTP; the edge maps each to an OpenAI error.
+
+`message` goes to the client; `reason` goes to the log and may say more (never a secret).
+"""
 
 from __future__ import annotations
 
 
 class AuthError(Exception):
-    """401 (no valid credential), 403 (valid but not allowed), 429 (blocked) or 503 (store down).
-
-    `message` goes to the client; `reason` goes to the log and may say more (never a secret).
-    """
-
-    def __init__(self, status: int, message: str, *, code: str, reason: str | None = None,
-                 param: str | None = None, retry_after: int | None = None) -> None:
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
         self.message = message
-        self.code = code
         self.reason = reason or message
+
+
+class CredentialRejected(AuthError):
+    """No valid credential. One vague message for every bad one, so probing learns nothing."""
+
+    def __init__(self, reason: str, message: str = "Invalid credential") -> None:
+        super().__init__(message, reason=reason)
+
+
+class MissingCredential(CredentialRejected):
+    def __init__(self) -> None:
+        super().__init__("no credential", "Missing credential: send `Authorization: Bearer "
+                         "<token or key>` or `X-API-Key: <key>`")
+
+
+class NotPermitted(AuthError):
+    """A valid credential without the scope or model it needs."""
+
+    def __init__(self, message: str, *, reason: str | None = None, param: str | None = None,
+                 code: str = "insufficient_scope") -> None:
+        super().__init__(message, reason=reason)
         self.param = param
-        self.retry_after = retry_after
+        self.code = code
 
 
-def unauthorized(reason: str, message: str = "Invalid credential") -> AuthError:
-    """One vague message for every bad credential, so probing learns nothing; the log says why."""
-    return AuthError(401, message, code="invalid_api_key", reason=reason)
+class CredentialStoreDown(AuthError):
+    """The key store is unreachable and this key is not known from before."""
+
+    retry_after = 5
+
+    def __init__(self) -> None:
+        super().__init__("The credential store is unavailable; retry shortly")
+
+
+def unauthorized(reason: str, message: str = "Invalid credential") -> CredentialRejected:
+    return CredentialRejected(reason, message)

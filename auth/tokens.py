@@ -109,7 +109,7 @@ class TokenVerifier:
         return credential.count(".") == 2 and credential.startswith("eyJ")
 
     async def verify(self, token: str) -> Principal:
-        """Who the token speaks for, or AuthError (401) saying why in the log."""
+        """Who the token speaks for, or CredentialRejected saying why in the log."""
         now = time.time()
         cached = self._verified.get(token)
         if cached is not None and now < cached[1]:

@@ -31,7 +31,7 @@ from bench.loadgen import Target, closed_loop, hold_streams, open_loop
 from bench.stack import Processes, appliance, credential, start_fake, start_redis
 from config.paths import bundled_llama_server, bundled_model
 from proxy.server import raise_open_files_limit
-from tests.helpers import REPO, free_port, http_status, wait_until
+from tests.kit.helpers import REPO, free_port, http_status, wait_until
 
 RESULTS = REPO / "bench" / "results"
 ROUNDS = 3

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO, free_port, http_status, wait_until
+from tests.kit.helpers import REPO, free_port, http_status, wait_until
 
 
 class Processes:
@@ -44,7 +44,7 @@ def start_redis(procs: Processes) -> tuple[Path, str]:
 def start_fake(procs: Processes) -> tuple[int, str]:
     """The fake OpenAI upstream: its port and base URL."""
     port = free_port()
-    procs.start("fake", [sys.executable, "-m", "bench.fake_upstream", "--port", str(port)])
+    procs.start("fake", [sys.executable, "-m", "tests.kit.fake_upstream", "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_status(url + "/v1/models") == 200, 10, "the fake upstream")
     return port, url

@@ -9,9 +9,12 @@ from aiohttp import web
 
 from auth.apikeys import KeyStore
 from auth.tokens import issue_token
+from config import Settings
+from proxy.authn import KEYS
 from proxy.errors import OpenAIError
-from proxy.keys import KEYS, SETTINGS
 from proxy.routes import json_response, read_json
+
+ISSUER = web.AppKey("issuer", Settings)  # the settings JWTs are signed with
 
 MAX_HOURS = 24 * 366 * 10
 
@@ -111,7 +114,7 @@ async def create_token(request: web.Request) -> web.Response:
     hours = _positive(body, "hours", MAX_HOURS) or 24
     try:
         token, jti, exp = issue_token(
-            request.app[SETTINGS], subject.strip(), hours, scopes=_string_list(body, "scopes"),
+            request.app[ISSUER], subject.strip(), hours, scopes=_string_list(body, "scopes"),
             models=_string_list(body, "models"), rpm=_positive(body, "rpm"),
             tpm=_positive(body, "tpm"))
     except ValueError as exc:
@@ -126,7 +129,9 @@ async def revoke_token(request: web.Request) -> web.Response:
     return json_response({"jti": jti, "revoked": True})
 
 
-def setup_admin_routes(app: web.Application) -> None:
+def setup_admin(app: web.Application, *, settings: Settings) -> None:
+    """settings: what JWTs issued here are signed with (the same as generate_token.py's)."""
+    app[ISSUER] = settings
     app.router.add_post("/admin/keys", create_key)
     app.router.add_get("/admin/keys", list_keys)
     app.router.add_get("/admin/keys/{prefix}", get_key)

@@ -1,30 +1,54 @@
-"""The authentication middleware: /v1 and /api need a credential, /admin an admin one."""
+"""Authentication at the edge: /v1 and /api need a credential, /admin an admin one; too many
+failures from one client address block it for a while."""
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from auth.errors import AuthError
-from auth.principal import ADMIN, INFERENCE
-from proxy.errors import OpenAIError
-from proxy.keys import AUTH, GUARD, PRINCIPAL
+from auth.apikeys import KeyStore
+from auth.authenticator import Authenticator
+from auth.errors import AuthError, CredentialRejected, NotPermitted
+from auth.guard import FailureGuard
+from auth.principal import ADMIN, INFERENCE, Principal
+from auth.tokens import TokenVerifier
+from proxy.errors import OpenAIError, to_openai
+from proxy.store import REDIS
 
 log = logging.getLogger("proxy.auth")
 
 PROTECTED = ("/v1/", "/api/")
 ADMIN_PREFIX = "/admin/"
+AUTH = web.AppKey("auth", Authenticator)
+KEYS = web.AppKey("keys", KeyStore)
+GUARD = web.AppKey("guard", FailureGuard)
+PRINCIPAL = web.RequestKey("principal", Principal)  # set here, for every protected request
 
 
-def as_openai_error(exc: AuthError) -> OpenAIError:
-    headers: dict[str, str] = {}
-    if exc.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="llama-proxy", error="invalid_token"'
-    if exc.retry_after:
-        headers["Retry-After"] = str(exc.retry_after)
-    return OpenAIError(exc.status, exc.message, code=exc.code, param=exc.param, headers=headers)
+def setup_auth(app: web.Application, *, tokens: TokenVerifier, required: bool, dev_mode: bool,
+               admin_key: str | None, key_cache_ttl: float, fail_limit: int,
+               fail_window: float) -> None:
+    """Call after setup_edge (its middleware must run first) and setup_store."""
+    app[GUARD] = FailureGuard(fail_limit, fail_window)
+    app.middlewares.append(authenticate)
+    app.cleanup_ctx.append(functools.partial(
+        _credentials, tokens, key_cache_ttl,
+        functools.partial(Authenticator, required=required, dev_mode=dev_mode,
+                          admin_key=admin_key)))
+
+
+async def _credentials(tokens: TokenVerifier, key_cache_ttl: float,
+                       authenticator: functools.partial[Authenticator], app: web.Application
+                       ) -> AsyncIterator[None]:
+    keys = KeyStore(app[REDIS], key_cache_ttl)
+    app[KEYS] = keys
+    app[AUTH] = authenticator(keys, tokens)
+    yield
+    await keys.drain()  # last-used writes still on their way, before the store closes
 
 
 @web.middleware
@@ -43,15 +67,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         principal = await request.app[AUTH].identify(request.headers, ip, admin=admin)
         needed = ADMIN if admin else INFERENCE
         if not principal.can(needed):
-            raise AuthError(403, f"This credential lacks the `{needed}` scope",
-                            code="insufficient_scope",
-                            reason=f"{principal.id} lacks scope {needed}")
+            raise NotPermitted(f"This credential lacks the `{needed}` scope",
+                               reason=f"{principal.id} lacks scope {needed}")
     except AuthError as exc:
-        if exc.status == 401:
+        if isinstance(exc, CredentialRejected):
             guard.record(ip)
         # The reason names a key prefix or jti at most; the secret itself is never logged.
-        log.warning("auth %d for %s %s from %s: %s", exc.status, request.method, path, ip,
-                    exc.reason)
-        raise as_openai_error(exc) from None
+        answer = to_openai(exc, request)
+        log.warning("auth %d for %s %s from %s: %s", answer.status if answer else 500,
+                    request.method, path, ip, exc.reason)
+        raise
     request[PRINCIPAL] = principal
     return await handler(request)

@@ -1,4 +1,5 @@
-"""The backend pool: every model server the appliance can send a request to, and its health.
+"""The backend pool: every model server the appliance can send a request to, its health, and
+what can go wrong in reaching one.
 
 A backend is either the supervised llama-server (its state set by the supervisor) or an
 --upstream server (its state set by a periodic health check here).
@@ -17,6 +18,38 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 from yarl import URL
 
 log = logging.getLogger("proxy.backends")
+
+
+class ModelNotFound(Exception):
+    def __init__(self, model: str | None) -> None:
+        super().__init__(f"no model {model}")
+        self.model = model
+
+
+class ModelLoading(Exception):
+    retry_after = 2
+
+
+class NoBackend(Exception):
+    """Every backend for the model is down or failed."""
+
+    retry_after = 10
+
+    def __init__(self, reasons: str) -> None:
+        super().__init__(reasons)
+        self.reasons = reasons
+
+
+class UpstreamUnreachable(Exception):
+    """The model server could not be reached at all; another one may be tried."""
+
+
+class UpstreamTimeout(Exception):
+    """The model server did not answer, or went silent, in time."""
+
+
+class UpstreamBroke(Exception):
+    """The model server broke off its answer."""
 
 
 class State(StrEnum):
@@ -80,6 +113,19 @@ class BackendPool:
         if named or len(self.model_ids()) > 1:
             return named
         return list(self.backends)
+
+    def choose(self, model: str | None) -> list[Backend]:
+        """The ready backends for this model, in round-robin order, or why there are none.
+        Decided before rate limits are charged, so a refused request costs the caller nothing."""
+        candidates = self.serving(model)
+        if not candidates:
+            raise ModelNotFound(model)
+        ready = self.ready(candidates)
+        if ready:
+            return ready
+        if any(b.state is State.STARTING for b in candidates):
+            raise ModelLoading
+        raise NoBackend("; ".join(f"{b.name}: {b.reason or b.state}" for b in candidates))
 
     def ready(self, candidates: list[Backend]) -> list[Backend]:
         """The ready ones, rotated so load spreads round-robin."""

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
-from proxy.admission import SHUTTING_DOWN, QueueClosed
-from proxy.errors import OpenAIError, sse_error_event
+from proxy.errors import to_openai
+from quota.slots import SHUTTING_DOWN, QueueClosed
 
 log = logging.getLogger("proxy")
 
@@ -26,13 +26,10 @@ ABORT_WAIT = 5.0  # seconds the cancelled requests get to write their last words
 class Drain:
     def __init__(self) -> None:
         self.aborting = False
+        self.at_deadline: list[Callable[[], None]] = []  # e.g. closing the slot queue
         self._tasks: set[asyncio.Task[object]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
@@ -49,16 +46,17 @@ class Drain:
             if not self._tasks:
                 self._idle.set()
 
-    async def wait(self, grace: float, at_deadline: Callable[[], None]) -> None:
-        """Let in-flight requests finish for up to `grace` seconds; then call at_deadline
-        (closing the slot queue) and cancel the rest."""
+    async def wait(self, grace: float) -> None:
+        """Let in-flight requests finish for up to `grace` seconds; then call the at_deadline
+        hooks and cancel the rest."""
         if self._tasks:
             log.info("waiting up to %.0fs for %d requests", grace, len(self._tasks))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace)
             return
         self.aborting = True
-        at_deadline()
+        for hook in self.at_deadline:
+            hook()
         log.warning("shutdown grace of %.0fs is over: ending %d requests with an error",
                     grace, len(self._tasks))
         for task in list(self._tasks):
@@ -67,13 +65,15 @@ class Drain:
             await asyncio.wait_for(self._idle.wait(), ABORT_WAIT)
 
 
-async def cut_short(stream: web.StreamResponse | None) -> web.StreamResponse:
+async def cut_short(request: web.Request, stream: web.StreamResponse | None
+                    ) -> web.StreamResponse:
     """The answer of a request cancelled by shutdown: an SSE error event on a stream already
     under way, a 503 otherwise."""
+    error = to_openai(QueueClosed(SHUTTING_DOWN), request)
+    assert error is not None
     if stream is None or not stream.prepared:
-        return OpenAIError(503, SHUTTING_DOWN, code=QueueClosed.code,
-                           headers={"Retry-After": str(QueueClosed.retry_after)}).response()
+        return error.response()
     with contextlib.suppress(ConnectionResetError):
-        await stream.write(sse_error_event(SHUTTING_DOWN, code=QueueClosed.code))
+        await stream.write(error.sse_event())
         await stream.write_eof()
     return stream

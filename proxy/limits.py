@@ -1,34 +1,78 @@
-"""Rate limits around one model request: admit (or 429), meter the usage, settle afterwards."""
+"""Quota at the edge: rate limits around one model request (admit or refuse, cap generation at
+what was reserved, meter the usage, settle afterwards), the slot queue in front of the model,
+and OpenAI's x-ratelimit-* headers. The rules themselves live in quota/."""
 
 from __future__ import annotations
 
-import math
+import functools
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from auth.ratelimit import Admission, RateLimiter, StoreDown
-from config import Settings
-from proxy.errors import OpenAIError
-from proxy.keys import ADMISSION, LIMITER, PRINCIPAL, SETTINGS
+from proxy.ids import new_id
+from proxy.middlewares import DRAIN
+from proxy.shared_slots import SlotBorrower
+from proxy.store import REDIS
 from proxy.usage import UsageMeter, usage_requested, wants_usage_in_stream
+from quota.limiter import Limiter, RateLimited
+from quota.slots import FairQueue, SlotQueue
+from quota.windows import REQUEST_WINDOWS, WINDOW_NAMES, Admission, Limits
 
-WINDOW_NAMES = {"rpm": "requests per minute", "rpd": "requests per day",
-                "tpm": "tokens per minute", "concurrency": "concurrent requests",
-                "ip_rpm": "requests per minute from this IP"}
+LIMITER = web.AppKey("limiter", Limiter)
+QUEUE: web.AppKey[SlotQueue] = web.AppKey("queue")
+DEFAULT_MAX_TOKENS = web.AppKey("default_max_tokens", int)
+ADMISSION = web.RequestKey("admission", Admission)  # set when rate limits apply
 
 
-def describe_limits(settings: Settings) -> str:
+
+def setup_quota(app: web.Application, *, limits: Limits, fail_open: bool, default_max_tokens: int,
+                slots: int, queue_max: int, queue_timeout: float,
+                slots_from: Path | None = None) -> None:
+    """Rate limits (on the store's Redis) and the slot queue; slots_from: an extra --workers
+    process borrows the first process's queue instead of keeping one. Call after setup_edge
+    and setup_store."""
+    app[DEFAULT_MAX_TOKENS] = default_max_tokens
+    app.cleanup_ctx.append(functools.partial(_limiter, limits, fail_open))
+    if slots_from is not None and slots > 0:
+        # A worker that lost the first process's queue shuts down; the first process restarts it.
+        borrower = SlotBorrower(slots_from, slots, queue_timeout,
+                                on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        app[QUEUE] = borrower
+        app.cleanup_ctx.append(functools.partial(_borrowed, borrower))
+    else:
+        app[QUEUE] = FairQueue(slots, queue_max, queue_timeout)
+    app[DRAIN].at_deadline.append(app[QUEUE].close)  # shutdown past its grace: no more waiting
+    app.on_response_prepare.append(_stamp_limit_headers)
+
+
+async def _limiter(limits: Limits, fail_open: bool, app: web.Application
+                   ) -> AsyncIterator[None]:
+    limiter = Limiter(app[REDIS], limits, fail_open=fail_open)
+    app[LIMITER] = limiter
+    yield
+    await limiter.aclose()  # settlements still queued go out before the store closes
+
+
+async def _borrowed(borrower: SlotBorrower, app: web.Application) -> AsyncIterator[None]:
+    await borrower.connect()
+    yield
+    await borrower.aclose()
+
+
+def describe_limits(limits: Limits) -> str:
     """The start-up line: which limits apply, and which client address the per-IP one sees."""
     each = [f"{value} {WINDOW_NAMES[name]}" for name, value in (
-        ("rpm", settings.limit_rpm), ("rpd", settings.limit_rpd), ("tpm", settings.limit_tpm),
-        ("concurrency", settings.limit_concurrency)) if value]
+        ("rpm", limits.rpm), ("rpd", limits.rpd), ("tpm", limits.tpm),
+        ("concurrency", limits.concurrency)) if value]
     parts = [", ".join(each) + " per key or user"] if each else []
-    if settings.limit_ip_rpm:
-        parts.append(f"{settings.limit_ip_rpm} requests per minute per client address, taken "
+    if limits.ip_rpm:
+        parts.append(f"{limits.ip_rpm} requests per minute per client address, taken "
                      "from the connection: behind a tunnel or proxy on this host every client is "
                      "127.0.0.1 and shares that one limit (--limit-ip-rpm 0 turns it off)")
     if not parts:
@@ -73,24 +117,22 @@ def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: in
 
 
 @asynccontextmanager
-async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, Any],
-                  stream: bool) -> AsyncIterator[tuple[bytes, UsageMeter | None]]:
-    """Admit the request or raise 429; yield the body to send and a meter for its usage."""
-    limiter: RateLimiter = request.app[LIMITER]
+async def limited(request: web.Request, principal: Any, path: str, raw: bytes,
+                  body: dict[str, Any], stream: bool
+                  ) -> AsyncIterator[tuple[bytes, UsageMeter | None]]:
+    """Admit the request or raise RateLimited; yield the body to send and a usage meter."""
+    limiter = request.app[LIMITER]
     prompt = prompt_tokens(raw)
-    tokens = prompt + completion_budget(body, path, request.app[SETTINGS].limit_default_max_tokens)
-    try:
-        admission = await limiter.admit(request[PRINCIPAL], request.remote or "unknown", tokens)
-    except StoreDown:
-        raise OpenAIError(503, "Rate limits cannot be checked right now; retry shortly",
-                          code="limits_unavailable", headers={"Retry-After": "5"}) from None
+    tokens = prompt + completion_budget(body, path, request.app[DEFAULT_MAX_TOKENS])
+    admission = await limiter.admit(new_id(), principal.id, request.remote or "unknown",
+                                    tokens, rpm=principal.rpm, tpm=principal.tpm)
     if admission is None:
         yield raw, None
         return
     request[ADMISSION] = admission  # headers go out with the response, streamed or not
     admission.prompt_estimate = prompt
     if not admission.allowed:
-        raise refusal(admission)
+        raise RateLimited(admission)
     meter = None
     window = admission.token_window
     if window is not None:
@@ -109,15 +151,34 @@ async def limited(request: web.Request, path: str, raw: bytes, body: dict[str, A
         limiter.settle(admission)  # queued, not awaited: off the latency path
 
 
-def refusal(admission: Admission) -> OpenAIError:
-    retry = max(1, math.ceil(admission.retry_ms / 1000))
-    which = ", ".join(f"{WINDOW_NAMES[w.name]} (limit {w.limit})" for w in admission.denied())
-    return OpenAIError(429, f"Rate limit reached for {which}; retry in {retry}s",
-                       code="rate_limit_exceeded", type="rate_limit_exceeded",
-                       headers={"Retry-After": str(retry)})
+def ratelimit_headers(admission: Admission) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers for the binding request and token windows."""
+    out: dict[str, str] = {}
+    for label, names in (("requests", REQUEST_WINDOWS), ("tokens", ("tpm",))):
+        rows = [row for row in admission.rows() if row[0].name in names]
+        if not rows:
+            continue
+        window, used, reset = min(rows, key=lambda row: row[0].limit - row[1])
+        out[f"x-ratelimit-limit-{label}"] = str(window.limit)
+        out[f"x-ratelimit-remaining-{label}"] = str(max(window.limit - used, 0))
+        # A window that was empty before this request resets when this request leaves it.
+        out[f"x-ratelimit-reset-{label}"] = duration((reset or window.window_ms) if used else 0)
+    return out
 
 
-async def stamp_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+def duration(ms: int) -> str:
+    """OpenAI's reset format: 20ms, 1.5s, 6m0s, 1h2m3s."""
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.3g}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m{secs}s" if hours else f"{minutes}m{secs}s"
+
+
+async def _stamp_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
     admission = request.get(ADMISSION)
     if admission is not None:
-        response.headers.update(admission.headers())
+        response.headers.update(ratelimit_headers(admission))

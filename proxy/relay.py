@@ -2,7 +2,8 @@
 
 Bytes pass through untouched (no per-chunk JSON parsing). Streamed answers are written chunk by
 chunk as they arrive; when the client leaves, the upstream connection is closed at once so
-llama-server frees its slot.
+llama-server frees its slot. The relay gets everything it uses explicitly (the HTTP client, the
+timeouts, what to do with an unreachable backend), so it can be tested on its own.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import (
@@ -21,137 +24,168 @@ from aiohttp import (
     ClientSession,
     ClientTimeout,
     ServerDisconnectedError,
+    TCPConnector,
     web,
 )
 
-from config import Settings
-from proxy.backends import Backend, BackendPool, State
-from proxy.errors import ERROR_TYPES, OpenAIError, error_body, sse_error_event
-from proxy.keys import CLIENT, OPEN_STREAM, POOL, REQUEST_ID, SETTINGS
+from proxy.backends import Backend, State, UpstreamBroke, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import ERROR_TYPES, error_body, to_openai
 from proxy.usage import UsageMeter
 
 log = logging.getLogger("proxy.relay")
 
 LOADING_RETRY_AFTER = "2"
-DOWN_RETRY_AFTER = "10"
+OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)  # set once a stream starts
+CLIENT = web.AppKey("client", ClientSession)
 
 
-class Unreachable(Exception):
-    """The backend could not be reached at all; another one may be tried."""
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float  # to open a connection to a model server
+    first_byte: float  # to its response headers (all of a non-streamed answer)
+    idle: float  # longest silent gap inside an answer
+    request: float = 0.0  # cap on a whole request (0 = none)
 
 
-def choose_backends(request: web.Request, model: str | None) -> list[Backend]:
-    """The ready backends for this model, in round-robin order; 404 or 503 if there are none.
+class Relay:
+    """Sends one OpenAI request to the first backend that answers and relays its answer."""
 
-    Decided before rate limits are charged, so a refused request costs the caller nothing.
-    """
-    pool: BackendPool = request.app[POOL]
-    candidates = pool.serving(model)
-    if not candidates:
-        raise OpenAIError(404, f"The model `{model}` does not exist", code="model_not_found",
-                          param="model")
-    ready = pool.ready(candidates)
-    if not ready:
-        raise unavailable(candidates)
-    return ready
+    def __init__(self, client: ClientSession, timeouts: Timeouts,
+                 unreachable: Callable[[Backend, str], None] = lambda backend, why: None
+                 ) -> None:
+        """unreachable: told about a backend that could not be reached (to mark it down)."""
+        self.client = client
+        self.timeouts = timeouts
+        self.unreachable = unreachable
+        # Connect and whole-request caps, built once; the first-byte and idle deadlines are ours.
+        self._client_timeout = ClientTimeout(total=timeouts.request or None,
+                                             connect=timeouts.connect, sock_read=None)
 
+    async def __call__(self, request: web.Request, backends: list[Backend], path: str,
+                       raw: bytes, stream: bool, meter: UsageMeter | None = None,
+                       request_id: str = "") -> web.StreamResponse:
+        """Send raw (an already-validated JSON body) to the first backend that answers and
+        answer `request` with what it says."""
+        for backend in backends:
+            try:
+                upstream = await self._open(backend, path, raw, stream, request_id)
+            except UpstreamUnreachable as exc:
+                log.warning("%s: backend %s unreachable: %s", request_id, backend.name, exc)
+                self.unreachable(backend, str(exc))
+                continue
+            if upstream.content_type == "text/event-stream" and upstream.status == 200:
+                return await self._stream(request, upstream, meter, request_id)
+            return await self._whole(upstream, meter)
+        raise UpstreamUnreachable
 
-async def relay(request: web.Request, backends: list[Backend], path: str, raw: bytes,
-                stream: bool, meter: UsageMeter | None = None) -> web.StreamResponse:
-    """Send raw (an already-validated JSON body) to the first backend that answers."""
-    for backend in backends:
+    async def _open(self, backend: Backend, path: str, raw: bytes, stream: bool,
+                    request_id: str) -> ClientResponse:
+        """POST to the backend and wait for its response headers (the first byte)."""
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
+                   "X-Request-Id": request_id, **backend.auth_headers()}
+        if stream:
+            # llama-server closes the connection after a stream although it said keep-alive;
+            # never pool such a connection, or the next request would find it dead.
+            headers["Connection"] = "close"
+        # A pooled connection may have been closed by the server just after a streamed response
+        # (llama-server does this although it advertised keep-alive): retry that once, fresh.
+        for attempt in (1, 2):
+            try:
+                async with asyncio.timeout(self.timeouts.first_byte):
+                    return await self.client.post(backend.url(path), data=raw, headers=headers,
+                                                  timeout=self._client_timeout)
+            except TimeoutError:
+                raise UpstreamTimeout("The model server did not answer in time") from None
+            except ClientConnectorError as exc:  # nothing listening: no retry here
+                raise UpstreamUnreachable(str(exc) or type(exc).__name__) from exc
+            except (ServerDisconnectedError, ClientOSError) as exc:  # a dead pooled connection
+                if attempt == 2:
+                    raise UpstreamUnreachable(f"connection dropped before an answer ({exc})"
+                                              ) from exc
+            except ClientConnectionError as exc:
+                raise UpstreamUnreachable(str(exc) or type(exc).__name__) from exc
+        raise AssertionError("unreachable")
+
+    async def _whole(self, upstream: ClientResponse, meter: UsageMeter | None) -> web.Response:
+        """A non-streamed answer: read it all, make sure errors are in OpenAI's shape."""
         try:
-            upstream = await _open(request, backend, path, raw, stream)
-        except Unreachable as exc:
-            log.warning("%s: backend %s unreachable: %s", request[REQUEST_ID], backend.name, exc)
-            if not backend.supervised:  # the health check brings it back
-                backend.set_state(State.DOWN, str(exc))
-            continue
-        if upstream.content_type == "text/event-stream" and upstream.status == 200:
-            return await _stream(request, upstream, request.app[SETTINGS], meter)
-        return await _whole(upstream, request.app[SETTINGS], meter)
-    raise OpenAIError(502, "The model server could not be reached", code="upstream_unreachable")
-
-
-def unavailable(candidates: list[Backend]) -> OpenAIError:
-    if any(b.state is State.STARTING for b in candidates):
-        return OpenAIError(503, "The model is loading; retry shortly", code="model_loading",
-                           headers={"Retry-After": LOADING_RETRY_AFTER})
-    reasons = "; ".join(f"{b.name}: {b.reason or b.state}" for b in candidates)
-    return OpenAIError(503, f"No model server is available ({reasons})",
-                       code="backend_unavailable", headers={"Retry-After": DOWN_RETRY_AFTER})
-
-
-async def _open(request: web.Request, backend: Backend, path: str, raw: bytes, stream: bool
-                ) -> ClientResponse:
-    """POST to the backend and wait for its response headers (the first byte)."""
-    settings: Settings = request.app[SETTINGS]
-    client: ClientSession = request.app[CLIENT]
-    headers = {
-        "Content-Type": "application/json",
-        "Accept-Encoding": "identity",
-        "X-Request-Id": request[REQUEST_ID],
-        **backend.auth_headers(),
-    }
-    if stream:
-        # llama-server closes the connection after a stream although it said keep-alive;
-        # never pool such a connection, or the next request would find it dead.
-        headers["Connection"] = "close"
-    timeout = _client_timeout(settings.request_timeout, settings.connect_timeout)
-    # A pooled connection may have been closed by the server just after a streamed response
-    # (llama-server does this although it advertised keep-alive): retry that once, fresh.
-    for attempt in (1, 2):
-        try:
-            async with asyncio.timeout(settings.first_byte_timeout):
-                return await client.post(backend.url(path), data=raw, headers=headers,
-                                         timeout=timeout)
+            async with asyncio.timeout(self.timeouts.idle):
+                body = await upstream.read()
         except TimeoutError:
-            raise OpenAIError(504, "The model server did not answer in time",
-                              code="upstream_timeout") from None
-        except ClientConnectorError as exc:  # nothing listening: no retry here
-            raise Unreachable(str(exc) or type(exc).__name__) from exc
-        except (ServerDisconnectedError, ClientOSError) as exc:  # a dead pooled connection
-            if attempt == 2:
-                raise Unreachable(f"connection dropped before an answer ({exc})") from exc
-        except ClientConnectionError as exc:
-            raise Unreachable(str(exc) or type(exc).__name__) from exc
-    raise AssertionError("unreachable")
+            raise UpstreamTimeout("The model server stopped sending its answer") from None
+        except ClientError as exc:
+            raise UpstreamBroke("The model server broke off its answer") from exc
+        finally:
+            upstream.release()
+        status = upstream.status
+        if meter is not None and status == 200:
+            meter.from_body(body)
+        headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json")}
+        if status >= 400:
+            body = as_openai_error(status, body)
+            headers["Content-Type"] = "application/json"
+            if status == 503:
+                headers["Retry-After"] = upstream.headers.get("Retry-After", LOADING_RETRY_AFTER)
+        return web.Response(status=status, body=body, headers=headers)
+
+    async def _stream(self, request: web.Request, upstream: ClientResponse,
+                      meter: UsageMeter | None, request_id: str) -> web.StreamResponse:
+        """Pass SSE chunks through as they arrive; end with an error event if upstream fails."""
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # tell any proxy in front of us not to buffer either
+        })
+        request[OPEN_STREAM] = response  # a shutdown past its grace ends it with an error event
+        try:
+            await response.prepare(request)
+            async for chunk in self._chunks(upstream, meter):
+                await response.write(chunk)
+        except ConnectionResetError:
+            log.info("%s: client went away mid-stream; closing upstream", request_id)
+            return response
+        except (UpstreamTimeout, UpstreamBroke) as exc:
+            log.warning("%s: %s", request_id, exc)
+            error = to_openai(exc, request)
+            assert error is not None
+            try:
+                await response.write(error.sse_event())
+            except ConnectionResetError:
+                return response
+        finally:
+            # Closing (not releasing) drops the connection: a half-read stream is abandoned at
+            # once, and llama-server closes finished streams itself anyway.
+            upstream.close()
+        await response.write_eof()
+        return response
+
+    async def _chunks(self, upstream: ClientResponse, meter: UsageMeter | None
+                      ) -> AsyncIterator[bytes]:
+        """The upstream's bytes as they come (through the usage meter), within the idle
+        deadline; one deadline, moved per chunk, is cheaper than a new timeout for each."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(None) as idle:
+                while True:
+                    idle.reschedule(loop.time() + self.timeouts.idle)
+                    chunk = await upstream.content.readany()
+                    idle.reschedule(None)
+                    if not chunk:
+                        if meter is not None and (rest := meter.flush()):
+                            yield rest
+                        return
+                    if meter is not None:
+                        chunk = meter.filter(chunk)
+                    if chunk:
+                        yield chunk
+        except TimeoutError:
+            raise UpstreamTimeout("The model server went silent") from None
+        except ClientError as exc:
+            raise UpstreamBroke("The model server broke off the stream") from exc
 
 
-@functools.cache
-def _client_timeout(total: float, connect: float) -> ClientTimeout:
-    """Built once, not per request: connect and whole-request caps; the rest is the relay's."""
-    return ClientTimeout(total=total or None, connect=connect, sock_read=None)
-
-
-async def _whole(upstream: ClientResponse, settings: Settings, meter: UsageMeter | None
-                 ) -> web.Response:
-    """A non-streamed answer: read it all, make sure errors are in OpenAI's shape."""
-    try:
-        async with asyncio.timeout(settings.idle_timeout):
-            body = await upstream.read()
-    except TimeoutError:
-        raise OpenAIError(504, "The model server stopped sending its answer",
-                          code="upstream_timeout") from None
-    except ClientError as exc:
-        raise OpenAIError(502, "The model server broke off its answer",
-                          code="upstream_error") from exc
-    finally:
-        upstream.release()
-    status = upstream.status
-    if meter is not None and status == 200:
-        meter.from_body(body)
-    headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json")}
-    if status >= 400:
-        body = _as_openai_error(status, body)
-        headers["Content-Type"] = "application/json"
-        if status == 503:
-            headers["Retry-After"] = upstream.headers.get("Retry-After", LOADING_RETRY_AFTER)
-    return web.Response(status=status, body=body, headers=headers)
-
-
-def _as_openai_error(status: int, body: bytes) -> bytes:
-    """Keep an upstream error that is already OpenAI-shaped; wrap anything else."""
+def as_openai_error(status: int, body: bytes) -> bytes:
+    """An upstream's error body in OpenAI's shape: kept if it already is, wrapped otherwise."""
     try:
         parsed = orjson.loads(body)
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
@@ -168,48 +202,27 @@ def _as_openai_error(status: int, body: bytes) -> bytes:
                                    ERROR_TYPES.get(status, "server_error"), "upstream_error"))
 
 
-async def _stream(request: web.Request, upstream: ClientResponse, settings: Settings,
-                  meter: UsageMeter | None) -> web.StreamResponse:
-    """Pass SSE chunks through as they arrive; end with an error event if upstream fails."""
-    response = web.StreamResponse(status=200, headers={
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",  # tell any proxy in front of us not to buffer either
-    })
-    loop = asyncio.get_running_loop()
-    request[OPEN_STREAM] = response  # a shutdown past its grace ends it with an error event
-    try:
-        await response.prepare(request)
-        # One deadline, moved forward per chunk (cheaper than a new timeout for each).
-        async with asyncio.timeout(None) as idle:
-            while True:
-                idle.reschedule(loop.time() + settings.idle_timeout)
-                chunk = await upstream.content.readany()
-                idle.reschedule(None)
-                if not chunk:
-                    if meter is not None and (rest := meter.flush()):
-                        await response.write(rest)
-                    break
-                if meter is not None:
-                    chunk = meter.filter(chunk)
-                    if not chunk:
-                        continue
-                await response.write(chunk)
-    except ConnectionResetError:
-        log.info("%s: client went away mid-stream; closing upstream", request[REQUEST_ID])
-        return response
-    except (TimeoutError, ClientError) as exc:
-        failure = ("The model server went silent" if isinstance(exc, TimeoutError)
-                   else "The model server broke off the stream")
-        log.warning("%s: %s (%s)", request[REQUEST_ID], failure, type(exc).__name__)
-        code = "upstream_timeout" if isinstance(exc, TimeoutError) else "upstream_error"
-        try:
-            await response.write(sse_error_event(failure, code=code))
-        except ConnectionResetError:
-            return response
-    finally:
-        # Closing (not releasing) drops the connection: a half-read stream is abandoned at
-        # once, and llama-server closes finished streams itself anyway.
-        upstream.close()
-    await response.write_eof()
-    return response
+RELAY = web.AppKey("relay", Relay)
+
+
+def setup_relay(app: web.Application, *, timeouts: Timeouts, max_connections: int) -> None:
+    """The HTTP client to the model servers, and the relay around it (app[RELAY])."""
+    app.cleanup_ctx.append(functools.partial(_client, timeouts, max_connections))
+
+
+async def _client(timeouts: Timeouts, max_connections: int, app: web.Application
+                  ) -> AsyncIterator[None]:
+    # limit=0: no hidden cap (aiohttp's default of 100 would queue the 101st stream silently).
+    connector = TCPConnector(limit=max_connections, limit_per_host=0)
+    # No total/read timeout here: the relay sets connect, first-byte and idle deadlines itself.
+    timeout = ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
+    async with ClientSession(connector=connector, timeout=timeout) as client:
+        app[CLIENT] = client
+        app[RELAY] = Relay(client, timeouts, unreachable=_mark_down)
+        yield
+
+
+def _mark_down(backend: Backend, why: str) -> None:
+    # The supervisor owns the child's state; a health check brings an upstream back.
+    if not backend.supervised:
+        backend.set_state(State.DOWN, why)

@@ -8,11 +8,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.backends import BackendPool
+from auth.errors import NotPermitted
+from proxy.authn import PRINCIPAL
 from proxy.errors import OpenAIError
-from proxy.keys import LIMITER, POOL, PRINCIPAL, QUEUE
-from proxy.limits import limited
-from proxy.relay import choose_backends, relay
+from proxy.limits import LIMITER, QUEUE, limited
+from proxy.middlewares import REQUEST_ID
+from proxy.pool import POOL
+from proxy.relay import RELAY
 
 CAN_SERVE = ("ok", "degraded")
 _STARTED = int(time.time())
@@ -49,8 +51,8 @@ def check_model_allowed(request: web.Request, model: str | None) -> None:
         return
     effective = model or next(iter(request.app[POOL].model_ids()), None)
     if not principal.may_use(effective):
-        raise OpenAIError(403, f"This credential may not use the model `{effective}`",
-                          code="model_not_allowed", param="model")
+        raise NotPermitted(f"This credential may not use the model `{effective}`",
+                           code="model_not_allowed", param="model")
 
 
 def openai_endpoint(path: str) -> Any:
@@ -62,36 +64,40 @@ def openai_endpoint(path: str) -> Any:
 
 
 async def model_request(request: web.Request, path: str) -> web.StreamResponse:
+    """Validate, choose the backends (refusals there cost the caller nothing), take the rate
+    limits and a slot, then relay."""
     raw, body = await read_json(request)
     model = body.get("model")
     check_model_allowed(request, model)
-    backends = choose_backends(request, model)
+    backends = request.app[POOL].choose(model)
     stream = body.get("stream") is True
-    async with limited(request, path, raw, body, stream) as (payload, meter):
+    principal = request[PRINCIPAL]
+    relay = request.app[RELAY]
+    async with limited(request, principal, path, raw, body, stream) as (payload, meter):
         queue = request.app[QUEUE]
         if queue.slots <= 0:  # admission control off: no queue to pass through
-            return await relay(request, backends, path, payload, stream, meter)
-        async with queue.slot(request[PRINCIPAL].id):
-            return await relay(request, backends, path, payload, stream, meter)
+            return await relay(request, backends, path, payload, stream, meter,
+                               request[REQUEST_ID])
+        async with queue.slot(principal.id):
+            return await relay(request, backends, path, payload, stream, meter,
+                               request[REQUEST_ID])
 
 
 async def list_models(request: web.Request) -> web.Response:
-    pool: BackendPool = request.app[POOL]
     principal = request[PRINCIPAL]
     data = [{"id": m, "object": "model", "created": _STARTED, "owned_by": "llama-proxy"}
-            for m in pool.model_ids() if principal.may_use(m)]
+            for m in request.app[POOL].model_ids() if principal.may_use(m)]
     return json_response({"object": "list", "data": data})
 
 
 async def health(request: web.Request) -> web.Response:
-    pool: BackendPool = request.app[POOL]
+    pool = request.app[POOL]
     status = pool.status()
     models = pool.model_ids()
-    queue, limiter = request.app[QUEUE], request.app[LIMITER]
     body = {"status": status, "model": models[0] if models else None,
             "backends": [b.public() for b in pool.backends],
-            "queue": await queue.stats(),
-            "limits": "local" if limiter.degraded else "redis"}
+            "queue": await request.app[QUEUE].stats(),
+            "limits": "local" if request.app[LIMITER].degraded else "redis"}
     return json_response(body, 200 if status in CAN_SERVE else 503)
 
 

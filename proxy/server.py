@@ -18,10 +18,10 @@ from aiohttp import web
 from auth.authenticator import is_loopback
 from config import ConfigError, Settings
 from config.settings import default_data_dir
-from proxy.app import create_app
+from proxy.app import create_app, limits_of
 from proxy.drain import ABORT_WAIT
-from proxy.keys import SUPERVISOR
-from proxy.limits import describe_limits
+from proxy.limits import QUEUE, describe_limits
+from proxy.pool import SUPERVISOR
 from proxy.workers import WorkerPool
 
 log = logging.getLogger("proxy")
@@ -46,6 +46,7 @@ class Running:
     app: web.Application
     runner: web.AppRunner
     base_url: str
+    settings: Settings
 
 
 def raise_open_files_limit() -> None:
@@ -75,7 +76,7 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
         await runner.cleanup()
         raise
     host, port = sock.getsockname()[:2]
-    return Running(app, runner, f"http://{host}:{port}")
+    return Running(app, runner, f"http://{host}:{port}", settings)
 
 
 async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | None = None
@@ -93,12 +94,14 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
     base = running.base_url
     log.info("listening on %s (OpenAI base URL %s/v1)", base, base)
     print(f"llama-proxy listening on {base}  (OpenAI base URL: {base}/v1)", flush=True)
-    limits = describe_limits(settings)
+    limits = describe_limits(limits_of(settings))
     log.info("%s", limits)
     print(limits, flush=True)
     _warn_if_open(settings)
     if pool is not None:
-        await pool.start(running)
+        supervisor = running.app[SUPERVISOR]
+        await pool.start(int(base.rsplit(":", 1)[1]),
+                         supervisor.backend if supervisor else None, running.app[QUEUE])
 
     announcer = asyncio.create_task(_announce_ready(running.app, base))
     await _wait_for_signal()

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from proxy.admission import SHUTTING_DOWN, Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout
+from quota.slots import SHUTTING_DOWN, Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout
 
 log = logging.getLogger("proxy.slots")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from auth.ratelimit import Admission
+from quota.windows import Admission
 
 _USAGE = b'"usage"'
 

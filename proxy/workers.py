@@ -10,27 +10,22 @@ crash.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 
 from config import Settings
-from proxy.admission import FairQueue
-from proxy.keys import QUEUE, SUPERVISOR
-from proxy.redis_server import EmbeddedRedis
+from proxy.backends import Backend
+from proxy.child import ChildProcess, Restart
+from proxy.files import write_private
 from proxy.shared_slots import SlotLender
-from proxy.supervisor import with_parent_death_signal, write_private
-
-if TYPE_CHECKING:
-    from proxy.server import Running
+from proxy.store import SOCKET
+from quota.slots import FairQueue, SlotQueue
 
 log = logging.getLogger("proxy.workers")
 SETTINGS_FILE = "worker-settings-{pid}.json"
@@ -38,17 +33,15 @@ SLOTS_SOCKET = "slots-{pid}.sock"  # named after the first process: two applianc
 RESTART_DELAY = 1.0
 
 
-def worker_settings(settings: Settings, running: Running) -> dict[str, Any]:
+def worker_settings(settings: Settings, port: int, child: Backend | None) -> dict[str, Any]:
     """The settings of one extra worker: this appliance, minus the parts only one may run."""
     values = {f.name: getattr(settings, f.name) for f in fields(settings)}
     upstreams, key = list(settings.upstreams), settings.upstream_api_key
-    supervisor = running.app[SUPERVISOR]
-    if supervisor is not None:
-        upstreams, key = [supervisor.backend.base_url, *upstreams], supervisor.backend.api_key
+    if child is not None:
+        upstreams, key = [child.base_url, *upstreams], child.api_key
     values.update(
         workers=1, model=None, llama_server=None, upstreams=upstreams, upstream_api_key=key,
-        redis_url=settings.redis_url or EmbeddedRedis(settings).url,
-        port=int(running.base_url.rsplit(":", 1)[1]),
+        redis_url=settings.redis_url or f"unix://{settings.data_dir / SOCKET}", port=port,
         health_interval=min(settings.health_interval, 1.0),
     )
     return {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
@@ -77,63 +70,41 @@ class WorkerPool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.path = settings.data_dir / SETTINGS_FILE.format(pid=os.getpid())
-        self.procs: dict[int, asyncio.subprocess.Process] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self.children: list[ChildProcess] = []
         self._lender: SlotLender | None = None
-        self._stopping = False
 
-    async def start(self, running: Running) -> None:
+    async def start(self, port: int, child: Backend | None, queue: SlotQueue) -> None:
+        """port: the one we listen on; child: the supervised llama-server, if any; queue: the
+        slot queue, lent to the workers."""
         remove_stale_files(self.settings.data_dir)
         slots_from = None
-        queue = running.app[QUEUE]
         if isinstance(queue, FairQueue) and queue.slots > 0:
             socket = self.settings.data_dir / SLOTS_SOCKET.format(pid=os.getpid())
             self._lender = SlotLender(queue, socket)
             await self._lender.start()
             slots_from = str(self._lender.path)
-        config = {"settings": worker_settings(self.settings, running), "slots_from": slots_from}
+        config = {"settings": worker_settings(self.settings, port, child),
+                  "slots_from": slots_from}
         write_private(self.path, orjson.dumps(config).decode())
+        command = [sys.executable, "-m", "proxy", "--worker-settings", str(self.path)]
         for index in range(1, self.settings.workers):
-            self._tasks.append(asyncio.create_task(self._keep(index)))
+            worker = ChildProcess(
+                f"worker {index}", lambda: command, inherit_output=True, own_group=False,
+                restart=Restart(first_delay=RESTART_DELAY, max_delay=RESTART_DELAY),
+                stop_grace=self.settings.shutdown_grace + 10)
+            self.children.append(worker)
+            await worker.start()
         log.info("started %d extra worker processes", self.settings.workers - 1)
-
-    async def _keep(self, index: int) -> None:
-        while not self._stopping:
-            proc = await asyncio.create_subprocess_exec(
-                *with_parent_death_signal([sys.executable, "-m", "proxy", "--worker-settings",
-                                           str(self.path)]),
-                stdin=asyncio.subprocess.DEVNULL)
-            self.procs[index] = proc
-            code = await proc.wait()
-            if self._stopping:
-                return
-            log.error("worker %d (pid %d) exited with %d; restarting in %.0fs", index, proc.pid,
-                      code, RESTART_DELAY)
-            await asyncio.sleep(RESTART_DELAY)
 
     def terminate(self) -> None:
         """SIGTERM every worker: each drains its own requests."""
-        if self._stopping:
-            return
-        self._stopping = True
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
+        for worker in self.children:
+            worker.terminate()
 
     async def stopped(self, _app: object = None) -> None:
         """Wait for the workers to exit (SIGKILL past their grace), then stop lending slots."""
-        self.terminate()
-        grace = self.settings.shutdown_grace + 10
-        for proc in list(self.procs.values()):
-            try:
-                await asyncio.wait_for(proc.wait(), grace)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self.children:
+            await worker.stop()
         if self._lender is not None:
             await self._lender.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        self.path.unlink(missing_ok=True)

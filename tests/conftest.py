@@ -13,11 +13,11 @@ import pytest
 import redis
 from aiohttp import web
 
-from bench import fake_upstream
 from config import Settings, load_settings
 from config.paths import bundled_llama_server, bundled_model
 from proxy.server import Running, start
-from tests.helpers import free_port, http_status, wait_until
+from tests.kit import fake_upstream
+from tests.kit.helpers import free_port, http_status, wait_until
 
 MODEL_ID = "smollm2"
 ADMIN_KEY = "test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -181,6 +181,5 @@ async def model_proxy(make_proxy: ProxyFactory, llama: Llama) -> Running:
 def token_for(proxy: Running, subject: str = "alice", **claims: Any) -> str:
     """A JWT signed the way generate_token.py signs it, for this appliance."""
     from auth.tokens import issue_token
-    from proxy.keys import SETTINGS
 
-    return issue_token(proxy.app[SETTINGS], subject, 1, **claims)[0]
+    return issue_token(proxy.settings, subject, 1, **claims)[0]

@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.helpers import REPO, Appliance, wait_until
+from tests.kit.helpers import REPO, Appliance, wait_until
 
 
 def generate(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

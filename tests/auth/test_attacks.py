@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from auth.tokens import load_or_create_secret
-from proxy.keys import SETTINGS
 from proxy.server import Running
 from tests.conftest import ADMIN_HEADERS, Fake, ProxyFactory, token_for
 
@@ -51,7 +50,7 @@ async def proxy(make_proxy: ProxyFactory, fake: Fake) -> Running:
 
 
 def secret_of(proxy: Running) -> str:
-    return load_or_create_secret(proxy.app[SETTINGS])
+    return load_or_create_secret(proxy.settings)
 
 
 async def assert_refused(proxy: Running, fake: Fake, headers: dict[str, str], status: int = 401,

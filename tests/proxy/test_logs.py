@@ -6,7 +6,7 @@ import io
 import logging
 
 from proxy.logs import JsonFormatter, RedactingFormatter, register_secret
-from tests.helpers import wait_until
+from tests.kit.helpers import wait_until
 
 
 def test_tracebacks_and_messages_are_redacted() -> None:

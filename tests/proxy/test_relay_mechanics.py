@@ -11,7 +11,7 @@ import pytest
 
 from proxy.server import Running
 from tests.conftest import Fake, ProxyFactory
-from tests.helpers import eventually
+from tests.kit.helpers import eventually
 
 CHAT = "/v1/chat/completions"
 

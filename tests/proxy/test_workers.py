@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.conftest import Fake
-from tests.helpers import Appliance, eventually, http_status, pid_alive, wait_until
+from tests.kit.helpers import Appliance, eventually, http_status, pid_alive, wait_until
 
 CHAT = "/v1/chat/completions"
 

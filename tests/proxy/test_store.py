@@ -10,7 +10,7 @@ from pathlib import Path
 
 import openai
 
-from tests.helpers import Appliance, pid_alive, wait_until
+from tests.kit.helpers import Appliance, pid_alive, wait_until
 from tests.test_generate_token import chat, generate, last_line, redis_servers_for
 
 
@@ -30,7 +30,7 @@ def test_embedded_redis_is_restarted_and_keeps_its_keys(tmp_path: Path) -> None:
         first = redis_pids(app)[-1]
         os.kill(first, signal.SIGKILL)
         wait_until(lambda: len(redis_pids(app)) == 2, 15, "the embedded Redis to restart")
-        assert "embedded redis-server exited with -9" in app.log
+        assert "embedded Redis killed by SIGKILL; restarting" in app.log
         assert not pid_alive(first)
         assert chat(app.base, key).strip()  # a key from before the crash, read from disk
         after = last_line(generate(app.data_dir, "after", "--api-key"))
@@ -49,15 +49,13 @@ def test_embedded_redis_is_restarted_and_keeps_its_keys(tmp_path: Path) -> None:
 async def test_the_appliance_takes_over_a_redis_it_only_shared(tmp_path: Path) -> None:
     """generate_token.py started Redis for itself; the appliance came up meanwhile and shared
     it; when the tool ends and stops its Redis, the appliance starts its own, with the data."""
-    from config import load_settings
-    from proxy.redis_server import EmbeddedRedis, make_client
+    from proxy.store import EmbeddedRedis, make_client
 
     data = tmp_path / "data"
-    settings = load_settings({"data_dir": str(data)}, env={}, serving=False)
-    tool = EmbeddedRedis(settings)
+    tool = EmbeddedRedis(data, "redis-server", 0.25)
     await tool.start(keep=False)
     assert tool.owned
-    client = make_client(settings, tool.url)
+    client = make_client(tool.url, 0.25)
     await client.set("llp:test", "kept")
     await client.aclose()
     app = Appliance(tmp_path / "app", data_dir=data)
@@ -70,7 +68,7 @@ async def test_the_appliance_takes_over_a_redis_it_only_shared(tmp_path: Path) -
         key = last_line(await asyncio.to_thread(generate, data, "after", "--api-key"))
         assert (await asyncio.to_thread(chat, app.base, key)).strip()
         assert len(redis_servers_for(data / "redis.sock")) == 1
-        client = make_client(settings, tool.url)
+        client = make_client(tool.url, 0.25)
         assert await client.get("llp:test") == "kept"  # the same append-only data
         await client.aclose()
     finally:

@@ -8,7 +8,7 @@ import redis as redis_sync
 
 from proxy.limits import estimate_tokens
 from tests.conftest import Llama, ProxyFactory, token_for
-from tests.helpers import eventually
+from tests.kit.helpers import eventually
 
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 

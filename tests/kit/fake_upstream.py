@@ -1,4 +1,5 @@
-"""A fast fake OpenAI upstream for relay mechanics and benchmarks (python -m bench.fake_upstream).
+"""A fast fake OpenAI upstream for relay mechanics and benchmarks
+(python -m tests.kit.fake_upstream).
 
 Each request steers the fake through a "fake" object in its JSON body, which the appliance
 forwards untouched:

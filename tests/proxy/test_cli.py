@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO
+from tests.kit.helpers import REPO
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

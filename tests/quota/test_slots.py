@@ -1,5 +1,6 @@
 """The fair slot queue under races: cancellations in the same loop turn as a hand-off, at random
-points, many times; the counters must come back exact and no slot may be lost."""
+points, many times; the counters must come back exact and no slot may be lost. (Clients hanging
+up in the queue over HTTP: tests/proxy/test_limits.py.)"""
 
 from __future__ import annotations
 
@@ -7,12 +8,9 @@ import asyncio
 import random
 import time
 
-import aiohttp
 import pytest
 
-from proxy.admission import FairQueue, QueueClosed, QueueFull, QueueTimeout
-from tests.conftest import Fake, ProxyFactory
-from tests.helpers import eventually
+from quota.slots import FairQueue, QueueClosed, QueueFull, QueueTimeout
 
 
 async def settle_loop() -> None:
@@ -104,42 +102,3 @@ async def test_full_queue_wait_limit_and_close() -> None:
         await queue.acquire("d")
     queue.release()
     assert (queue.free, queue.waiting) == (1, 0)
-
-
-async def test_clients_hanging_up_in_the_queue_never_cost_a_slot(
-    make_proxy: ProxyFactory, fake: Fake
-) -> None:
-    """Through HTTP: 1 slot, 50 clients per round of which half hang up at a random moment."""
-    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", admission_slots=1,
-                             queue_max=100, queue_timeout=5)
-    url = proxy.base_url + "/v1/chat/completions"
-    rng = random.Random(42)
-
-    async def one(http: aiohttp.ClientSession, i: int) -> int | None:
-        body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
-                "fake": {"ttfb": rng.uniform(0.002, 0.012)}}
-        timeout = aiohttp.ClientTimeout(total=rng.uniform(0, 0.3)) if i % 2 else None
-        try:
-            async with http.post(url, json=body, timeout=timeout) as resp:
-                await resp.read()
-                return resp.status
-        except TimeoutError:
-            return None  # hung up
-
-    connector = aiohttp.TCPConnector(limit=0, force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as http:
-        for _ in range(5):
-            statuses = await asyncio.gather(*(one(http, i) for i in range(50)))
-            assert set(statuses) <= {200, None}
-            assert statuses.count(200) >= 25
-        started = time.monotonic()
-        async with http.post(url, json={"model": "fake-model", "messages": []}) as resp:
-            assert resp.status == 200
-        assert time.monotonic() - started < 0.5
-
-        async def queue_idle() -> bool:
-            async with http.get(proxy.base_url + "/health") as resp:
-                queue = (await resp.json())["queue"]
-            return queue["free"] == 1 and queue["waiting"] == 0
-
-        await eventually(queue_idle, 2, "every slot free and nobody waiting")

@@ -1,0 +1,81 @@
+"""The limiter against a real Redis: bursts, callers that leave mid-check, and settlement."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+import redis as redis_sync
+
+from proxy.store import make_client
+from quota.limiter import Limiter
+from quota.windows import Limits
+
+_ids = itertools.count()
+
+
+def rid() -> str:
+    return f"lim{next(_ids)}"
+
+
+def redis_number(url: str, command: str, key: str) -> int:
+    client = redis_sync.Redis.from_url(url)
+    try:
+        return int(client.execute_command(command, key) or 0)
+    finally:
+        client.close()
+
+
+async def test_a_burst_is_not_mistaken_for_an_outage(redis_url: str) -> None:
+    # redis-py's default pool raises on the 101st concurrent call; that must not look like
+    # "Redis is down" and switch the limiter to (per-process) local windows.
+    redis = make_client(redis_url, 0.25)
+    limiter = Limiter(redis, Limits(rpm=50))
+    admissions = await asyncio.gather(*(limiter.admit(rid(), "user:burst", "127.0.0.1", 1)
+                                        for _ in range(300)))
+    assert not limiter.degraded
+    assert sum(1 for a in admissions if a and a.allowed) == 50
+    await redis.aclose()
+
+
+async def test_a_caller_leaving_while_redis_decides_leaves_no_lease(redis_url: str) -> None:
+    redis = make_client(redis_url, 0.25)
+    limiter = Limiter(redis, Limits(concurrency=2, tpm=1000))
+    for _ in range(20):
+        task = asyncio.create_task(limiter.admit(rid(), "user:leaver", "127.0.0.1", 100))
+        await asyncio.sleep(0)  # the check is on its way to Redis ...
+        task.cancel()  # ... when the client hangs up
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await limiter.aclose()
+    assert redis_number(redis_url, "ZCARD", "llp:rl:{user:leaver}:conc") == 0
+    assert redis_number(redis_url, "GET", "llp:rl:{user:leaver}:tpm:sum") == 0
+    admitted = await limiter.admit(rid(), "user:leaver", "127.0.0.1", 100)
+    assert admitted is not None and admitted.allowed
+    await redis.aclose()
+
+
+async def test_settlement_charges_real_use_and_frees_leases(redis_url: str) -> None:
+    redis = make_client(redis_url, 0.25)
+    limiter = Limiter(redis, Limits(concurrency=1, tpm=1000))
+    admission = await limiter.admit(rid(), "user:sam", "127.0.0.1", 600)
+    assert admission is not None and admission.allowed
+    refused = await limiter.admit(rid(), "user:sam", "127.0.0.1", 600)
+    assert refused is not None and {w.name for w in refused.denied()} == {"tpm", "concurrency"}
+    admission.usage = 42
+    limiter.settle(admission)
+    limiter.settle(admission)  # a second settle does nothing
+    await limiter.aclose()
+    assert redis_number(redis_url, "GET", "llp:rl:{user:sam}:tpm:sum") == 42
+    assert redis_number(redis_url, "ZCARD", "llp:rl:{user:sam}:conc") == 0
+    await redis.aclose()
+
+
+async def test_per_credential_limits_beat_the_global_ones(redis_url: str) -> None:
+    redis = make_client(redis_url, 0.25)
+    limiter = Limiter(redis, Limits(rpm=100))
+    results = [await limiter.admit(rid(), "key:abc", "127.0.0.1", 1, rpm=2) for _ in range(3)]
+    assert [a.allowed for a in results if a] == [True, True, False]
+    assert await Limiter(redis, Limits()).admit(rid(), "key:abc", "127.0.0.1", 1) is None
+    await redis.aclose()
