@@ -24,7 +24,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from auth.errors import CredentialStoreDown, unauthorized
+from auth.errors import CredentialRejected, CredentialStoreDown
 from auth.principal import Principal, model_set, positive_int, scope_set
 
 log = logging.getLogger("proxy.auth")
@@ -189,13 +189,13 @@ class KeyStore:
     async def verify(self, key: str) -> Principal:
         prefix = parse_key(key)
         if prefix is None:
-            raise unauthorized("malformed API key")
+            raise CredentialRejected("malformed API key")
         record, fetched = await self._lookup(prefix)
         if record is None or not hmac.compare_digest(record.hash, digest(key)):
-            raise unauthorized(f"unknown API key {prefix}")
+            raise CredentialRejected(f"unknown API key {prefix}")
         status = record.status()
         if status != "active":
-            raise unauthorized(f"API key {prefix} is {status}", f"API key {status}")
+            raise CredentialRejected(f"API key {prefix} is {status}", f"API key {status}")
         if fetched:  # a real use, recorded at most once per cache period
             self._touch(prefix)
         return record.principal

@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Mapping
 
 from auth.apikeys import KeyStore, parse_key
-from auth.errors import MissingCredential, unauthorized
+from auth.errors import CredentialRejected, MissingCredential
 from auth.principal import ADMIN, INFERENCE, Principal
 from auth.tokens import MAX_TOKEN_BYTES, TokenVerifier
 
@@ -31,14 +31,14 @@ def presented_credential(headers: Mapping[str, str]) -> str | None:
     if auth is not None:
         scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise unauthorized("Authorization header is not `Bearer <credential>`")
+            raise CredentialRejected("Authorization header is not `Bearer <credential>`")
         credential = value.strip()
     else:
         credential = headers.get("X-API-Key", "").strip()
         if not credential:
             return None
     if len(credential) > MAX_TOKEN_BYTES or not credential.isascii() or " " in credential:
-        raise unauthorized("credential is oversized or not printable ASCII")
+        raise CredentialRejected("credential is oversized or not printable ASCII")
     return credential
 
 
@@ -64,22 +64,23 @@ class Authenticator:
         if self.tokens.looks_like_jwt(credential):
             principal = await self.tokens.verify(credential)
             if await self.keys.jti_revoked(principal.credential):
-                raise unauthorized(f"JWT {principal.credential} is revoked", "Token revoked")
+                raise CredentialRejected(f"JWT {principal.credential} is revoked", "Token revoked")
             return principal
         if parse_key(credential):
             return await self.keys.verify(credential)
-        raise unauthorized("credential is neither a JWT nor an API key")
+        raise CredentialRejected("credential is neither a JWT nor an API key")
 
     def _without_credential(self, headers: Mapping[str, str], client_ip: str, admin: bool
                             ) -> Principal:
         user = headers.get("X-User-Id")
         if admin or self.required:
             if user:
-                raise unauthorized("X-User-Id sent without a credential while auth is required",
-                                   "X-User-Id is accepted only in development mode")
+                raise CredentialRejected(
+                    "X-User-Id sent without a credential while auth is required",
+                    "X-User-Id is accepted only in development mode")
             raise MissingCredential
         if user and self.dev_mode:
             if len(user) > _DEV_USER_MAX or not user.isprintable():
-                raise unauthorized("malformed X-User-Id")
+                raise CredentialRejected("malformed X-User-Id")
             return Principal(id=f"user:{user}", kind="dev")
         return Principal(id=f"ip:{client_ip}", kind="anonymous")

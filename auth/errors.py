@@ -45,5 +45,9 @@ class CredentialStoreDown(AuthError):
         super().__init__("The credential store is unavailable; retry shortly")
 
 
-def unauthorized(reason: str, message: str = "Invalid credential") -> CredentialRejected:
-    return CredentialRejected(reason, message)
+class TooManyFailures(AuthError):
+    """This client address failed too often lately; it may try again in retry_after seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Too many failed authentication attempts; try again later")
+        self.retry_after = retry_after

@@ -19,7 +19,7 @@ from typing import Any
 
 import jwt
 
-from auth.errors import unauthorized
+from auth.errors import CredentialRejected
 from auth.principal import Principal, model_set, positive_int, scope_set
 from config import Settings
 
@@ -125,7 +125,7 @@ class TokenVerifier:
 
     async def _decode(self, token: str) -> dict[str, Any]:
         if len(token) > MAX_TOKEN_BYTES:
-            raise unauthorized(f"JWT of {len(token)} bytes is over the limit")
+            raise CredentialRejected(f"JWT of {len(token)} bytes is over the limit")
         try:
             key = self._key if self._jwks is None else await self._jwks_key(token)
             return jwt.decode(
@@ -134,9 +134,9 @@ class TokenVerifier:
                 options={"require": self._required, "verify_aud": bool(self.settings.jwt_audience)},
             )
         except jwt.ExpiredSignatureError:
-            raise unauthorized("JWT expired", "Token expired") from None
+            raise CredentialRejected("JWT expired", "Token expired") from None
         except jwt.PyJWTError as exc:
-            raise unauthorized(f"JWT rejected: {type(exc).__name__}: {exc}") from None
+            raise CredentialRejected(f"JWT rejected: {type(exc).__name__}: {exc}") from None
 
     async def _jwks_key(self, token: str) -> Any:
         if isinstance(self._jwks, LocalJwks):

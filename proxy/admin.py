@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from auth.apikeys import KeyStore
-from auth.tokens import issue_token
-from config import Settings
 from proxy.authn import KEYS
 from proxy.errors import OpenAIError
 from proxy.routes import json_response, read_json
 
-ISSUER = web.AppKey("issuer", Settings)  # the settings JWTs are signed with
+# Signs a JWT: (subject, hours, scopes=, models=, rpm=, tpm=) -> (token, jti, exp).
+Issuer = Callable[..., tuple[str, str, int]]
+ISSUER = web.AppKey("issuer", Issuer)
 
 MAX_HOURS = 24 * 366 * 10
 
@@ -113,8 +114,8 @@ async def create_token(request: web.Request) -> web.Response:
         raise OpenAIError(400, "`sub` (the user) is required", param="sub")
     hours = _positive(body, "hours", MAX_HOURS) or 24
     try:
-        token, jti, exp = issue_token(
-            request.app[ISSUER], subject.strip(), hours, scopes=_string_list(body, "scopes"),
+        token, jti, exp = request.app[ISSUER](
+            subject.strip(), hours, scopes=_string_list(body, "scopes"),
             models=_string_list(body, "models"), rpm=_positive(body, "rpm"),
             tpm=_positive(body, "tpm"))
     except ValueError as exc:
@@ -129,9 +130,9 @@ async def revoke_token(request: web.Request) -> web.Response:
     return json_response({"jti": jti, "revoked": True})
 
 
-def setup_admin(app: web.Application, *, settings: Settings) -> None:
-    """settings: what JWTs issued here are signed with (the same as generate_token.py's)."""
-    app[ISSUER] = settings
+def setup_admin(app: web.Application, *, issue: Issuer) -> None:
+    """issue: signs the JWTs made here, as generate_token.py does."""
+    app[ISSUER] = issue
     app.router.add_post("/admin/keys", create_key)
     app.router.add_get("/admin/keys", list_keys)
     app.router.add_get("/admin/keys/{prefix}", get_key)

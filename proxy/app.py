@@ -4,13 +4,14 @@ order of the middlewares and of start-up (clean-up runs in reverse)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
 
 from auth.authenticator import is_loopback
-from auth.tokens import TokenVerifier
+from auth.tokens import TokenVerifier, issue_token
 from config import Settings
 from proxy.admin import setup_admin
 from proxy.authn import setup_auth
@@ -61,5 +62,5 @@ def create_app(settings: Settings, slots_from: Path | None = None,
                    upstream_key=s.upstream_api_key, check_timeout=s.connect_timeout,
                    startup_grace=s.startup_timeout, health_interval=s.health_interval)
     setup_routes(app)
-    setup_admin(app, settings=s)
+    setup_admin(app, issue=functools.partial(issue_token, s))
     return app

@@ -12,11 +12,11 @@ from aiohttp.typedefs import Handler
 
 from auth.apikeys import KeyStore
 from auth.authenticator import Authenticator
-from auth.errors import AuthError, CredentialRejected, NotPermitted
+from auth.errors import AuthError, CredentialRejected, NotPermitted, TooManyFailures
 from auth.guard import FailureGuard
 from auth.principal import ADMIN, INFERENCE, Principal
 from auth.tokens import TokenVerifier
-from proxy.errors import OpenAIError, to_openai
+from proxy.errors import to_openai
 from proxy.store import REDIS
 
 log = logging.getLogger("proxy.auth")
@@ -59,10 +59,8 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     ip = request.remote or "unknown"
     guard = request.app[GUARD]
-    wait = guard.blocked_for(ip)
-    if wait:
-        raise OpenAIError(429, "Too many failed authentication attempts; try again later",
-                          code="auth_blocked", headers={"Retry-After": str(wait)})
+    if wait := guard.blocked_for(ip):
+        raise TooManyFailures(wait)  # not logged: an attack must not flood the log
     try:
         principal = await request.app[AUTH].identify(request.headers, ip, admin=admin)
         needed = ADMIN if admin else INFERENCE

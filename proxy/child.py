@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import os
@@ -58,11 +59,16 @@ class ChildProcess:
                  restart: Restart | None = None, stop_grace: float = 10.0,
                  on_line: Callable[[str], None] | None = None, inherit_output: bool = False,
                  own_group: bool = True, pass_fds: Sequence[int] = (),
-                 on_phase: Callable[[Phase, str | None], None] = lambda phase, why: None
-                 ) -> None:
+                 on_phase: Callable[[Phase, str | None], None] = lambda phase, why: None,
+                 starting: str = "starting", detail: str = "",
+                 last_words: Callable[[], list[str]] | None = None,
+                 logger: logging.Logger = log) -> None:
         """probe: answers True once the child serves (None: ready once started).
         on_line: each line it prints (read from a pipe); else its output is inherited
-        (inherit_output) or discarded. own_group: its own process group, signalled whole."""
+        (inherit_output) or discarded. own_group: its own process group, signalled whole.
+        starting: the reason shown while it starts; detail: added to its log lines;
+        last_words: its last output lines when they are not read here (a log file of its own).
+        """
         self.name = name
         self.command = command
         self.probe = probe
@@ -74,6 +80,10 @@ class ChildProcess:
         self.own_group = own_group
         self.pass_fds = tuple(pass_fds)
         self.on_phase = on_phase
+        self.starting = starting
+        self.detail = f" {detail}" if detail else ""
+        self.last_words = last_words
+        self.log = logger
         self.phase = Phase.STOPPED
         self.reason: str | None = None
         self.ready = asyncio.Event()
@@ -81,7 +91,8 @@ class ChildProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._first: asyncio.Future[bool] | None = None
-        self._stopping = False
+        self._first_awaited = False
+        self._stopping = asyncio.Event()
         self._crashes: list[float] = []
 
     @property
@@ -90,78 +101,107 @@ class ChildProcess:
 
     async def start(self, wait: bool = False) -> bool:
         """Start it, and keep it running as the restart policy says. wait=True: until the
-        first start is ready (True) or has failed (False); else True at once."""
-        self._stopping = False
+        first start is ready (True) or has failed (False; then it is not restarted, the caller
+        decides); else True at once."""
+        if self._task is not None and not self._task.done():
+            raise RuntimeError(f"{self.name} is already running")
+        self._stopping.clear()
         self._first = asyncio.get_running_loop().create_future()
+        self._first_awaited = wait
         self._task = asyncio.create_task(self._run(), name=f"child {self.name}")
         return await asyncio.shield(self._first) if wait else True
 
     def terminate(self) -> None:
-        """SIGTERM now, without waiting (stop() waits, and escalates)."""
-        self._stopping = True
+        """SIGTERM now, without waiting, and no restart (stop() waits, and escalates)."""
+        self._stopping.set()
         self._signal(signal.SIGTERM)
 
     async def stop(self) -> None:
         """SIGTERM, SIGKILL after stop_grace; no restart afterwards."""
-        self._stopping = True
+        self._stopping.set()
         proc = self._proc
         if proc is not None and proc.returncode is None:
-            log.info("stopping %s (pid %d)", self.name, proc.pid)
+            self.log.info("stopping %s (pid %d)", self.name, proc.pid)
             self._signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), self.stop_grace)
             except TimeoutError:
-                log.warning("%s ignored SIGTERM for %.0fs; killing it", self.name,
-                            self.stop_grace)
+                self.log.warning("%s ignored SIGTERM for %.0fs; killing it", self.name,
+                                 self.stop_grace)
                 self._signal(signal.SIGKILL)
                 await proc.wait()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self._settle_first(False)
         self._set(Phase.STOPPED)
 
     # -- the run loop ----------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._keep_running()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here must not leave the child "starting" for ever
+            self.log.exception("supervising %s failed", self.name)
+            self._set(Phase.FAILED, "its supervision failed (see the log)")
+        finally:
+            self._settle_first(False)
+
+    async def _keep_running(self) -> None:
         while True:
             why = await self._run_once()
-            if self._stopping:
+            if self._stopping.is_set():
                 return
             now = time.monotonic()
-            policy = self.restart
+            policy = None if self._first_start_failed() else self.restart
             window = policy.window if policy else 0.0
             self._crashes = [t for t in self._crashes if now - t < window] + [now]
-            last = "\n".join(f"    {line}" for line in self.tail)
-            output = f" Last output:\n{last}" if last else ""
+            output = self._last_output()
             if policy is None or (policy.give_up_after is not None
                                   and len(self._crashes) >= policy.give_up_after):
                 if policy is not None:
                     why = f"{why}; gave up after {len(self._crashes)} crashes in {window:.0f}s"
                 self._set(Phase.FAILED, why)
-                log.error("%s %s.%s", self.name, why, output)
-                self._settle_first(False)
+                self.log.error("%s %s.%s", self.name, why, output)
                 return
-            if self._first is not None and not self._first.done():
-                self._settle_first(False)  # the first start failed; restarts go on regardless
+            self._settle_first(False)  # a first start that failed: the restarts go on
             delay = policy.delay(len(self._crashes))
             self._set(Phase.STARTING, f"{why}; restarting in {delay:.0f}s")
-            log.error("%s %s; restarting in %.0fs.%s", self.name, why, delay, output)
-            await asyncio.sleep(delay)
+            self.log.error("%s %s; restarting in %.0fs.%s", self.name, why, delay, output)
+            with contextlib.suppress(TimeoutError):  # stop() or terminate() ends the wait
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return
+
+    def _first_start_failed(self) -> bool:
+        """A start someone waits for is not retried: they hear it failed, and decide."""
+        return self._first_awaited and self._first is not None and not self._first.done()
+
+    def _last_output(self) -> str:
+        lines = list(self.tail) if self.on_line is not None else (
+            self.last_words() if self.last_words is not None else [])
+        last = "\n".join(f"    {line}" for line in lines)
+        return f" Last output:\n{last}" if last else ""
 
     async def _run_once(self) -> str:
         """Start the child once, wait until it is ready, then until it exits; say why it ended."""
-        self._set(Phase.STARTING, "starting")
+        self._set(Phase.STARTING, self.starting)
         started = time.monotonic()
         try:
             proc = await self._spawn()
         except OSError as exc:
             return f"could not be started ({exc.strerror or exc})"
         self._proc = proc
-        log.info("started %s (pid %d)", self.name, proc.pid)
+        if self._stopping.is_set():  # stopped while it was being started
+            self._signal(signal.SIGTERM)
+        self.log.info("started %s (pid %d)%s", self.name, proc.pid, self.detail)
         pump = asyncio.create_task(self._pump(proc)) if self.on_line is not None else None
         try:
             if await self._until_ready(proc, started):
                 self._set(Phase.READY)
-                log.info("%s ready in %.2fs", self.name, time.monotonic() - started)
+                self.log.info("%s ready in %.2fs%s", self.name, time.monotonic() - started,
+                              self.detail)
                 self.ready.set()
                 self._settle_first(True)
                 return describe_exit(await proc.wait())

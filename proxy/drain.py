@@ -21,6 +21,7 @@ from quota.slots import SHUTTING_DOWN, QueueClosed
 log = logging.getLogger("proxy")
 
 ABORT_WAIT = 5.0  # seconds the cancelled requests get to write their last words
+OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)  # set once a stream starts
 
 
 class Drain:

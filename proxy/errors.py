@@ -9,7 +9,13 @@ from collections.abc import Mapping
 import orjson
 from aiohttp import web
 
-from auth.errors import CredentialRejected, CredentialStoreDown, MissingCredential, NotPermitted
+from auth.errors import (
+    CredentialRejected,
+    CredentialStoreDown,
+    MissingCredential,
+    NotPermitted,
+    TooManyFailures,
+)
 from proxy.backends import (
     ModelLoading,
     ModelNotFound,
@@ -93,6 +99,9 @@ def to_openai(exc: BaseException, request: web.Request) -> OpenAIError | None:
                                headers={"WWW-Authenticate": WWW_AUTHENTICATE})
         case NotPermitted():
             return OpenAIError(403, exc.message, code=exc.code, param=exc.param)
+        case TooManyFailures():
+            return OpenAIError(429, exc.message, code="auth_blocked",
+                               headers={"Retry-After": str(exc.retry_after)})
         case CredentialStoreDown():
             return _unavailable(exc.message, "auth_unavailable", exc.retry_after)
         case RateLimited():

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from auth.principal import Principal
 from proxy.ids import new_id
 from proxy.middlewares import DRAIN
 from proxy.shared_slots import SlotBorrower
@@ -53,7 +54,7 @@ def setup_quota(app: web.Application, *, limits: Limits, fail_open: bool, defaul
 
 async def _limiter(limits: Limits, fail_open: bool, app: web.Application
                    ) -> AsyncIterator[None]:
-    limiter = Limiter(app[REDIS], limits, fail_open=fail_open)
+    limiter = Limiter.on_redis(app[REDIS], limits, fail_open=fail_open)
     app[LIMITER] = limiter
     yield
     await limiter.aclose()  # settlements still queued go out before the store closes
@@ -117,7 +118,7 @@ def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: in
 
 
 @asynccontextmanager
-async def limited(request: web.Request, principal: Any, path: str, raw: bytes,
+async def limited(request: web.Request, principal: Principal, path: str, raw: bytes,
                   body: dict[str, Any], stream: bool
                   ) -> AsyncIterator[tuple[bytes, UsageMeter | None]]:
     """Admit the request or raise RateLimited; yield the body to send and a usage meter."""

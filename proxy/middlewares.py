@@ -16,10 +16,9 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.drain import Drain, cut_short
+from proxy.drain import OPEN_STREAM, Drain, cut_short
 from proxy.errors import MAX_BODY, OpenAIError, to_openai
 from proxy.ids import new_id
-from proxy.relay import OPEN_STREAM
 
 log = logging.getLogger("proxy.access")
 error_log = logging.getLogger("proxy.errors")

@@ -28,14 +28,20 @@ from aiohttp import (
     web,
 )
 
-from proxy.backends import Backend, State, UpstreamBroke, UpstreamTimeout, UpstreamUnreachable
+from proxy.backends import (
+    Backend,
+    ModelLoading,
+    State,
+    UpstreamBroke,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.drain import OPEN_STREAM
 from proxy.errors import ERROR_TYPES, error_body, to_openai
 from proxy.usage import UsageMeter
 
 log = logging.getLogger("proxy.relay")
 
-LOADING_RETRY_AFTER = "2"
-OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)  # set once a stream starts
 CLIENT = web.AppKey("client", ClientSession)
 
 
@@ -125,7 +131,8 @@ class Relay:
             body = as_openai_error(status, body)
             headers["Content-Type"] = "application/json"
             if status == 503:
-                headers["Retry-After"] = upstream.headers.get("Retry-After", LOADING_RETRY_AFTER)
+                headers["Retry-After"] = upstream.headers.get("Retry-After",
+                                                              str(ModelLoading.retry_after))
         return web.Response(status=status, body=body, headers=headers)
 
     async def _stream(self, request: web.Request, upstream: ClientResponse,
@@ -145,7 +152,8 @@ class Relay:
             log.info("%s: client went away mid-stream; closing upstream", request_id)
             return response
         except (UpstreamTimeout, UpstreamBroke) as exc:
-            log.warning("%s: %s", request_id, exc)
+            cause = type(exc.__cause__ or exc).__name__
+            log.warning("%s: %s (%s)", request_id, exc, cause)
             error = to_openai(exc, request)
             assert error is not None
             try:

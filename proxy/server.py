@@ -62,18 +62,20 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
     """Bind, build the app and start serving; the caller stops it with runner.cleanup()."""
     raise_open_files_limit()
     sock = bind(settings.host, settings.port, reuse_port)
-    app = create_app(settings, slots_from, on_shutdown)
-    # handler_cancellation: a client that leaves cancels its handler, so upstream work stops.
-    # Model requests are drained on_shutdown (proxy/drain.py); what is left after that gets
-    # aiohttp's own short wait.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=ABORT_WAIT)
+    runner = None
     try:
+        app = create_app(settings, slots_from, on_shutdown)
+        # handler_cancellation: a client that leaves cancels its handler, so upstream work
+        # stops. Requests are drained on_shutdown (proxy/drain.py); what is left after that
+        # gets aiohttp's own short wait.
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=ABORT_WAIT)
         await runner.setup()
         await web.SockSite(runner, sock).start()
     except BaseException:
         sock.close()
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         raise
     host, port = sock.getsockname()[:2]
     return Running(app, runner, f"http://{host}:{port}", settings)

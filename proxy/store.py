@@ -144,14 +144,16 @@ class EmbeddedRedis:
                                   probe=lambda: answers(probe), ready_within=START_DEADLINE,
                                   restart=Restart(first_delay=RESTART_DELAY,
                                                   max_delay=RESTART_DELAY),
-                                  stop_grace=STOP_GRACE, pass_fds=(self._lock,))
+                                  stop_grace=STOP_GRACE, pass_fds=(self._lock,),
+                                  detail=f"on {self.socket}", logger=log,
+                                  last_words=lambda: [self._last_log_line()])
         if not await self.child.start(wait=True):
             await self.child.stop()
             self.child = None
             self._unlock()
             raise ConfigError("redis_server", f"embedded redis-server did not start "
                               f"({self._last_log_line()})")
-        log.info("embedded Redis on %s, data in %s", self.socket, store)
+        log.info("embedded Redis keeps its data in %s", store)
 
     async def _take_over_when_gone(self) -> None:
         assert self._probe is not None

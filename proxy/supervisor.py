@@ -19,15 +19,14 @@ from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from config import ConfigError, Settings
 from proxy.backends import Backend, State
-from proxy.child import ChildProcess, Phase, Restart
+from proxy.child import ChildProcess, Restart
 from proxy.files import hold_lock, release_lock, write_private
 from proxy.logs import RedactingFilter, add_threaded_handler, register_secret
 
+log = logging.getLogger("proxy.supervisor")
 child_log = logging.getLogger("llama-server")
 
 LOG_FILE_BYTES = 10 * 1024 * 1024
-STATES = {Phase.STARTING: State.STARTING, Phase.READY: State.READY, Phase.FAILED: State.FAILED,
-          Phase.STOPPED: State.STOPPED}
 
 
 def free_loopback_port() -> int:
@@ -54,7 +53,9 @@ class LlamaSupervisor:
             restart=Restart(first_delay=1.0, max_delay=30.0,
                             give_up_after=settings.restart_limit, window=settings.restart_window),
             stop_grace=settings.child_stop_grace, on_line=self._log_line,
-            on_phase=lambda phase, why: backend.set_state(STATES[phase], why))
+            on_phase=lambda phase, why: backend.set_state(State(phase.value), why),
+            starting="loading model", logger=log,
+            detail=f"on 127.0.0.1:{self.port} (model {settings.model_alias})")
 
     @property
     def ready(self) -> asyncio.Event:
@@ -67,9 +68,6 @@ class LlamaSupervisor:
                               f"{self.settings.data_dir}; give this one its own --data-dir")
         write_private(self._key_file, self.backend.api_key + "\n")
         self._attach_log_file()
-        log = logging.getLogger("proxy.supervisor")
-        log.info("llama-server will listen on 127.0.0.1:%d (model %s)", self.port,
-                 self.settings.model_alias)
         await self.child.start()
 
     async def stop(self) -> None:

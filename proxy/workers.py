@@ -91,7 +91,7 @@ class WorkerPool:
             worker = ChildProcess(
                 f"worker {index}", lambda: command, inherit_output=True, own_group=False,
                 restart=Restart(first_delay=RESTART_DELAY, max_delay=RESTART_DELAY),
-                stop_grace=self.settings.shutdown_grace + 10)
+                stop_grace=self.settings.shutdown_grace + 10, logger=log)
             self.children.append(worker)
             await worker.start()
         log.info("started %d extra worker processes", self.settings.workers - 1)
@@ -103,6 +103,7 @@ class WorkerPool:
 
     async def stopped(self, _app: object = None) -> None:
         """Wait for the workers to exit (SIGKILL past their grace), then stop lending slots."""
+        self.terminate()  # all of them at once: their graces run side by side
         for worker in self.children:
             await worker.stop()
         if self._lender is not None:

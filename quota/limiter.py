@@ -14,7 +14,8 @@ from redis.exceptions import RedisError
 
 from quota.memory import MemoryStorage
 from quota.redis_storage import RedisStorage
-from quota.windows import Admission, Limits, Window, charges, plan
+from quota.storage import Storage
+from quota.windows import Admission, Counts, Limits, Window, charges, plan
 
 log = logging.getLogger("proxy.ratelimit")
 
@@ -34,13 +35,21 @@ class RateLimited(Exception):
 
 
 class Limiter:
-    def __init__(self, redis: Redis, limits: Limits, *, fail_open: bool = True) -> None:
+    def __init__(self, shared: Storage, limits: Limits, *, fail_open: bool = True,
+                 local: Storage | None = None) -> None:
+        """shared: where the windows are kept for every process (Redis); local: the fallback
+        while it is unreachable (this process's memory)."""
         self.limits = limits
         self.fail_open = fail_open
-        self.shared = RedisStorage(redis)
-        self.local = MemoryStorage()
+        self.shared = shared
+        self.local = local or MemoryStorage()
         self.degraded = False
         self._retry_redis_at = 0.0
+        self._checking: set[asyncio.Future[Counts]] = set()
+
+    @classmethod
+    def on_redis(cls, redis: Redis, limits: Limits, *, fail_open: bool = True) -> Limiter:
+        return cls(RedisStorage(redis), limits, fail_open=fail_open)
 
     async def admit(self, request_id: str, who: str, ip: str, tokens: int, *,
                     rpm: int | None = None, tpm: int | None = None) -> Admission | None:
@@ -50,6 +59,8 @@ class Limiter:
             return None
         if time.monotonic() >= self._retry_redis_at:
             checking = asyncio.ensure_future(self.shared.admit(request_id, windows))
+            self._checking.add(checking)
+            checking.add_done_callback(self._checking.discard)
             try:
                 # Shielded: a caller that leaves while Redis decides must not leave a lease or
                 # a reservation behind that nobody settles.
@@ -82,7 +93,11 @@ class Limiter:
             lambda done: _log_failed_settle(admission.id, done))
 
     async def aclose(self) -> None:
-        """Send what is still queued (settlements) before the Redis client closes."""
+        """Send what is still queued before the Redis client closes: checks still under way
+        (a caller that left gives its admission back when the answer comes), then settlements."""
+        while self._checking:
+            await asyncio.gather(*self._checking, return_exceptions=True)
+            await asyncio.sleep(0)  # their give-backs are queued by callbacks of their own
         await self.shared.flush()
 
     def _abandoned(self, request_id: str, windows: list[Window], done: asyncio.Future[Any]

@@ -61,6 +61,9 @@ class MemoryStorage:
         done.set_result(None)
         return done
 
+    async def flush(self) -> None:
+        """Nothing is ever queued here."""
+
 
 def _wait(window: Window, entries: list[Entry], total: int, now: float) -> int:
     """How long until enough leaves the window for this request to fit."""

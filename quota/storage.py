@@ -21,3 +21,7 @@ class Storage(Protocol):
         """Replace token reservations by their real use and release leases; queued, not
         waited for (the future tells how it went)."""
         ...
+
+    async def flush(self) -> None:
+        """Wait until everything queued has been carried out."""
+        ...

@@ -31,9 +31,6 @@ class Limits:
     ip_rpm: int = 0
     window_s: float = 60.0  # the length of a "minute"
 
-    def any(self) -> bool:
-        return any((self.rpm, self.rpd, self.tpm, self.concurrency, self.ip_rpm))
-
 
 @dataclass(frozen=True, slots=True)
 class Window:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from auth.tokens import load_or_create_secret
 from proxy.server import Running
-from tests.conftest import ADMIN_HEADERS, Fake, ProxyFactory, token_for
+from tests.conftest import ADMIN_HEADERS, Fake, KillableRedis, ProxyFactory, token_for
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -243,3 +244,22 @@ async def test_failures_are_logged_without_secrets(
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "auth 401" in text and "abcdef12" in text  # the prefix identifies the key
     assert expired not in text and wrong_key not in text and "s" * 43 not in text
+
+
+async def test_a_key_store_outage_refuses_unknown_keys_with_503(
+    make_proxy: ProxyFactory, fake: Fake, own_redis: KillableRedis
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], redis_url=own_redis.url, key_cache_ttl=0.05)
+    keys = []
+    async with aiohttp.ClientSession(headers=ADMIN_HEADERS) as admin:
+        for name in ("known", "unknown"):
+            async with admin.post(proxy.base_url + "/admin/keys", json={"name": name}) as r:
+                keys.append((await r.json())["key"])
+    known, unknown = keys
+    assert (await call(proxy, {"X-API-Key": known}))[0] == 200  # now cached
+    own_redis.kill()
+    await asyncio.sleep(0.1)  # past key_cache_ttl: Redis would be asked now
+    assert (await call(proxy, {"X-API-Key": known}))[0] == 200  # served from the cache
+    status, body, headers = await call(proxy, {"X-API-Key": unknown})
+    assert status == 503 and body["error"]["code"] == "auth_unavailable"
+    assert headers["Retry-After"] == "5"

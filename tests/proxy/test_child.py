@@ -3,6 +3,7 @@ escalation, readiness deadlines (llama-server, Redis and workers use it; see the
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -43,7 +44,7 @@ async def test_restarts_with_backoff_then_gives_up(tmp_path: Path) -> None:
                                                       give_up_after=3),
                          on_line=lines.append, on_phase=lambda p, why: phases.append((p, why)))
     started = time.monotonic()
-    assert await child.start(wait=True) is False  # the first start failed
+    await child.start()
     await eventually(lambda: child.phase is Phase.FAILED, 5, "the child to be given up")
     assert runs.read_text().count("run") == 3
     assert time.monotonic() - started >= 0.3  # waited 0.1 s, then 0.2 s
@@ -83,10 +84,43 @@ async def test_a_child_never_ready_is_killed_at_the_deadline(tmp_path: Path) -> 
 
 async def test_a_command_that_cannot_run_is_a_crash_not_an_exception(tmp_path: Path) -> None:
     lines: list[str] = []
-    child = ChildProcess("missing", lambda: [str(tmp_path / "no-such-binary")], probe=never,
-                         on_line=lines.append)
+    missing = tmp_path / "no-such-binary"
+    child = ChildProcess("missing", lambda: [str(missing)], probe=never, on_line=lines.append)
     assert await child.start(wait=True) is False
-    assert child.phase is Phase.FAILED
-    reason = child.reason or ""
-    assert "could not be started" in reason or "during start-up" in reason, reason
+    assert child.phase is Phase.FAILED and "during start-up" in (child.reason or "")
+    assert any(str(missing) in line for line in lines)  # the reason, as the starter said it
     await child.stop()
+
+
+async def test_an_awaited_first_start_that_fails_is_not_retried(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    child = ChildProcess("once", lambda: script(tmp_path, "o.sh", f"echo x >> {runs}\nexit 1\n"),
+                         probe=never, restart=Restart(first_delay=0.05, max_delay=0.05))
+    assert await child.start(wait=True) is False  # the caller hears it and decides
+    await asyncio.sleep(0.3)
+    assert runs.read_text().count("x") == 1 and child.phase is Phase.FAILED
+    await child.stop()
+
+
+async def test_terminate_during_the_restart_wait_starts_nothing_new(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    child = ChildProcess("crashy", lambda: script(tmp_path, "r.sh", f"echo x >> {runs}\nexit 1\n"),
+                         restart=Restart(first_delay=0.5, max_delay=0.5))
+    await child.start()
+    await eventually(lambda: child.reason and "restarting in" in child.reason, 5,
+                     "the child to wait for its restart")
+    child.terminate()
+    await asyncio.sleep(0.8)  # past the restart delay
+    assert runs.read_text().count("x") == 1
+    await child.stop()
+    assert child.phase is Phase.STOPPED
+
+
+async def test_stop_while_someone_waits_for_the_first_start(tmp_path: Path) -> None:
+    child = ChildProcess("slow", lambda: script(tmp_path, "w.sh", "exec sleep 600\n"),
+                         probe=never, ready_within=60)
+    waiting = asyncio.create_task(child.start(wait=True))
+    await eventually(lambda: child.pid is not None, 5, "the child to start")
+    await child.stop()
+    assert await asyncio.wait_for(waiting, 2) is False  # told, not left waiting for ever
+    assert child.phase is Phase.STOPPED

@@ -80,7 +80,7 @@ def test_data_dir_and_secrets_are_owner_only(appliance) -> None:
     assert stat.S_IMODE((app.data_dir / "logs" / "llama-server.log").stat().st_mode) == 0o600
     # The child's key protects it from other local processes, and never reaches our log.
     key = key_file.read_text().strip()
-    child_url = re.search(r"llama-server will listen on (\S+)", app.log).group(1)
+    child_url = re.search(r"started llama-server \(pid \d+\) on (\S+)", app.log).group(1)
     assert http_status(f"http://{child_url}/slots") == 401
     assert key not in app.log
 

@@ -31,7 +31,7 @@ async def test_a_burst_is_not_mistaken_for_an_outage(redis_url: str) -> None:
     # redis-py's default pool raises on the 101st concurrent call; that must not look like
     # "Redis is down" and switch the limiter to (per-process) local windows.
     redis = make_client(redis_url, 0.25)
-    limiter = Limiter(redis, Limits(rpm=50))
+    limiter = Limiter.on_redis(redis, Limits(rpm=50))
     admissions = await asyncio.gather(*(limiter.admit(rid(), "user:burst", "127.0.0.1", 1)
                                         for _ in range(300)))
     assert not limiter.degraded
@@ -41,7 +41,7 @@ async def test_a_burst_is_not_mistaken_for_an_outage(redis_url: str) -> None:
 
 async def test_a_caller_leaving_while_redis_decides_leaves_no_lease(redis_url: str) -> None:
     redis = make_client(redis_url, 0.25)
-    limiter = Limiter(redis, Limits(concurrency=2, tpm=1000))
+    limiter = Limiter.on_redis(redis, Limits(concurrency=2, tpm=1000))
     for _ in range(20):
         task = asyncio.create_task(limiter.admit(rid(), "user:leaver", "127.0.0.1", 100))
         await asyncio.sleep(0)  # the check is on its way to Redis ...
@@ -58,7 +58,7 @@ async def test_a_caller_leaving_while_redis_decides_leaves_no_lease(redis_url: s
 
 async def test_settlement_charges_real_use_and_frees_leases(redis_url: str) -> None:
     redis = make_client(redis_url, 0.25)
-    limiter = Limiter(redis, Limits(concurrency=1, tpm=1000))
+    limiter = Limiter.on_redis(redis, Limits(concurrency=1, tpm=1000))
     admission = await limiter.admit(rid(), "user:sam", "127.0.0.1", 600)
     assert admission is not None and admission.allowed
     refused = await limiter.admit(rid(), "user:sam", "127.0.0.1", 600)
@@ -74,8 +74,8 @@ async def test_settlement_charges_real_use_and_frees_leases(redis_url: str) -> N
 
 async def test_per_credential_limits_beat_the_global_ones(redis_url: str) -> None:
     redis = make_client(redis_url, 0.25)
-    limiter = Limiter(redis, Limits(rpm=100))
+    limiter = Limiter.on_redis(redis, Limits(rpm=100))
     results = [await limiter.admit(rid(), "key:abc", "127.0.0.1", 1, rpm=2) for _ in range(3)]
     assert [a.allowed for a in results if a] == [True, True, False]
-    assert await Limiter(redis, Limits()).admit(rid(), "key:abc", "127.0.0.1", 1) is None
+    assert await Limiter.on_redis(redis, Limits()).admit(rid(), "key:abc", "127.0.0.1", 1) is None
     await redis.aclose()
