@@ -80,9 +80,11 @@ def redis_url(redis_server: str) -> str:
 
 
 def redis_answers(url: str) -> bool:
+    """Serving data, not only up: PING is answered while the data is still loading."""
     client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
     try:
-        return bool(client.ping())
+        client.dbsize()
+        return True
     except (redis.RedisError, OSError):
         return False
     finally:
@@ -90,13 +92,15 @@ def redis_answers(url: str) -> bool:
 
 
 class KillableRedis:
-    """A redis-server of the test's own (append-only), to kill and restart mid-test."""
+    """A redis-server of the test's own, to kill and restart mid-test. Every write is on disk
+    before it is acknowledged (appendfsync always; with everysec, Redis may postpone writing
+    by up to two seconds), so what a test wrote before the kill is there after the restart."""
 
     def __init__(self, work: Path) -> None:
         self.sock = work / "own-redis.sock"
         self.url = f"unix://{self.sock}"
         self._cmd = ["redis-server", "--port", "0", "--unixsocket", str(self.sock), "--dir",
-                     str(work), "--save", "", "--appendonly", "yes"]
+                     str(work), "--save", "", "--appendonly", "yes", "--appendfsync", "always"]
         self._procs: list[subprocess.Popen[bytes]] = []
         self.restart()
 
