@@ -18,34 +18,26 @@ async def settle_loop() -> None:
         await asyncio.sleep(0)
 
 
-async def test_a_waiter_cancelled_in_the_turn_its_slot_is_freed_loses_nothing() -> None:
+@pytest.mark.parametrize("release_first", [False, True],
+                         ids=["cancelled-then-freed", "granted-then-cancelled"])
+async def test_a_hand_off_and_a_hang_up_in_the_same_turn_lose_nothing(release_first: bool
+                                                                     ) -> None:
     queue = FairQueue(1, 10, 60)
     await queue.acquire("holder")
     waiter = asyncio.create_task(queue.acquire("b"))
     behind = asyncio.create_task(queue.acquire("c"))
     await settle_loop()
     assert queue.waiting == 2
-    waiter.cancel()  # the client hangs up ...
-    queue.release()  # ... in the same loop turn as the holder finishes
+    if release_first:  # granted to b, which gives up before it could run: it passes it on
+        queue.release()
+        waiter.cancel()
+    else:  # b's client hangs up in the same loop turn as the holder finishes: b is skipped
+        waiter.cancel()
+        queue.release()
     await settle_loop()
     assert waiter.cancelled()
     assert behind.done() and behind.exception() is None  # the slot went to the next one
     assert (queue.free, queue.waiting) == (0, 0)
-    queue.release()
-    assert (queue.free, queue.waiting) == (1, 0)
-
-
-async def test_a_waiter_granted_in_the_turn_it_gives_up_passes_the_slot_on() -> None:
-    queue = FairQueue(1, 10, 60)
-    await queue.acquire("holder")
-    waiter = asyncio.create_task(queue.acquire("b"))
-    behind = asyncio.create_task(queue.acquire("c"))
-    await settle_loop()
-    queue.release()  # granted to b ...
-    waiter.cancel()  # ... which gives up before it could run
-    await settle_loop()
-    assert waiter.cancelled()
-    assert behind.done() and behind.exception() is None
     queue.release()
     assert (queue.free, queue.waiting) == (1, 0)
 
