@@ -132,6 +132,12 @@ def test_the_readme_sequence_keeps_one_redis_and_revocations_apply(tmp_path: Pat
         wait_until(lambda: post_many(app.base, key, 1) == [401], 6, "the key to be refused")
         other = last_line(generate(app.data_dir, "laptop", "--api-key"))
         assert chat(app.base, other).strip()  # a key made now is known to the appliance
+        # The shipped limits apply out of the box, and say so in OpenAI's headers.
+        client = openai.OpenAI(base_url=app.base + "/v1", api_key=other, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert raw.headers["x-ratelimit-limit-requests"] == "60"
+        assert raw.headers["x-ratelimit-limit-tokens"] == "20000"
         assert sock.exists()
         assert len(redis_servers_for(sock)) == 1
     finally:

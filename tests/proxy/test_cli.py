@@ -77,9 +77,12 @@ def test_port_in_use_fails_before_anything_starts(tmp_path: Path) -> None:
 
 def test_check_config_prints_effective_settings_with_secrets_masked() -> None:
     result = run("check-config", "--upstream", "http://127.0.0.1:1234/v1",
+                 "--upstream", "http://user:pa55word@127.0.0.1:1235",
                  "--upstream-api-key", "hunter2-secret")
     assert result.returncode == 0, result.stderr
-    assert 'upstreams = ["http://127.0.0.1:1234"]' in result.stdout
+    assert ('upstreams = ["http://127.0.0.1:1234","http://user:***@127.0.0.1:1235"]'
+            in result.stdout)
+    assert "pa55word" not in result.stdout
     assert 'upstream_api_key = "***"' in result.stdout
     assert "hunter2" not in result.stdout
     assert "supervise = false" in result.stdout
