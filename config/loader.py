@@ -155,12 +155,14 @@ def _resolve(s: Settings, serving: bool) -> Settings:
             raise ConfigError(name, f"must be at least 1, got {getattr(s, name)}")
     for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "startup_timeout",
                  "health_interval", "restart_window", "redis_timeout", "auth_fail_window",
-                 "limit_window", "queue_timeout", "limit_default_max_tokens"):
+                 "limit_window", "queue_timeout", "limit_default_max_tokens", "header_timeout",
+                 "body_timeout", "keepalive_timeout", "client_write_timeout"):
         if getattr(s, name) <= 0:
             raise ConfigError(name, "must be a positive number of seconds")
     for name in ("request_timeout", "child_stop_grace", "shutdown_grace", "upstream_connections",
                  "jwt_leeway", "key_cache_ttl", "limit_rpm", "limit_rpd", "limit_tpm",
-                 "limit_concurrency", "limit_ip_rpm", "queue_max"):
+                 "limit_concurrency", "limit_ip_rpm", "queue_max", "max_connections",
+                 "max_connections_per_client", "client_send_buffer"):
         if getattr(s, name) < 0:
             raise ConfigError(name, "must not be negative")
     _check_auth(s)

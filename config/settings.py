@@ -71,6 +71,25 @@ class Settings:
     shutdown_grace: float = _opt(30.0, "float", "seconds in-flight requests may finish on shutdown")
     # -- relay
     max_body_bytes: int = _opt(8 * 1024 * 1024, "int", "largest request body accepted (bytes)")
+    # -- the edge, against slow and hostile clients
+    header_timeout: float = _opt(
+        10.0, "float", "seconds a client may take to send a request's headers (408 after)"
+    )
+    body_timeout: float = _opt(60.0, "float", "seconds a client may take to send a request body")
+    keepalive_timeout: float = _opt(
+        30.0, "float", "seconds an idle keep-alive connection is kept open"
+    )
+    client_write_timeout: float = _opt(
+        30.0, "float", "seconds a stream waits for a client that stopped reading before it is cut"
+    )
+    client_send_buffer: int = _opt(
+        65536, "int", "kernel send buffer per client connection in bytes (0 = the OS default, "
+        "which lets a client that stops reading absorb megabytes first)"
+    )
+    max_connections: int = _opt(2048, "int", "open client connections at once (0 = no cap)")
+    max_connections_per_client: int = _opt(
+        64, "int", "open connections from one client address (0 = no cap; loopback: total only)"
+    )
     connect_timeout: float = _opt(10.0, "float", "seconds to connect to the model server")
     first_byte_timeout: float = _opt(
         600.0, "float", "seconds to the model's first byte (all of a non-streamed answer)"

@@ -56,11 +56,12 @@ def create_app(settings: Settings, slots_from: Path | None = None,
                 default_max_tokens=s.limit_default_max_tokens, slots=s.admission_slots,
                 queue_max=s.queue_max, queue_timeout=s.queue_timeout, slots_from=slots_from)
     timeouts = Timeouts(connect=s.connect_timeout, first_byte=s.first_byte_timeout,
-                        idle=s.idle_timeout, request=s.request_timeout)
+                        idle=s.idle_timeout, request=s.request_timeout,
+                        client_write=s.client_write_timeout)
     setup_relay(app, timeouts=timeouts, max_connections=s.upstream_connections)
     setup_backends(app, child=s if s.supervise else None, upstreams=list(s.upstreams),
                    upstream_key=s.upstream_api_key, check_timeout=s.connect_timeout,
                    startup_grace=s.startup_timeout, health_interval=s.health_interval)
-    setup_routes(app)
+    setup_routes(app, body_timeout=s.body_timeout)
     setup_admin(app, issue=functools.partial(issue_token, s))
     return app

@@ -55,8 +55,11 @@ class OpenAIError(Exception):
         param: str | None = None,
         type: str | None = None,
         headers: Mapping[str, str] | None = None,
+        close: bool = False,
     ) -> None:
+        """close: the connection is closed after this answer (the request was not read whole)."""
         super().__init__(message)
+        self.close = close
         self.status = status
         self.message = message
         self.code = code
@@ -68,12 +71,15 @@ class OpenAIError(Exception):
         return error_body(self.message, self.type, self.code, self.param)
 
     def response(self) -> web.Response:
-        return web.Response(
+        response = web.Response(
             status=self.status,
             body=orjson.dumps(self.body()),
             content_type="application/json",
             headers=self.headers,
         )
+        if self.close:
+            response.force_close()
+        return response
 
     def sse_event(self) -> bytes:
         """The same error as the SSE event that ends a stream already under way."""

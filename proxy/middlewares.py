@@ -17,6 +17,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.drain import OPEN_STREAM, Drain, cut_short
+from proxy.edge import SECURITY_HEADERS
 from proxy.errors import MAX_BODY, OpenAIError, to_openai
 from proxy.ids import new_id
 
@@ -27,11 +28,6 @@ REQUEST_ID = web.RequestKey("request_id", str)
 DRAIN = web.AppKey("drain", Drain)
 # A client's own id is kept only if it is short and plain (no header or log injection).
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
-SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-}
 
 
 def setup_edge(app: web.Application, *, max_body_bytes: int, shutdown_grace: float) -> None:

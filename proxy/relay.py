@@ -51,6 +51,7 @@ class Timeouts:
     first_byte: float  # to its response headers (all of a non-streamed answer)
     idle: float  # longest silent gap inside an answer
     request: float = 0.0  # cap on a whole request (0 = none)
+    client_write: float = 30.0  # longest wait for a client that stopped reading a stream
 
 
 class Relay:
@@ -144,10 +145,22 @@ class Relay:
             "X-Accel-Buffering": "no",  # tell any proxy in front of us not to buffer either
         })
         request[OPEN_STREAM] = response  # a shutdown past its grace ends it with an error event
+        loop = asyncio.get_running_loop()
         try:
             await response.prepare(request)
-            async for chunk in self._chunks(upstream, meter):
-                await response.write(chunk)
+            # A client that stops reading must not hold the model: writes block once its
+            # buffers are full (that is the backpressure), and past client_write it is cut.
+            async with asyncio.timeout(None) as stalled:
+                async for chunk in self._chunks(upstream, meter):
+                    stalled.reschedule(loop.time() + self.timeouts.client_write)
+                    await response.write(chunk)
+                    stalled.reschedule(None)
+        except TimeoutError:  # only `stalled` raises it here: the others are converted
+            log.warning("%s: the client stopped reading for %.0fs; stream cut, model freed",
+                        request_id, self.timeouts.client_write)
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         except ConnectionResetError:
             log.info("%s: client went away mid-stream; closing upstream", request_id)
             return response

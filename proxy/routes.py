@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -17,6 +18,7 @@ from proxy.pool import POOL
 from proxy.relay import RELAY
 
 CAN_SERVE = ("ok", "degraded")
+BODY_TIMEOUT = web.AppKey("body_timeout", float)
 _STARTED = int(time.time())
 
 
@@ -29,7 +31,17 @@ async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     if request.content_type != "application/json":
         raise OpenAIError(400, "Content-Type must be application/json",
                           code="invalid_content_type")
-    raw = await request.read()  # raises 413 past the configured limit
+    try:
+        async with asyncio.timeout(request.app[BODY_TIMEOUT]):
+            raw = await request.read()  # raises 413 past the configured limit
+    except TimeoutError:
+        raise OpenAIError(408, "The request body did not arrive in time", code="body_timeout",
+                          close=True) from None
+    return raw, parse_body(raw)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A JSON object with the fields the appliance itself reads well-typed, or a 400."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -41,7 +53,7 @@ async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
         raise OpenAIError(400, "`stream` must be true or false", param="stream")
     if not isinstance(body.get("model", ""), str):
         raise OpenAIError(400, "`model` must be a string", param="model")
-    return raw, body
+    return body
 
 
 def check_model_allowed(request: web.Request, model: str | None) -> None:
@@ -106,7 +118,9 @@ async def ready(request: web.Request) -> web.Response:
     return json_response({"ready": can}, 200 if can else 503)
 
 
-def setup_routes(app: web.Application) -> None:
+def setup_routes(app: web.Application, *, body_timeout: float) -> None:
+    """body_timeout: how long a client may take to send a request body."""
+    app[BODY_TIMEOUT] = body_timeout
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, openai_endpoint(path))
     app.router.add_get("/v1/models", list_models)

@@ -20,6 +20,7 @@ from config import ConfigError, Settings
 from config.settings import default_data_dir
 from proxy.app import create_app, limits_of
 from proxy.drain import ABORT_WAIT
+from proxy.edge import EdgeLimits, EdgeRunner
 from proxy.limits import QUEUE, describe_limits
 from proxy.pool import SUPERVISOR
 from proxy.workers import WorkerPool
@@ -68,8 +69,13 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
         # handler_cancellation: a client that leaves cancels its handler, so upstream work
         # stops. Requests are drained on_shutdown (proxy/drain.py); what is left after that
         # gets aiohttp's own short wait.
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=ABORT_WAIT)
+        edge = EdgeLimits(header_timeout=settings.header_timeout,
+                          max_connections=settings.max_connections,
+                          max_connections_per_client=settings.max_connections_per_client,
+                          send_buffer=settings.client_send_buffer)
+        runner = EdgeRunner(app, edge=edge, handler_cancellation=True, access_log=None,
+                            shutdown_timeout=ABORT_WAIT,
+                            keepalive_timeout=settings.keepalive_timeout)
         await runner.setup()
         await web.SockSite(runner, sock).start()
     except BaseException:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from proxy.server import Running
-from tests.conftest import Llama, token_for
+from tests.conftest import Llama, ProxyFactory, token_for
+from tests.kit.helpers import eventually
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
 
@@ -107,3 +111,35 @@ async def test_client_leaving_mid_stream_frees_the_slot(model_proxy: Running, ll
             if not await busy_slots(llama, http):
                 break
         assert await busy_slots(llama, http) == 0
+
+
+async def test_a_client_that_stops_reading_gives_the_model_back(
+    make_proxy: ProxyFactory, llama: Llama
+) -> None:
+    proxy = await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key,
+                             admission_slots=1, client_write_timeout=1.0)
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never reads
+    stalled.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(stalled, ("127.0.0.1", port))
+    body = orjson.dumps({"model": llama.model, "prompt": "Once upon a time", "stream": True,
+                         "max_tokens": 4000, "ignore_eos": True})
+    stalled.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + token_for(proxy).encode() +
+                 b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    async with aiohttp.ClientSession() as http:
+        await eventually(lambda: busy_slots(llama, http), 10, "the model to be generating")
+        started = time.monotonic()
+        # Its buffers fill at the model's pace (a few seconds), then the write deadline cuts it.
+        await eventually(lambda: _idle(llama, http), 40, "llama-server to free the slot")
+        freed_after = time.monotonic() - started
+        reply = await client_for(proxy).completions.create(model=llama.model, prompt="Hi",
+                                                           max_tokens=2)
+        assert reply.choices
+    assert freed_after < 20, freed_after  # not the ~30 s that 4000 tokens would take
+    stalled.close()
+
+
+async def _idle(llama: Llama, http: aiohttp.ClientSession) -> bool:
+    return await busy_slots(llama, http) == 0

@@ -1,0 +1,223 @@
+"""The connection layer, below the middlewares: what aiohttp does not guard against by itself.
+
+- A deadline for a request's headers: a client that sends them a byte at a time (slowloris) is
+  answered 408 and closed after `header_timeout`; an idle keep-alive connection is closed after
+  `keepalive_timeout` (aiohttp's own timer).
+- Caps on open connections, in all and per client address, with the excess refused at once with
+  a 503 (connections from loopback, a tunnel agent or proxy on this host, count toward the total
+  only: every client behind it shares that address).
+- Requests aiohttp's parser refuses (a bad request line, an oversized header, too many headers)
+  answered in OpenAI's shape with the right status (400, 414, 431), never echoing the request,
+  logged as one WARNING line without a traceback; a client that leaves is an INFO line.
+
+aiohttp builds its protocol objects itself, so this module depends on aiohttp's request handler
+and server internals (aiohttp is pinned in requirements.txt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from proxy.errors import error_body
+from proxy.ids import new_id
+
+log = logging.getLogger("proxy.edge")
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+
+
+# After answering a request whose body was not read whole, aiohttp reads and drops the rest for a
+# while so the client sees the answer rather than a reset; 10 s by default, which would let each
+# such client hold its connection that much longer.
+LINGER = 2.0
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    header_timeout: float = 10.0
+    max_connections: int = 2048  # 0: no cap
+    max_connections_per_client: int = 64  # 0: no cap; loopback peers are not counted
+    # The kernel's send buffer per client connection (0: its own, which grows to megabytes):
+    # what a client that stops reading can absorb before writes block and the stream's write
+    # deadline starts, so it bounds how long such a client keeps the model.
+    send_buffer: int = 65536
+
+
+def _refusal(status: int, reason: str, message: str, code: str,
+             headers: dict[str, str] | None = None) -> bytes:
+    """A whole HTTP/1.1 answer, written straight to the socket, then the connection closes."""
+    body = orjson.dumps(error_body(message, "invalid_request_error" if status < 500
+                                   else "server_error", code))
+    lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
+             f"Content-Length: {len(body)}", "Connection: close", "Server: llama-proxy",
+             f"X-Request-Id: {new_id()}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS.items()),
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+TOO_SLOW = _refusal(408, "Request Timeout", "The request headers did not arrive in time",
+                    "header_timeout")
+TOO_MANY = _refusal(503, "Service Unavailable", "Too many open connections; retry shortly",
+                    "too_many_connections", {"Retry-After": "2"})
+
+
+class EdgeServer(web.Server):
+    """aiohttp's server, counting connections per client address; each connection handled by
+    an EdgeHandler."""
+
+    edge: EdgeLimits
+    by_peer: dict[str, int]
+
+    def __call__(self) -> RequestHandler:
+        return EdgeHandler(self, loop=self._loop, **self._kwargs)
+
+    def admit(self, peer: str) -> bool:
+        """Count a new connection in, or say it is one too many."""
+        edge = self.edge
+        if edge.max_connections and len(self._connections) >= edge.max_connections:
+            return False
+        if peer and edge.max_connections_per_client and not _is_loopback(peer):
+            if self.by_peer.get(peer, 0) >= edge.max_connections_per_client:
+                return False
+            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+        return True
+
+    def forget(self, peer: str) -> None:
+        count = self.by_peer.get(peer)
+        if count is not None:
+            if count <= 1:
+                del self.by_peer[peer]
+            else:
+                self.by_peer[peer] = count - 1
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class EdgeHandler(RequestHandler):
+    __slots__ = ("_counted_peer", "_header_deadline")
+
+    def __init__(self, manager: EdgeServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._counted_peer: str | None = None
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._manager
+        assert isinstance(server, EdgeServer)
+        peername = transport.get_extra_info("peername")
+        peer = peername[0] if isinstance(peername, tuple) else ""
+        admitted = server.admit(peer)  # before this one is counted among the connections
+        sock = transport.get_extra_info("socket")
+        if server.edge.send_buffer and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server.edge.send_buffer)
+        super().connection_made(transport)
+        if not admitted:
+            log.warning("refused a connection from %s: too many open connections", peer)
+            self._refuse(TOO_MANY)
+            return
+        self._counted_peer = peer
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        server = self._manager
+        if self._counted_peer is not None and isinstance(server, EdgeServer):
+            server.forget(self._counted_peer)
+            self._counted_peer = None
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages or self._request_in_progress:
+            self._disarm()  # a whole request is in: its headers made it in time
+        elif data and self._header_deadline is None:
+            server = self._manager
+            if isinstance(server, EdgeServer):
+                self._header_deadline = self._loop.call_later(
+                    server.edge.header_timeout, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        waiting = self._waiter is not None and not self._waiter.done()
+        if waiting and not self._messages and not self._request_in_progress:
+            log.info("closed a connection whose request headers did not arrive in time")
+            self._refuse(TOO_SLOW)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _refuse(self, answer: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(answer)
+        self.force_close()
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None
+                     ) -> web.StreamResponse:
+        """Errors aiohttp answers itself (its parser's, or one that escaped every middleware):
+        OpenAI's shape, nothing of the request echoed, one log line without a traceback."""
+        status, text, code = _describe(status, exc)
+        if isinstance(exc, ConnectionError):
+            log.info("client went away (%s)", type(exc).__name__)
+        else:
+            log.warning("refused a malformed request from %s: %s (HTTP %d)", request.remote,
+                        type(exc).__name__ if exc else "error", status)
+        response = web.Response(
+            status=status, body=orjson.dumps(error_body(
+                text, "invalid_request_error" if status < 500 else "server_error", code)),
+            content_type="application/json",
+            headers={"Server": "llama-proxy", "X-Request-Id": new_id(), **SECURITY_HEADERS})
+        response.force_close()
+        return response
+
+
+def _describe(status: int, exc: BaseException | None) -> tuple[int, str, str]:
+    """The status, message and code for an error aiohttp's parser raised."""
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        start = line[:4] if isinstance(line, str) else bytes(line[:4]).decode("latin-1")
+        if start.startswith(("/", "http", "*")):  # the request line's target, not a header
+            return 414, "The request URL is too long", "url_too_long"
+        return 431, "A request header is too large", "header_too_large"
+    if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+        return 431, "The request has too many headers", "too_many_headers"
+    if status >= 500:
+        return 500, "Internal error", "internal_error"
+    return 400, "The request is not valid HTTP", "bad_request"
+
+
+class EdgeRunner(web.AppRunner):
+    """An AppRunner whose server is an EdgeServer."""
+
+    def __init__(self, app: web.Application, *, edge: EdgeLimits, **kwargs: Any) -> None:
+        super().__init__(app, lingering_time=LINGER, **kwargs)
+        self.edge = edge
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = EdgeServer  # aiohttp builds it; only how connections are handled
+        assert isinstance(server, EdgeServer)  # changes, and what is counted
+        server.edge, server.by_peer = self.edge, {}
+        return server
