@@ -37,7 +37,8 @@ def presented_credential(headers: Mapping[str, str]) -> str | None:
         credential = headers.get("X-API-Key", "").strip()
         if not credential:
             return None
-    if len(credential) > MAX_TOKEN_BYTES or not credential.isascii() or " " in credential:
+    if (len(credential) > MAX_TOKEN_BYTES or not credential.isascii()
+            or not credential.isprintable() or len(credential.split()) != 1):
         raise CredentialRejected("credential is oversized or not printable ASCII")
     return credential
 

@@ -18,6 +18,9 @@ Issuer = Callable[..., tuple[str, str, int]]
 ISSUER = web.AppKey("issuer", Issuer)
 
 MAX_HOURS = 24 * 366 * 10
+MAX_COUNT = 10**12
+
+# Each body field the admin API reads, and what it must be (proxy/openapi.py says the same).
 
 
 def _string_list(body: dict[str, Any], name: str) -> list[str] | None:
@@ -25,21 +28,43 @@ def _string_list(body: dict[str, Any], name: str) -> list[str] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise OpenAIError(400, f"`{name}` must be a list of strings", param=name)
+        raise OpenAIError(400, f"`{name}` must be a list of non-empty strings", param=name)
     return value
 
 
-def _positive(body: dict[str, Any], name: str, upper: float = 10**12) -> Any:
+def _count(body: dict[str, Any], name: str) -> int | None:
+    """A limit: a whole number from 1 up, or absent/null."""
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= upper:
-        raise OpenAIError(400, f"`{name}` must be a positive number", param=name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COUNT:
+        raise OpenAIError(400, f"`{name}` must be a whole number from 1 to {MAX_COUNT}",
+                          param=name)
+    return value
+
+
+def _hours(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= MAX_HOURS:
+        raise OpenAIError(400, f"`{name}` must be a number of hours above 0, at most "
+                          f"{MAX_HOURS}", param=name)
+    return value
+
+
+def _text(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise OpenAIError(400, f"`{name}` must be a{' non-empty' if required else ''} string",
+                          param=name)
     return value
 
 
 def _expiry(body: dict[str, Any]) -> float | None:
-    hours = _positive(body, "expires_in_hours", MAX_HOURS)
+    hours = _hours(body, "expires_in_hours")
     return time.time() + hours * 3600 if hours else None
 
 
@@ -49,16 +74,12 @@ def _store(request: web.Request) -> KeyStore:
 
 async def create_key(request: web.Request) -> web.Response:
     _, body = await read_json(request)
-    name = body.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise OpenAIError(400, "`name` is required", param="name")
-    owner = body.get("owner", "")
-    if not isinstance(owner, str):
-        raise OpenAIError(400, "`owner` must be a string", param="owner")
+    name = _text(body, "name", required=True)
+    assert name is not None
     key, record = await _store(request).create(
-        name.strip(), owner=owner, scopes=_string_list(body, "scopes"),
-        models=_string_list(body, "models"), expires=_expiry(body),
-        rpm=_positive(body, "rpm"), tpm=_positive(body, "tpm"))
+        name.strip() or name, owner=_text(body, "owner") or "",
+        scopes=_string_list(body, "scopes"), models=_string_list(body, "models"),
+        expires=_expiry(body), rpm=_count(body, "rpm"), tpm=_count(body, "tpm"))
     return json_response({"key": key, **record.public()}, status=201)
 
 
@@ -80,7 +101,7 @@ async def update_key(request: web.Request) -> web.Response:
     changes: dict[str, Any] = {}
     for name in ("rpm", "tpm"):
         if name in body:
-            changes[name] = _positive(body, name)
+            changes[name] = _count(body, name)
     for name in ("scopes", "models"):
         if name in body:
             changes[name] = _string_list(body, name)
@@ -91,8 +112,8 @@ async def update_key(request: web.Request) -> web.Response:
     if "expires_in_hours" in body:
         changes["expires"] = _expiry(body)
     for name in ("name", "owner"):
-        if isinstance(body.get(name), str):
-            changes[name] = body[name]
+        if name in body:
+            changes[name] = _text(body, name) or ""
     prefix = request.match_info["prefix"]
     record = await _store(request).update(prefix, **changes)
     if record is None:
@@ -109,15 +130,14 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 async def create_token(request: web.Request) -> web.Response:
     _, body = await read_json(request)
-    subject = body.get("sub")
-    if not isinstance(subject, str) or not subject.strip():
-        raise OpenAIError(400, "`sub` (the user) is required", param="sub")
-    hours = _positive(body, "hours", MAX_HOURS) or 24
+    subject = _text(body, "sub", required=True)
+    assert subject is not None
+    hours = _hours(body, "hours") or 24
     try:
         token, jti, exp = request.app[ISSUER](
-            subject.strip(), hours, scopes=_string_list(body, "scopes"),
-            models=_string_list(body, "models"), rpm=_positive(body, "rpm"),
-            tpm=_positive(body, "tpm"))
+            subject.strip() or subject, hours, scopes=_string_list(body, "scopes"),
+            models=_string_list(body, "models"), rpm=_count(body, "rpm"),
+            tpm=_count(body, "tpm"))
     except ValueError as exc:
         raise OpenAIError(400, str(exc), code="cannot_issue") from None
     return json_response({"token": token, "jti": jti, "expires_at": exp, "sub": subject},

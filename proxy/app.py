@@ -19,6 +19,7 @@ from proxy.files import prepare_data_dir
 from proxy.limits import setup_quota
 from proxy.logs import register_secret
 from proxy.middlewares import setup_edge
+from proxy.openapi import setup_openapi
 from proxy.pool import setup_backends
 from proxy.relay import Timeouts, setup_relay
 from proxy.routes import setup_routes
@@ -64,4 +65,5 @@ def create_app(settings: Settings, slots_from: Path | None = None,
                    startup_grace=s.startup_timeout, health_interval=s.health_interval)
     setup_routes(app, body_timeout=s.body_timeout)
     setup_admin(app, issue=functools.partial(issue_token, s))
+    setup_openapi(app)
     return app

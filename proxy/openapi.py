@@ -1,0 +1,192 @@
+"""The OpenAPI 3 document of the appliance's own API, served at /openapi.json.
+
+It describes what the appliance itself checks and answers. Model requests are OpenAI's: beyond a
+JSON object with a string `model` and a boolean `stream`, their fields go to the model server,
+which validates them, so they are listed for clients but left open here. A test checks that
+every route is in it and every path in it is a route, and schemathesis runs against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.admin import MAX_COUNT, MAX_HOURS
+
+JSON = "application/json"
+ERROR = {"$ref": "#/components/schemas/Error"}
+SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
+
+
+def _error(description: str, retry_after: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description, "content": {JSON: {"schema": ERROR}}}
+    if retry_after:
+        out["headers"] = {"Retry-After": {"schema": {"type": "string"},
+                                          "description": "seconds to wait before retrying"}}
+    return out
+
+
+AUTH_ERRORS = {
+    "401": _error("no valid credential"),
+    "403": _error("the credential lacks the scope or model"),
+    "429": _error("too many requests or failed logins from this client", retry_after=True),
+    "503": _error("the credential store or the rate limits cannot be checked, or the model "
+                  "is loading, busy or down", retry_after=True),
+}
+BODY_ERRORS = {
+    "400": _error("not a JSON object, or a field the appliance reads has the wrong type"),
+    "408": _error("the body did not arrive within body_timeout"),
+    "413": _error("the body is larger than max_body_bytes"),
+}
+MODEL_ERRORS = {
+    "404": _error("no such model (when several are served)"),
+    "502": _error("the model server could not be reached or broke off"),
+    "504": _error("the model server did not answer in time"),
+}
+
+
+def _model_request(summary: str, fields: dict[str, Any]) -> dict[str, Any]:
+    body = {
+        "type": "object",
+        "additionalProperties": True,
+        "properties": {
+            "model": {"type": "string", "description": "a model id from /v1/models"},
+            "stream": {"type": "boolean", "description": "answer as server-sent events"},
+            **fields,
+        },
+    }
+    return {
+        "summary": summary,
+        "security": SECURED,
+        "requestBody": {"required": True, "content": {JSON: {"schema": body}}},
+        "responses": {
+            "200": {"description": "the model's answer, whole or as text/event-stream",
+                    "content": {JSON: {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {}}}},
+            **BODY_ERRORS, **AUTH_ERRORS, **MODEL_ERRORS,
+        },
+    }
+
+
+def _admin(summary: str, *, body: dict[str, Any] | None = None, ok: str = "200",
+           path_param: str | None = None) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"bearer": []}],
+        "responses": {ok: {"description": "done", "content": {JSON: {"schema":
+                                                                       {"type": "object"}}}},
+                      **AUTH_ERRORS, **({"404": _error("no such key")} if path_param else {})},
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+        operation["responses"].update(BODY_ERRORS)
+    if path_param:
+        operation["parameters"] = [{"name": path_param, "in": "path", "required": True,
+                                    "schema": {"type": "string"}}]
+    return operation
+
+
+OPEN_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
+STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}, "nullable": True}
+COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT, "nullable": True}
+HOURS = {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_HOURS,
+         "nullable": True}
+KEY_FIELDS = {"owner": {"type": "string", "nullable": True}, "scopes": STRINGS, "models": STRINGS,
+              "expires_in_hours": HOURS, "rpm": COUNT, "tpm": COUNT}
+
+
+def _body(required: list[str], **properties: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "additionalProperties": True,
+                           "properties": properties}
+    if required:
+        out["required"] = required
+    return out
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "llama-proxy", "version": __version__,
+                 "description": "An authenticated, rate-limited OpenAI-compatible API in front "
+                                "of a local llama.cpp model."},
+        "components": {
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "a JWT from generate_token.py, an API key, or the "
+                                          "admin key"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+            "schemas": {"Error": {
+                "type": "object", "required": ["error"],
+                "properties": {"error": {
+                    "type": "object", "required": ["message", "type", "param", "code"],
+                    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                   "param": {"type": "string", "nullable": True},
+                                   "code": {"type": "string", "nullable": True}}}}}},
+        },
+        "paths": {
+            "/v1/chat/completions": {"post": _model_request("Chat completion", {
+                "messages": {"description": "OpenAI's messages, checked by the model server"},
+                "max_tokens": {"description": "capped at what the token limit reserved"}})},
+            "/v1/completions": {"post": _model_request("Text completion", {
+                "prompt": {"description": "a string or a list of strings"},
+                "max_tokens": {"description": "capped at what the token limit reserved"}})},
+            "/v1/embeddings": {"post": _model_request("Embeddings (when the model server has "
+                                                      "them)", {"input": {}})},
+            "/v1/models": {"get": {
+                "summary": "The model ids clients pass as `model`", "security": SECURED,
+                "responses": {"200": {"description": "the models",
+                                      "content": {JSON: {"schema": OPEN_OBJECT}}},
+                              **AUTH_ERRORS}}},
+            "/health": {"get": {
+                "summary": "State of the model servers, the queue and the limits",
+                "responses": {"200": {"description": "can serve",
+                                      "content": {JSON: {"schema": OPEN_OBJECT}}},
+                              "503": {"description": "cannot serve",
+                                      "content": {JSON: {"schema": OPEN_OBJECT}}}}}},
+            "/ready": {"get": {
+                "summary": "200 when it can serve, for load balancers",
+                "responses": {"200": {"description": "ready",
+                                      "content": {JSON: {"schema": OPEN_OBJECT}}},
+                              "503": {"description": "not ready",
+                                      "content": {JSON: {"schema": OPEN_OBJECT}}}}}},
+            "/openapi.json": {"get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3",
+                                      "content": {JSON: {"schema": OPEN_OBJECT}}}}}},
+            "/admin/keys": {
+                "get": _admin("List API keys"),
+                "post": _admin("Create an API key (shown once)", ok="201", body=_body(
+                    ["name"], name={"type": "string", "minLength": 1}, **KEY_FIELDS)),
+            },
+            "/admin/keys/{prefix}": {
+                "get": _admin("One API key", path_param="prefix"),
+                "patch": _admin("Change an API key's limits, flags or names",
+                                path_param="prefix", body=_body(
+                                    [], name={"type": "string", "nullable": True},
+                                    disabled={"type": "boolean"},
+                                    **KEY_FIELDS)),
+                "delete": _admin("Revoke an API key", path_param="prefix"),
+            },
+            "/admin/tokens": {
+                "post": _admin("Issue a JWT", ok="201", body=_body(
+                    ["sub"], sub={"type": "string", "minLength": 1}, hours=HOURS,
+                    scopes=STRINGS, models=STRINGS, rpm=COUNT, tpm=COUNT)),
+            },
+            "/admin/tokens/{jti}": {"delete": _admin("Revoke a JWT by its id", path_param="jti")},
+        },
+    }
+
+
+async def serve_document(request: web.Request) -> web.Response:
+    return web.json_response(request.app[DOCUMENT])
+
+
+DOCUMENT = web.AppKey("openapi", dict)
+
+
+def setup_openapi(app: web.Application) -> None:
+    app[DOCUMENT] = document()
+    app.router.add_get("/openapi.json", serve_document)
