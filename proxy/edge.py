@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,17 @@ TOO_SLOW = _refusal(408, "Request Timeout", "The request headers did not arrive 
                     "header_timeout")
 TOO_MANY = _refusal(503, "Service Unavailable", "Too many open connections; retry shortly",
                     "too_many_connections", {"Retry-After": "2"})
+
+
+def reset(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a connection at once, with what is still unsent: a plain close would leave the
+    kernel trying, for minutes, to deliver it to a client that does not read."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class EdgeServer(web.Server):

@@ -37,6 +37,7 @@ from proxy.backends import (
     UpstreamUnreachable,
 )
 from proxy.drain import OPEN_STREAM
+from proxy.edge import reset
 from proxy.errors import ERROR_TYPES, error_body, to_openai
 from proxy.usage import UsageMeter
 
@@ -158,8 +159,7 @@ class Relay:
         except TimeoutError:  # only `stalled` raises it here: the others are converted
             log.warning("%s: the client stopped reading for %.0fs; stream cut, model freed",
                         request_id, self.timeouts.client_write)
-            if request.transport is not None:
-                request.transport.abort()
+            reset(request.transport)
             return response
         except ConnectionResetError:
             log.info("%s: client went away mid-stream; closing upstream", request_id)
