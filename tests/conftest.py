@@ -12,12 +12,19 @@ from typing import Any
 import pytest
 import redis
 from aiohttp import web
+from hypothesis import settings as hypothesis_settings
 
 from config import Settings, load_settings
 from config.paths import bundled_llama_server, bundled_model
 from proxy.server import Running, start
 from tests.kit import fake_upstream
 from tests.kit.helpers import free_port, http_status, wait_until
+
+# Property tests explore the same examples on every run (a failure is found the same way on any
+# machine), without per-example deadlines that a busy CI machine would trip.
+hypothesis_settings.register_profile("appliance", derandomize=True, deadline=None,
+                                     database=None)
+hypothesis_settings.load_profile("appliance")
 
 MODEL_ID = "smollm2"
 ADMIN_KEY = "test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz"

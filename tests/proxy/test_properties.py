@@ -14,13 +14,15 @@ from proxy.usage import UsageMeter
 from quota.windows import Admission, Counts
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                 max_size=4),
     max_leaves=12)
 
 
-@given(st.binary(max_size=300) | json_values.map(orjson.dumps))
+@given(st.binary(max_size=300) | json_values.map(orjson.dumps)
+       | st.integers().map(lambda n: b'{"max_tokens": %d}' % n))
 def test_any_body_is_parsed_or_refused_with_a_400(raw: bytes) -> None:
     try:
         body = parse_body(raw)
