@@ -120,9 +120,11 @@ class EdgeServer(web.Server):
 
 def _is_loopback(address: str) -> bool:
     try:
-        return ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address)
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # an IPv4 client on a dual-stack socket
+    return (mapped or ip).is_loopback
 
 
 class EdgeHandler(RequestHandler):

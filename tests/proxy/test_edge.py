@@ -205,6 +205,7 @@ def test_the_per_client_cap_counts_addresses_and_spares_loopback() -> None:
     assert server.admit("203.0.113.5")  # one left, one may come
     assert all(server.admit("127.0.0.1") for _ in range(10))  # a local tunnel: total cap only
     assert all(server.admit("::1") for _ in range(10))
+    assert all(server.admit("::ffff:127.0.0.1") for _ in range(10))  # dual-stack listener
 
 
 def _first_non_loopback_ipv4() -> str | None:
