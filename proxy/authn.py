@@ -73,7 +73,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         # The reason names a key prefix or jti at most; the secret itself is never logged.
         answer = to_openai(exc, request)
         log.warning("auth %d for %s %s from %s: %s", answer.status if answer else 500,
-                    request.method, path, ip, exc.reason)
+                    request.method, request.rel_url.raw_path, ip, exc.reason)
         raise
     request[PRINCIPAL] = principal
     return await handler(request)

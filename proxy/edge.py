@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from proxy.errors import error_body
 from proxy.ids import new_id
 
 log = logging.getLogger("proxy.edge")
+QUIET_FOR = 10.0  # seconds between two log lines about the same kind of refusal
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -53,6 +55,7 @@ class EdgeLimits:
     header_timeout: float = 10.0
     max_connections: int = 2048  # 0: no cap
     max_connections_per_client: int = 64  # 0: no cap; loopback peers are not counted
+    write_timeout: float = 30.0  # longest wait for a client to take the rest of an answer
     # The kernel's send buffer per client connection (0: its own, which grows to megabytes):
     # what a client that stops reading can absorb before writes block and the stream's write
     # deadline starts, so it bounds how long such a client keeps the model.
@@ -75,6 +78,34 @@ TOO_SLOW = _refusal(408, "Request Timeout", "The request headers did not arrive 
                     "header_timeout")
 TOO_MANY = _refusal(503, "Service Unavailable", "Too many open connections; retry shortly",
                     "too_many_connections", {"Retry-After": "2"})
+
+
+class Throttled:
+    """Log a kind of event at most once per QUIET_FOR seconds, saying how many were not
+    logged: a flood of refusals must not flood the log too."""
+
+    def __init__(self, level: int, message: str) -> None:
+        self.level, self.message = level, message
+        self._next = 0.0
+        self._quiet = 0
+
+    def __call__(self, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._quiet += 1
+            return
+        more = f" (and {self._quiet} more in the last {QUIET_FOR:.0f}s)" if self._quiet else ""
+        log.log(self.level, self.message + more, *args)
+        self._next, self._quiet = now + QUIET_FOR, 0
+
+
+REFUSED_CONNECTION = Throttled(logging.WARNING, "refused a connection from %s: too many open "
+                                                "connections")
+HEADERS_TOO_SLOW = Throttled(logging.INFO, "closed a connection whose request headers did not "
+                                           "arrive in time")
+MALFORMED = Throttled(logging.WARNING, "refused a malformed request from %s: %s (HTTP %d)")
+STOPPED_READING = Throttled(logging.WARNING, "cut a connection whose client stopped reading "
+                                             "its answer")
 
 
 def reset(transport: asyncio.BaseTransport | None) -> None:
@@ -128,12 +159,15 @@ def _is_loopback(address: str) -> bool:
 
 
 class EdgeHandler(RequestHandler):
-    __slots__ = ("_counted_peer", "_header_deadline")
+    __slots__ = ("_counted_peer", "_gone", "_header_deadline", "_linger_after")
 
     def __init__(self, manager: EdgeServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._counted_peer: str | None = None
         self._header_deadline: asyncio.TimerHandle | None = None
+        # An error answer: let the client finish sending, then close (True once lingering).
+        self._linger_after = False
+        self._gone: asyncio.Future[None] = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._manager
@@ -146,12 +180,14 @@ class EdgeHandler(RequestHandler):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server.edge.send_buffer)
         super().connection_made(transport)
         if not admitted:
-            log.warning("refused a connection from %s: too many open connections", peer)
+            REFUSED_CONNECTION(peer)
             self._refuse(TOO_MANY)
             return
         self._counted_peer = peer
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._gone.done():
+            self._gone.set_result(None)
         server = self._manager
         if self._counted_peer is not None and isinstance(server, EdgeServer):
             server.forget(self._counted_peer)
@@ -169,11 +205,42 @@ class EdgeHandler(RequestHandler):
                 self._header_deadline = self._loop.call_later(
                     server.edge.header_timeout, self._headers_too_slow)
 
+    def eof_received(self) -> bool:
+        """A client that half-closes after its request still gets the answer, then the
+        connection closes (the default would drop the connection, answer unsent). One that
+        half-closes with nothing under way is simply closed."""
+        if self._idle() or self._close:  # nothing under way, or answered and lingering
+            return False
+        self.close()
+        return True
+
+    def _idle(self) -> bool:
+        """Waiting for the next request, none of it here yet (between taking a request off
+        the queue and handling it, this is not idle though nothing is queued or running)."""
+        waiting = self._waiter is not None and not self._waiter.done()
+        return waiting and not self._messages and not self._request_in_progress
+
+    async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        """Writing the answer out, within the write deadline: a client that does not read a
+        large answer must not keep the connection and its buffered answer for ever."""
+        server = self._manager
+        limit = server.edge.write_timeout if isinstance(server, EdgeServer) else None
+        try:
+            async with asyncio.timeout(limit):
+                answered = await super().finish_response(request, resp, start_time)
+        except TimeoutError:
+            STOPPED_READING()
+            reset(self.transport)
+            return resp, True
+        if self._linger_after:
+            await self._linger()
+        return answered
+
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
-        waiting = self._waiter is not None and not self._waiter.done()
-        if waiting and not self._messages and not self._request_in_progress:
-            log.info("closed a connection whose request headers did not arrive in time")
+        if self._idle():  # still waiting for a whole request: its headers came too slowly
+            HEADERS_TOO_SLOW()
             self._refuse(TOO_SLOW)
 
     def _disarm(self) -> None:
@@ -182,10 +249,26 @@ class EdgeHandler(RequestHandler):
             self._header_deadline = None
 
     def _refuse(self, answer: bytes) -> None:
+        """Answer, then close without resetting: what the client still sends is read and
+        dropped for a short while, so it gets to read the answer."""
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(answer)
-        self.force_close()
+        if transport is None or transport.is_closing():
+            return
+        transport.write(answer)
+        self._close = True  # no more requests; data_received drops what comes in
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(LINGER, self.force_close)
+
+    async def _linger(self) -> None:
+        """After an error answer: half-close, drop what the client still sends until it
+        closes too or LINGER passes (closing on unread input would reset the connection,
+        and the client could lose the answer)."""
+        self._close = True
+        transport = self.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+        await asyncio.wait([self._gone], timeout=LINGER)
 
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None
@@ -193,11 +276,11 @@ class EdgeHandler(RequestHandler):
         """Errors aiohttp answers itself (its parser's, or one that escaped every middleware):
         OpenAI's shape, nothing of the request echoed, one log line without a traceback."""
         status, text, code = _describe(status, exc)
+        self._linger_after = True
         if isinstance(exc, ConnectionError):
             log.info("client went away (%s)", type(exc).__name__)
         else:
-            log.warning("refused a malformed request from %s: %s (HTTP %d)", request.remote,
-                        type(exc).__name__ if exc else "error", status)
+            MALFORMED(request.remote, type(exc).__name__ if exc else "error", status)
         response = web.Response(
             status=status, body=orjson.dumps(error_body(
                 text, "invalid_request_error" if status < 500 else "server_error", code)),

@@ -35,7 +35,10 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    414: "invalid_request_error",
+    431: "invalid_request_error",
     429: "rate_limit_exceeded",
     501: "not_supported_error",
 }
@@ -149,10 +152,11 @@ def _unavailable(message: str, code: str, retry_after: int) -> OpenAIError:
 
 def _from_aiohttp(exc: web.HTTPException, request: web.Request) -> OpenAIError:
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    path = request.rel_url.raw_path  # as sent, percent-encoded: never a raw control character
     if exc.status == 404:
-        message, code = f"Invalid URL ({request.method} {request.path})", "not_found"
+        message, code = f"Invalid URL ({request.method} {path})", "not_found"
     elif exc.status == 405:
-        message, code = f"Method {request.method} is not allowed on {request.path}", None
+        message, code = f"Method {request.method} is not allowed on {path}", None
     elif exc.status == 413:
         message = f"Request body is larger than the limit of {request.app[MAX_BODY]} bytes"
         code = "request_too_large"

@@ -66,9 +66,10 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
         status = exc.status
         raise
     finally:
-        # The path only: query strings can carry credentials.
+        # The path only (query strings can carry credentials), as sent: percent-encoded, so a
+        # decoded newline or escape code can never forge a log line.
         log.info("%s %s \"%s %s\" %d %.1fms", request[REQUEST_ID], request.remote, request.method,
-                 request.path, status, (time.perf_counter() - started) * 1000)
+                 request.rel_url.raw_path, status, (time.perf_counter() - started) * 1000)
 
 
 async def _in_openai_shape(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -83,7 +84,7 @@ async def _in_openai_shape(request: web.Request, handler: Handler) -> web.Stream
         if isinstance(exc, web.HTTPException):  # below 400: a redirect, not an error
             raise
         error_log.exception("unhandled error in %s %s (request %s)", request.method,
-                            request.path, request[REQUEST_ID])
+                            request.rel_url.raw_path, request[REQUEST_ID])
         return OpenAIError(500, f"Internal error; request id {request[REQUEST_ID]}",
                            code="internal_error").response()
 

@@ -148,36 +148,38 @@ class Relay:
         request[OPEN_STREAM] = response  # a shutdown past its grace ends it with an error event
         loop = asyncio.get_running_loop()
         try:
-            await response.prepare(request)
             # A client that stops reading must not hold the model: writes block once its
-            # buffers are full (that is the backpressure), and past client_write it is cut.
+            # buffers are full (that is the backpressure), and a write that waits past
+            # client_write cuts it; the error event and the end of the stream too.
             async with asyncio.timeout(None) as stalled:
-                async for chunk in self._chunks(upstream, meter):
+
+                async def write(data: bytes) -> None:
                     stalled.reschedule(loop.time() + self.timeouts.client_write)
-                    await response.write(chunk)
+                    await response.write(data)
                     stalled.reschedule(None)
+
+                await response.prepare(request)
+                try:
+                    async for chunk in self._chunks(upstream, meter):
+                        await write(chunk)
+                except (UpstreamTimeout, UpstreamBroke) as exc:
+                    cause = type(exc.__cause__ or exc).__name__
+                    log.warning("%s: %s (%s)", request_id, exc, cause)
+                    error = to_openai(exc, request)
+                    assert error is not None
+                    await write(error.sse_event())
+                finally:
+                    # Closing (not releasing) drops the connection: a half-read stream is
+                    # abandoned at once, and llama-server closes finished streams itself.
+                    upstream.close()
+                stalled.reschedule(loop.time() + self.timeouts.client_write)
+                await response.write_eof()
         except TimeoutError:  # only `stalled` raises it here: the others are converted
             log.warning("%s: the client stopped reading for %.0fs; stream cut, model freed",
                         request_id, self.timeouts.client_write)
             reset(request.transport)
-            return response
         except ConnectionResetError:
             log.info("%s: client went away mid-stream; closing upstream", request_id)
-            return response
-        except (UpstreamTimeout, UpstreamBroke) as exc:
-            cause = type(exc.__cause__ or exc).__name__
-            log.warning("%s: %s (%s)", request_id, exc, cause)
-            error = to_openai(exc, request)
-            assert error is not None
-            try:
-                await response.write(error.sse_event())
-            except ConnectionResetError:
-                return response
-        finally:
-            # Closing (not releasing) drops the connection: a half-read stream is abandoned at
-            # once, and llama-server closes finished streams itself anyway.
-            upstream.close()
-        await response.write_eof()
         return response
 
     async def _chunks(self, upstream: ClientResponse, meter: UsageMeter | None

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from auth.errors import NotPermitted
 from proxy.authn import PRINCIPAL
-from proxy.errors import OpenAIError
+from proxy.errors import MAX_BODY, OpenAIError
 from proxy.limits import LIMITER, QUEUE, limited
 from proxy.middlewares import REQUEST_ID
 from proxy.pool import POOL
@@ -31,6 +31,10 @@ async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     if request.content_type != "application/json":
         raise OpenAIError(400, "Content-Type must be application/json",
                           code="invalid_content_type")
+    limit = request.app[MAX_BODY]
+    if request.content_length is not None and request.content_length > limit:
+        raise OpenAIError(413, f"Request body is larger than the limit of {limit} bytes",
+                          code="request_too_large", close=True)  # said up front: no wait
     try:
         async with asyncio.timeout(request.app[BODY_TIMEOUT]):
             raw = await request.read()  # raises 413 past the configured limit

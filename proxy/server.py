@@ -72,7 +72,8 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
         edge = EdgeLimits(header_timeout=settings.header_timeout,
                           max_connections=settings.max_connections,
                           max_connections_per_client=settings.max_connections_per_client,
-                          send_buffer=settings.client_send_buffer)
+                          send_buffer=settings.client_send_buffer,
+                          write_timeout=settings.client_write_timeout)
         runner = EdgeRunner(app, edge=edge, handler_cancellation=True, access_log=None,
                             shutdown_timeout=ABORT_WAIT,
                             keepalive_timeout=settings.keepalive_timeout)

@@ -4,7 +4,7 @@
 Each request steers the fake through a "fake" object in its JSON body, which the appliance
 forwards untouched:
   {"fake": {"chunks": 5, "gap": 0.01, "ttfb": 0.0, "status": 200, "raw": "text",
-            "content_type": "text/html", "stall_after": 2}}
+            "raw_size": 1000000, "content_type": "text/html", "stall_after": 2}}
 It records what it saw so tests can check what reached the upstream.
 """
 
@@ -68,8 +68,9 @@ async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
     record.bodies.append(body)
     fake = body.get("fake", {})
     await asyncio.sleep(fake.get("ttfb", 0))
-    if "raw" in fake:
-        return web.Response(status=fake.get("status", 200), text=fake["raw"],
+    if "raw" in fake or "raw_size" in fake:
+        text = fake["raw"] if "raw" in fake else "A" * int(fake["raw_size"])
+        return web.Response(status=fake.get("status", 200), text=text,
                             content_type=fake.get("content_type", "text/plain"))
     if not body.get("stream"):
         return web.json_response(completion("hello"), status=fake.get("status", 200))

@@ -21,6 +21,11 @@ from tests.kit.helpers import Appliance, eventually, wait_until
 CHAT = "/v1/chat/completions"
 
 
+def established(sock: socket.socket) -> bool:
+    """TCP's own state (the first byte of struct tcp_info): 1 is ESTABLISHED."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 1
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -240,8 +245,9 @@ async def test_one_client_address_cannot_take_every_connection(
         w.close()
 
 
+@pytest.mark.parametrize("chunks", [1_000_000, 3000], ids=["endless", "ends-while-blocked"])
 async def test_a_reader_that_never_reads_loses_its_stream_and_the_slot_comes_back(
-    make_proxy: ProxyFactory, fake: Fake
+    make_proxy: ProxyFactory, fake: Fake, chunks: int
 ) -> None:
     proxy = await make_proxy(upstreams=[fake.url], auth="disabled", admission_slots=1,
                              client_write_timeout=1.0, queue_timeout=30)
@@ -251,7 +257,7 @@ async def test_a_reader_that_never_reads_loses_its_stream_and_the_slot_comes_bac
     stalled.setblocking(False)
     await asyncio.get_running_loop().sock_connect(stalled, ("127.0.0.1", port))
     body = json.dumps({"model": "fake-model", "messages": [], "stream": True,
-                       "fake": {"chunks": 1_000_000, "gap": 0}}).encode()
+                       "fake": {"chunks": chunks, "gap": 0}}).encode()
     stalled.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                  b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     await eventually(lambda: fake.record.open_streams == 1, 5, "the stream to start")
@@ -262,5 +268,74 @@ async def test_a_reader_that_never_reads_loses_its_stream_and_the_slot_comes_bac
             assert resp.status == 200
     waited = time.monotonic() - started
     assert waited < 8, waited  # ... served once the write deadline cut the reader off
-    await eventually(lambda: fake.record.cancelled == 1, 3, "the upstream stream to be closed")
+    assert not established(stalled)  # reset, not left for the kernel to keep sending to
     stalled.close()
+
+
+async def test_a_whole_answer_nobody_reads_is_cut_at_the_write_deadline(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", client_write_timeout=1.0)
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(stalled, ("127.0.0.1", port))
+    body = json.dumps({"model": "fake-model", "messages": [],
+                       "fake": {"raw_size": 4_000_000, "content_type": "application/json"}})
+    stalled.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body.encode())
+    await eventually(lambda: not established(stalled), 8, "the unread answer to be cut")
+    stalled.close()
+
+
+async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", max_body_bytes=1024)
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: 10000000000\r\n\r\n")
+    started = time.monotonic()
+    status, body = status_and_json(await read_answer(reader))
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert time.monotonic() - started < 1.0 + LINGER
+    writer.close()
+
+
+async def test_a_client_that_half_closes_still_gets_its_answer(make_proxy: ProxyFactory,
+                                                                fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write_eof()  # shutdown(SHUT_WR): nothing more to say, waiting for the answer
+    answer = await read_answer(reader)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"status"' in answer
+    writer.close()
+
+
+async def test_paths_cannot_forge_log_lines_and_refusals_do_not_flood_the_log(
+    appliance_for
+) -> None:
+    app = appliance_for("--max-connections", "3")
+    await asyncio.to_thread(app.wait_ready)
+    forged = "2026-11-23 18:00:00,000 ERROR proxy.auth[1]: admin key accepted"
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    path = "/v1/%0a" + forged.replace(" ", "%20") + "%1b[31m"
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await read_answer(reader)
+    writer.close()
+    held = [await asyncio.open_connection("127.0.0.1", app.port) for _ in range(3)]
+    await asyncio.sleep(0.2)
+    for _ in range(40):  # forty refusals ...
+        r, w = await asyncio.open_connection("127.0.0.1", app.port)
+        await read_answer(r)
+        w.close()
+    for _, w in held:
+        w.close()
+    await asyncio.to_thread(wait_until, lambda: "%0A2026-11-23" in app.log
+                            or "%0a2026-11-23" in app.log, 5, "the request's log line")
+    assert f"\n{forged}" not in app.log and "\x1b" not in app.log
+    assert app.log.count("too many open connections") <= 2  # ... one line, not forty
