@@ -76,6 +76,10 @@ bench:
 	@echo "==> what auth and each limit add per request, and Redis round trips"
 	$(PY) -m bench.overhead --requests 2000
 
+soak:
+	@echo "==> $(or $(SOAK_MINUTES),3) minutes of mixed, partly hostile traffic on loopback"
+	$(PY) -m bench.soak --minutes $(or $(SOAK_MINUTES),3)
+
 run:
 	$(PY) -m proxy $(ARGS)
 
