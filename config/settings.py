@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-Kind = Literal["str", "int", "float", "path", "list", "choice"]
+Kind = Literal["str", "int", "float", "path", "list", "choice", "bool"]
 ENV_PREFIX = "LLAMA_PROXY_"
 
 
@@ -44,6 +44,31 @@ class Settings:
     port: int = _opt(8000, "int", "TCP port to listen on")
     workers: int = _opt(1, "int", "HTTP worker processes sharing the port (SO_REUSEPORT)")
     data_dir: Path = _opt(None, "path", "where everything persisted is kept (mode 0700)")
+    tls_cert: Path | None = _opt(
+        None, "path", "PEM certificate chain: serve HTTPS (TLS 1.2+; reloaded on SIGHUP)"
+    )
+    tls_key: Path | None = _opt(None, "path", "PEM private key of tls_cert")
+    # -- who the client is, behind a tunnel or reverse proxy
+    trusted_proxies: list[str] = _opt(
+        [], "list", "address or CIDR of a proxy whose X-Forwarded-For/Forwarded is believed "
+        "(repeatable; default: none)", metavar="CIDR",
+    )
+    trust_loopback_proxy: bool = _opt(
+        False, "bool", "believe forwarding headers from this host (a tunnel agent such as ngrok "
+        "or nginx on the same machine); off by default",
+    )
+    cors_origins: list[str] = _opt(
+        [], "list", "origin of a browser app allowed to call /v1 and /api, e.g. "
+        "https://app.example (repeatable; * for any; default: only the appliance's own page)",
+        metavar="ORIGIN",
+    )
+    tunnel: str = _opt(
+        "none", "choice", "open a public tunnel at start-up ('ngrok' needs the ngrok package "
+        "and NGROK_AUTHTOKEN)", choices=("none", "ngrok"),
+    )
+    ngrok_authtoken: str | None = _opt(
+        None, "str", "ngrok's authtoken (default: $NGROK_AUTHTOKEN)", secret=True, flag=False
+    )
     # -- the model: a supervised llama-server, or existing upstreams
     model: Path | None = _opt(None, "path", "GGUF model file (default: the bundled SmolLM2-135M)")
     model_alias: str | None = _opt(
@@ -89,6 +114,10 @@ class Settings:
     max_connections: int = _opt(2048, "int", "open client connections at once (0 = no cap)")
     max_connections_per_client: int = _opt(
         64, "int", "open connections from one client address (0 = no cap; loopback: total only)"
+    )
+    sse_keepalive: float = _opt(
+        15.0, "float", "seconds between SSE comment lines while a stream waits for a slot or "
+        "its first token, so tunnels and proxies keep it open (0 = off)"
     )
     connect_timeout: float = _opt(10.0, "float", "seconds to connect to the model server")
     first_byte_timeout: float = _opt(
@@ -168,6 +197,22 @@ class Settings:
     )
     queue_max: int = _opt(64, "int", "requests that may wait for a model slot")
     queue_timeout: float = _opt(60.0, "float", "longest wait for a model slot (seconds)")
+    # -- /api/chat conversations
+    chat_max_message_chars: int = _opt(
+        32_000, "int", "longest message /api/chat accepts (characters)"
+    )
+    chat_max_tokens: int = _opt(
+        1024, "int", "cap on the completion tokens of one /api/chat answer"
+    )
+    chat_context_tokens: int = _opt(
+        4096, "int", "the model's context size: /api/chat sends the newest history that fits"
+    )
+    chat_max_conversations: int = _opt(
+        100, "int", "conversations kept per user (the oldest are dropped)"
+    )
+    chat_ttl_days: float = _opt(
+        30.0, "float", "days a conversation is kept after its last message"
+    )
     # -- logging
     log_level: str = _opt(
         "info", "choice", "log verbosity", choices=("debug", "info", "warning", "error")

@@ -15,11 +15,14 @@ from auth.tokens import TokenVerifier, issue_token
 from config import Settings
 from proxy.admin import setup_admin
 from proxy.authn import setup_auth
+from proxy.cors import setup_cors
 from proxy.files import prepare_data_dir
+from proxy.forwarded import TrustedProxies, setup_forwarded
 from proxy.limits import setup_quota
 from proxy.logs import register_secret
 from proxy.middlewares import setup_edge
 from proxy.openapi import setup_openapi
+from proxy.page import setup_page
 from proxy.pool import setup_backends
 from proxy.relay import Timeouts, setup_relay
 from proxy.routes import setup_routes
@@ -35,6 +38,10 @@ def limits_of(settings: Settings) -> Limits:
                   window_s=settings.limit_window)
 
 
+def trusted_proxies(settings: Settings) -> TrustedProxies:
+    return TrustedProxies(settings.trusted_proxies, loopback=settings.trust_loopback_proxy)
+
+
 def create_app(settings: Settings, slots_from: Path | None = None,
                on_shutdown: Sequence[ShutdownHook] = ()) -> web.Application:
     """slots_from: an extra --workers process borrows the model's slots from the first one.
@@ -46,6 +53,8 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     app = web.Application(client_max_size=s.max_body_bytes)
     setup_edge(app, max_body_bytes=s.max_body_bytes, shutdown_grace=s.shutdown_grace)
     app.on_shutdown.extend(on_shutdown)
+    setup_forwarded(app, trusted_proxies(s))
+    setup_cors(app, s.cors_origins)
     # The store comes up before the model, so a bad Redis fails fast.
     setup_store(app, url=s.redis_url, data_dir=s.data_dir, binary=s.redis_server,
                 timeout=s.redis_timeout)
@@ -63,7 +72,8 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     setup_backends(app, child=s if s.supervise else None, upstreams=list(s.upstreams),
                    upstream_key=s.upstream_api_key, check_timeout=s.connect_timeout,
                    startup_grace=s.startup_timeout, health_interval=s.health_interval)
-    setup_routes(app, body_timeout=s.body_timeout)
+    setup_routes(app, body_timeout=s.body_timeout, sse_keepalive=s.sse_keepalive)
     setup_admin(app, issue=functools.partial(issue_token, s))
     setup_openapi(app)
+    setup_page(app)
     return app

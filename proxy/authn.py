@@ -17,6 +17,7 @@ from auth.guard import FailureGuard
 from auth.principal import ADMIN, INFERENCE, Principal
 from auth.tokens import TokenVerifier
 from proxy.errors import to_openai
+from proxy.forwarded import client_address
 from proxy.store import REDIS
 
 log = logging.getLogger("proxy.auth")
@@ -57,7 +58,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     admin = path.startswith(ADMIN_PREFIX)
     if not admin and not path.startswith(PROTECTED):
         return await handler(request)
-    ip = request.remote or "unknown"
+    ip = client_address(request)
     guard = request.app[GUARD]
     if wait := guard.blocked_for(ip):
         raise TooManyFailures(wait)  # not logged: an attack must not flood the log

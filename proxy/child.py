@@ -111,6 +111,10 @@ class ChildProcess:
         self._task = asyncio.create_task(self._run(), name=f"child {self.name}")
         return await asyncio.shield(self._first) if wait else True
 
+    def send_signal(self, sig: signal.Signals) -> None:
+        """A signal to the running process (none when it is not running)."""
+        self._signal(sig)
+
     def terminate(self) -> None:
         """SIGTERM now, without waiting, and no restart (stop() waits, and escalates)."""
         self._stopping.set()

@@ -22,7 +22,7 @@ import logging
 import socket
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -32,6 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from proxy.errors import error_body
+from proxy.forwarded import TrustedProxies
 from proxy.ids import new_id
 
 log = logging.getLogger("proxy.edge")
@@ -60,6 +61,8 @@ class EdgeLimits:
     # what a client that stops reading can absorb before writes block and the stream's write
     # deadline starts, so it bounds how long such a client keeps the model.
     send_buffer: int = 65536
+    # Trusted proxies and tunnels carry many clients each: like loopback, total cap only.
+    proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
 
 
 def _refusal(status: int, reason: str, message: str, code: str,
@@ -134,7 +137,8 @@ class EdgeServer(web.Server):
         edge = self.edge
         if edge.max_connections and len(self._connections) >= edge.max_connections:
             return False
-        if peer and edge.max_connections_per_client and not _is_loopback(peer):
+        if (peer and edge.max_connections_per_client and not _is_loopback(peer)
+                and peer not in edge.proxies):
             if self.by_peer.get(peer, 0) >= edge.max_connections_per_client:
                 return False
             self.by_peer[peer] = self.by_peer.get(peer, 0) + 1

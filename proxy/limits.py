@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from auth.principal import Principal
+from proxy.forwarded import client_address
 from proxy.ids import new_id
 from proxy.middlewares import DRAIN
 from proxy.shared_slots import SlotBorrower
@@ -66,16 +67,18 @@ async def _borrowed(borrower: SlotBorrower, app: web.Application) -> AsyncIterat
     await borrower.aclose()
 
 
-def describe_limits(limits: Limits) -> str:
+def describe_limits(limits: Limits, behind_proxy: bool = False) -> str:
     """The start-up line: which limits apply, and which client address the per-IP one sees."""
     each = [f"{value} {WINDOW_NAMES[name]}" for name, value in (
         ("rpm", limits.rpm), ("rpd", limits.rpd), ("tpm", limits.tpm),
         ("concurrency", limits.concurrency)) if value]
     parts = [", ".join(each) + " per key or user"] if each else []
     if limits.ip_rpm:
-        parts.append(f"{limits.ip_rpm} requests per minute per client address, taken "
-                     "from the connection: behind a tunnel or proxy on this host every client is "
-                     "127.0.0.1 and shares that one limit (--limit-ip-rpm 0 turns it off)")
+        source = ("named by the trusted proxy in front" if behind_proxy else "taken from the "
+                  "connection: behind a tunnel or proxy every client is its address and shares "
+                  "that one limit unless it is trusted (--trusted-proxies, "
+                  "--trust-loopback-proxy)")
+        parts.append(f"{limits.ip_rpm} requests per minute per client address, {source}")
     if not parts:
         return "rate limits: none (every --limit-* is 0)"
     return ("rate limits: " + "; ".join(parts) + ". Change them with --limit-rpm, --limit-tpm, "
@@ -125,7 +128,7 @@ async def limited(request: web.Request, principal: Principal, path: str, raw: by
     limiter = request.app[LIMITER]
     prompt = prompt_tokens(raw)
     tokens = prompt + completion_budget(body, path, request.app[DEFAULT_MAX_TOKENS])
-    admission = await limiter.admit(new_id(), principal.id, request.remote or "unknown",
+    admission = await limiter.admit(new_id(), principal.id, client_address(request),
                                     tokens, rpm=principal.rpm, tpm=principal.tpm)
     if admission is None:
         yield raw, None

@@ -8,6 +8,7 @@ like any error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -19,6 +20,7 @@ from aiohttp.typedefs import Handler
 from proxy.drain import OPEN_STREAM, Drain, cut_short
 from proxy.edge import SECURITY_HEADERS
 from proxy.errors import MAX_BODY, OpenAIError, to_openai
+from proxy.forwarded import client_address, client_scheme
 from proxy.ids import new_id
 
 log = logging.getLogger("proxy.access")
@@ -27,6 +29,7 @@ error_log = logging.getLogger("proxy.errors")
 REQUEST_ID = web.RequestKey("request_id", str)
 DRAIN = web.AppKey("drain", Drain)
 # A client's own id is kept only if it is short and plain (no header or log injection).
+HSTS = "max-age=31536000"  # a year; no includeSubDomains: the domain may host other things
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 
 
@@ -68,8 +71,9 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         # The path only (query strings can carry credentials), as sent: percent-encoded, so a
         # decoded newline or escape code can never forge a log line.
-        log.info("%s %s \"%s %s\" %d %.1fms", request[REQUEST_ID], request.remote, request.method,
-                 request.rel_url.raw_path, status, (time.perf_counter() - started) * 1000)
+        log.info("%s %s \"%s %s\" %d %.1fms", request[REQUEST_ID], client_address(request),
+                 request.method, request.rel_url.raw_path, status,
+                 (time.perf_counter() - started) * 1000)
 
 
 async def _in_openai_shape(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -80,7 +84,7 @@ async def _in_openai_shape(request: web.Request, handler: Handler) -> web.Stream
     except Exception as exc:
         error = to_openai(exc, request)
         if error is not None:
-            return error.response()
+            return await _answer(request, error)
         if isinstance(exc, web.HTTPException):  # below 400: a redirect, not an error
             raise
         error_log.exception("unhandled error in %s %s (request %s)", request.method,
@@ -89,9 +93,23 @@ async def _in_openai_shape(request: web.Request, handler: Handler) -> web.Stream
                            code="internal_error").response()
 
 
+async def _answer(request: web.Request, error: OpenAIError) -> web.StreamResponse:
+    """The error's own response; or, on a stream that has already started (a heartbeat kept
+    it open while it waited), the SSE error event that ends it."""
+    stream = request.get(OPEN_STREAM)
+    if stream is None or not stream.prepared:
+        return error.response()
+    with contextlib.suppress(ConnectionResetError):
+        await stream.write(error.sse_event())
+        await stream.write_eof()
+    return stream
+
+
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: runs for streamed responses too, before the first byte."""
     response.headers["X-Request-Id"] = request.get(REQUEST_ID) or new_id()
     response.headers["Server"] = "llama-proxy"  # no library or version banner for scanners
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+    if client_scheme(request) == "https":  # browsers heed HSTS only when it came over TLS
+        response.headers.setdefault("Strict-Transport-Security", HSTS)

@@ -36,9 +36,9 @@ from proxy.backends import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.drain import OPEN_STREAM
 from proxy.edge import reset
 from proxy.errors import ERROR_TYPES, error_body, to_openai
+from proxy.heartbeat import Heartbeat
 from proxy.usage import UsageMeter
 
 log = logging.getLogger("proxy.relay")
@@ -71,9 +71,12 @@ class Relay:
 
     async def __call__(self, request: web.Request, backends: list[Backend], path: str,
                        raw: bytes, stream: bool, meter: UsageMeter | None = None,
-                       request_id: str = "") -> web.StreamResponse:
+                       request_id: str = "", heartbeat: Heartbeat | None = None
+                       ) -> web.StreamResponse:
         """Send raw (an already-validated JSON body) to the first backend that answers and
-        answer `request` with what it says."""
+        answer `request` with what it says. heartbeat: keeps a waiting stream alive, and may
+        have started its response already."""
+        beat = heartbeat or Heartbeat(request, 0, self.timeouts.client_write)
         for backend in backends:
             try:
                 upstream = await self._open(backend, path, raw, stream, request_id)
@@ -82,8 +85,12 @@ class Relay:
                 self.unreachable(backend, str(exc))
                 continue
             if upstream.content_type == "text/event-stream" and upstream.status == 200:
-                return await self._stream(request, upstream, meter, request_id)
-            return await self._whole(upstream, meter)
+                return await self._stream(request, upstream, meter, request_id, beat)
+            answer = await self._whole(upstream, meter)
+            await beat.stop()
+            if beat.response is not None:  # the stream started while it waited
+                return await as_events(answer, beat.response)
+            return answer
         raise UpstreamUnreachable
 
     async def _open(self, backend: Backend, path: str, raw: bytes, stream: bool,
@@ -138,15 +145,12 @@ class Relay:
         return web.Response(status=status, body=body, headers=headers)
 
     async def _stream(self, request: web.Request, upstream: ClientResponse,
-                      meter: UsageMeter | None, request_id: str) -> web.StreamResponse:
-        """Pass SSE chunks through as they arrive; end with an error event if upstream fails."""
-        response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # tell any proxy in front of us not to buffer either
-        })
-        request[OPEN_STREAM] = response  # a shutdown past its grace ends it with an error event
+                      meter: UsageMeter | None, request_id: str, beat: Heartbeat
+                      ) -> web.StreamResponse:
+        """Pass SSE chunks through as they arrive; end with an error event if upstream fails.
+        The heartbeat goes on until the first chunk (the model may read a long prompt)."""
         loop = asyncio.get_running_loop()
+        response: web.StreamResponse | None = None
         try:
             # A client that stops reading must not hold the model: writes block once its
             # buffers are full (that is the backpressure), and a write that waits past
@@ -154,12 +158,16 @@ class Relay:
             async with asyncio.timeout(None) as stalled:
 
                 async def write(data: bytes) -> None:
+                    await beat.stop()
                     stalled.reschedule(loop.time() + self.timeouts.client_write)
-                    await response.write(data)
+                    await stream.write(data)
                     stalled.reschedule(None)
 
-                await response.prepare(request)
                 try:
+                    stalled.reschedule(loop.time() + self.timeouts.client_write)
+                    # Set as OPEN_STREAM: a shutdown past its grace ends it with an error event.
+                    response = stream = await beat.start()
+                    stalled.reschedule(None)
                     async for chunk in self._chunks(upstream, meter):
                         await write(chunk)
                 except (UpstreamTimeout, UpstreamBroke) as exc:
@@ -169,18 +177,19 @@ class Relay:
                     assert error is not None
                     await write(error.sse_event())
                 finally:
+                    await beat.stop()
                     # Closing (not releasing) drops the connection: a half-read stream is
                     # abandoned at once, and llama-server closes finished streams itself.
                     upstream.close()
                 stalled.reschedule(loop.time() + self.timeouts.client_write)
-                await response.write_eof()
+                await stream.write_eof()
         except TimeoutError:  # only `stalled` raises it here: the others are converted
             log.warning("%s: the client stopped reading for %.0fs; stream cut, model freed",
                         request_id, self.timeouts.client_write)
             reset(request.transport)
         except ConnectionResetError:
             log.info("%s: client went away mid-stream; closing upstream", request_id)
-        return response
+        return response or web.StreamResponse()  # not started: the client left before it
 
     async def _chunks(self, upstream: ClientResponse, meter: UsageMeter | None
                       ) -> AsyncIterator[bytes]:
@@ -205,6 +214,17 @@ class Relay:
             raise UpstreamTimeout("The model server went silent") from None
         except ClientError as exc:
             raise UpstreamBroke("The model server broke off the stream") from exc
+
+
+async def as_events(answer: web.Response, stream: web.StreamResponse) -> web.StreamResponse:
+    """A whole answer (an error, mostly) sent on a stream that has already started."""
+    body = answer.body if isinstance(answer.body, bytes) else b""
+    if answer.status >= 400:
+        await stream.write(b"data: " + body + b"\n\n")
+    else:  # a backend that ignored `stream`: its answer as one event
+        await stream.write(b"data: " + body.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n")
+    await stream.write_eof()
+    return stream
 
 
 def as_openai_error(status: int, body: bytes) -> bytes:

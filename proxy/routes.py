@@ -12,6 +12,7 @@ from aiohttp import web
 from auth.errors import NotPermitted
 from proxy.authn import PRINCIPAL
 from proxy.errors import MAX_BODY, OpenAIError
+from proxy.heartbeat import Heartbeat
 from proxy.limits import LIMITER, QUEUE, limited
 from proxy.middlewares import REQUEST_ID
 from proxy.pool import POOL
@@ -19,6 +20,7 @@ from proxy.relay import RELAY
 
 CAN_SERVE = ("ok", "degraded")
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
+SSE_KEEPALIVE = web.AppKey("sse_keepalive", float)
 _STARTED = int(time.time())
 
 
@@ -90,13 +92,20 @@ async def model_request(request: web.Request, path: str) -> web.StreamResponse:
     principal = request[PRINCIPAL]
     relay = request.app[RELAY]
     async with limited(request, principal, path, raw, body, stream) as (payload, meter):
-        queue = request.app[QUEUE]
-        if queue.slots <= 0:  # admission control off: no queue to pass through
-            return await relay(request, backends, path, payload, stream, meter,
-                               request[REQUEST_ID])
-        async with queue.slot(principal.id):
-            return await relay(request, backends, path, payload, stream, meter,
-                               request[REQUEST_ID])
+        # A stream that waits (for a slot, for its first token) sends keep-alive comments.
+        async with heartbeat(request, stream) as beat:
+            queue = request.app[QUEUE]
+            if queue.slots <= 0:  # admission control off: no queue to pass through
+                return await relay(request, backends, path, payload, stream, meter,
+                                   request[REQUEST_ID], beat)
+            async with queue.slot(principal.id):
+                return await relay(request, backends, path, payload, stream, meter,
+                                   request[REQUEST_ID], beat)
+
+
+def heartbeat(request: web.Request, stream: bool) -> Heartbeat:
+    interval = request.app[SSE_KEEPALIVE] if stream else 0
+    return Heartbeat(request, interval, request.app[RELAY].timeouts.client_write)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -122,9 +131,11 @@ async def ready(request: web.Request) -> web.Response:
     return json_response({"ready": can}, 200 if can else 503)
 
 
-def setup_routes(app: web.Application, *, body_timeout: float) -> None:
-    """body_timeout: how long a client may take to send a request body."""
+def setup_routes(app: web.Application, *, body_timeout: float, sse_keepalive: float) -> None:
+    """body_timeout: how long a client may take to send a request body; sse_keepalive:
+    seconds between comments on a stream that waits (0: none)."""
     app[BODY_TIMEOUT] = body_timeout
+    app[SSE_KEEPALIVE] = sse_keepalive
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, openai_endpoint(path))
     app.router.add_get("/v1/models", list_models)

@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -15,10 +16,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from auth.authenticator import is_loopback
 from config import ConfigError, Settings
 from config.settings import default_data_dir
-from proxy.app import create_app, limits_of
+from proxy.app import create_app, limits_of, trusted_proxies
 from proxy.drain import ABORT_WAIT
 from proxy.edge import EdgeLimits, EdgeRunner
 from proxy.limits import QUEUE, describe_limits
@@ -48,6 +48,37 @@ class Running:
     runner: web.AppRunner
     base_url: str
     settings: Settings
+    tls: ssl.SSLContext | None = None
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """HTTPS when a certificate is set: TLS 1.2 and newer, the library's default ciphers."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("tls_cert", f"cannot load {settings.tls_cert} with its key ({exc})"
+                          ) from None
+    return context
+
+
+def reload_tls(running: Running) -> None:
+    """SIGHUP: new connections get the certificate now on disk (a renewed one, say); open
+    connections and their streams keep theirs. A certificate that does not load is reported
+    and the old one kept."""
+    s = running.settings
+    if running.tls is None or s.tls_cert is None or s.tls_key is None:
+        log.info("SIGHUP: no TLS certificate to reload")
+        return
+    try:
+        running.tls.load_cert_chain(s.tls_cert, s.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("SIGHUP: kept the old certificate; %s did not load (%s)", s.tls_cert, exc)
+        return
+    log.info("SIGHUP: reloaded the TLS certificate %s", s.tls_cert)
 
 
 def raise_open_files_limit() -> None:
@@ -62,6 +93,7 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
                 ) -> Running:
     """Bind, build the app and start serving; the caller stops it with runner.cleanup()."""
     raise_open_files_limit()
+    tls = tls_context(settings)
     sock = bind(settings.host, settings.port, reuse_port)
     runner = None
     try:
@@ -73,19 +105,22 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
                           max_connections=settings.max_connections,
                           max_connections_per_client=settings.max_connections_per_client,
                           send_buffer=settings.client_send_buffer,
-                          write_timeout=settings.client_write_timeout)
+                          write_timeout=settings.client_write_timeout,
+                          proxies=trusted_proxies(settings))
         runner = EdgeRunner(app, edge=edge, handler_cancellation=True, access_log=None,
                             shutdown_timeout=ABORT_WAIT,
                             keepalive_timeout=settings.keepalive_timeout)
         await runner.setup()
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=tls).start()
     except BaseException:
         sock.close()
         if runner is not None:
             await runner.cleanup()
         raise
     host, port = sock.getsockname()[:2]
-    return Running(app, runner, f"http://{host}:{port}", settings)
+    host = f"[{host}]" if ":" in host else host
+    scheme = "https" if tls else "http"
+    return Running(app, runner, f"{scheme}://{host}:{port}", settings, tls)
 
 
 async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | None = None
@@ -93,7 +128,7 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
     if worker:
         running = await start(settings, reuse_port=True, slots_from=slots_from)
         log.info("worker listening on %s", running.base_url)
-        await _wait_for_signal()
+        await _wait_for_signal(lambda: reload_tls(running))
         await running.runner.cleanup()
         return
     pool = WorkerPool(settings) if settings.workers > 1 else None
@@ -103,7 +138,7 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
     base = running.base_url
     log.info("listening on %s (OpenAI base URL %s/v1)", base, base)
     print(f"llama-proxy listening on {base}  (OpenAI base URL: {base}/v1)", flush=True)
-    limits = describe_limits(limits_of(settings))
+    limits = describe_limits(limits_of(settings), behind_proxy=bool(trusted_proxies(settings)))
     log.info("%s", limits)
     print(limits, flush=True)
     _warn_if_open(settings)
@@ -113,7 +148,13 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
                          supervisor.backend if supervisor else None, running.app[QUEUE])
 
     announcer = asyncio.create_task(_announce_ready(running.app, base))
-    await _wait_for_signal()
+
+    def reload() -> None:
+        reload_tls(running)
+        if pool is not None:
+            pool.reload()
+
+    await _wait_for_signal(reload)
     announcer.cancel()
     log.info("shutting down: no new connections; in-flight requests get up to %.0fs",
              settings.shutdown_grace)
@@ -123,11 +164,13 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
     log.info("stopped")
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(on_hangup: Callable[[], None]) -> None:
+    """Until SIGTERM or SIGINT; SIGHUP calls on_hangup (and does not stop us)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
 
 
@@ -136,12 +179,9 @@ def _warn_if_open(settings: Settings) -> None:
         tool = f"{_python()} generate_token.py" + _data_dir_flag(settings)
         print(f"credentials: {tool} NAME 24   (a JWT)   or   {tool} NAME --api-key", flush=True)
         return
-    if is_loopback(settings.host):
-        message = ("AUTH IS DISABLED: anyone who can reach this loopback port uses the model; "
-                   "X-User-Id is accepted as the user (development mode)")
-    else:
-        message = (f"AUTH IS DISABLED ON A PUBLIC ADDRESS ({settings.host}): anyone who reaches "
-                   "it uses the model; X-User-Id is refused. Set auth = \"required\".")
+    # The settings refuse auth = "disabled" on any other address than loopback.
+    message = ("AUTH IS DISABLED: anyone who can reach this loopback port uses the model; "
+               "X-User-Id is accepted as the user (development mode)")
     log.warning(message)
     print(f"WARNING: {message}", file=sys.stderr, flush=True)
 

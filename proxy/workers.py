@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -100,6 +101,11 @@ class WorkerPool:
         """SIGTERM every worker: each drains its own requests."""
         for worker in self.children:
             worker.terminate()
+
+    def reload(self) -> None:
+        """SIGHUP every worker: each reloads its TLS certificate."""
+        for worker in self.children:
+            worker.send_signal(signal.SIGHUP)
 
     async def stopped(self, _app: object = None) -> None:
         """Wait for the workers to exit (SIGKILL past their grace), then stop lending slots."""

@@ -229,7 +229,7 @@ async def test_one_client_address_cannot_take_every_connection(
     address = _first_non_loopback_ipv4()
     if address is None:
         pytest.skip("this machine has no non-loopback IPv4 address to connect from")
-    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", host="0.0.0.0",
+    proxy = await make_proxy(upstreams=[fake.url], host="0.0.0.0",
                              max_connections_per_client=3)
     port = int(proxy.base_url.rsplit(":", 1)[1])
     held = [await asyncio.open_connection(address, port) for _ in range(3)]
