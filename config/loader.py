@@ -189,6 +189,8 @@ def _resolve(s: Settings, serving: bool) -> Settings:
     _check_edge(s)
     upstreams = [_normalise_upstream(url) for url in s.upstreams]
     s = replace(s, upstreams=upstreams, data_dir=s.data_dir or default_data_dir())
+    if s.tunnel != "none":  # the tunnel's agent runs in this process and connects over loopback
+        s = replace(s, trust_loopback_proxy=True)
     if s.admission_slots < -1:
         raise ConfigError("admission_slots", "must be -1 (auto), 0 (off) or a slot count")
     if s.admission_slots == -1:
