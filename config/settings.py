@@ -205,7 +205,8 @@ class Settings:
         1024, "int", "cap on the completion tokens of one /api/chat answer"
     )
     chat_context_tokens: int = _opt(
-        4096, "int", "the model's context size: /api/chat sends the newest history that fits"
+        2048, "int", "context of one model slot (llama-server's --ctx-size / --parallel): "
+        "/api/chat sends the newest history that fits with room for the answer"
     )
     chat_max_conversations: int = _opt(
         100, "int", "conversations kept per user (the oldest are dropped)"

@@ -15,6 +15,7 @@ from auth.tokens import TokenVerifier, issue_token
 from config import Settings
 from proxy.admin import setup_admin
 from proxy.authn import setup_auth
+from proxy.chat import ChatLimits, setup_chat
 from proxy.cors import setup_cors
 from proxy.files import prepare_data_dir
 from proxy.forwarded import TrustedProxies, setup_forwarded
@@ -73,6 +74,12 @@ def create_app(settings: Settings, slots_from: Path | None = None,
                    upstream_key=s.upstream_api_key, check_timeout=s.connect_timeout,
                    startup_grace=s.startup_timeout, health_interval=s.health_interval)
     setup_routes(app, body_timeout=s.body_timeout, sse_keepalive=s.sse_keepalive)
+    setup_chat(app, limits=ChatLimits(max_message_chars=s.chat_max_message_chars,
+                                      max_tokens=s.chat_max_tokens,
+                                      context_tokens=s.chat_context_tokens,
+                                      keepalive=s.sse_keepalive,
+                                      write_timeout=s.client_write_timeout),
+               ttl_s=s.chat_ttl_days * 86400, max_conversations=s.chat_max_conversations)
     setup_admin(app, issue=functools.partial(issue_token, s))
     setup_openapi(app)
     setup_page(app)

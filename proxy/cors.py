@@ -18,8 +18,6 @@ from aiohttp.typedefs import Handler
 from proxy.errors import OpenAIError
 
 PATHS = ("/v1/", "/api/")
-METHODS = ("GET", "POST", "DELETE", "OPTIONS")
-ALLOW_METHODS = ", ".join(METHODS)
 ALLOW_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id",
                  "ngrok-skip-browser-warning")
 EXPOSE_HEADERS = ", ".join((
@@ -54,23 +52,34 @@ async def preflight(request: web.Request, handler: Handler) -> web.StreamRespons
         return await handler(request)
     if not request.path.startswith(PATHS):
         return await handler(request)
+    methods = _methods(request)
+    if methods is None:  # no such path
+        return await handler(request)
     wanted = request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_METHOD)
     if wanted is None:  # a plain OPTIONS: say what the path allows, nothing to authenticate
-        return web.Response(status=204, headers={hdrs.ALLOW: ALLOW_METHODS})
+        return web.Response(status=204, headers={hdrs.ALLOW: ", ".join(methods)})
     allow = _allowed(request)
     if allow is None:
         raise OpenAIError(403, "This origin may not call the appliance from a browser "
                           "(the operator can add it to cors_origins)", code="origin_not_allowed")
     asked = {h.strip().lower() for h in
              request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "").split(",") if h.strip()}
-    if wanted.upper() not in METHODS or not asked <= set(ALLOW_HEADERS):
+    if wanted.upper() not in methods or not asked <= set(ALLOW_HEADERS):
         raise OpenAIError(403, "This method or header may not be used from a browser",
                           code="cors_not_allowed")
     return web.Response(status=204, headers={
-        hdrs.ACCESS_CONTROL_ALLOW_METHODS: ALLOW_METHODS,
+        hdrs.ACCESS_CONTROL_ALLOW_METHODS: ", ".join(methods),
         hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(ALLOW_HEADERS),
         hdrs.ACCESS_CONTROL_MAX_AGE: MAX_AGE,
     })
+
+
+def _methods(request: web.Request) -> list[str] | None:
+    """The methods the path has (from the router, which found none for OPTIONS itself)."""
+    missing = request.match_info.http_exception
+    if not isinstance(missing, web.HTTPMethodNotAllowed):
+        return None
+    return [*sorted(m for m in missing.allowed_methods if m != hdrs.METH_HEAD), "OPTIONS"]
 
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:

@@ -24,6 +24,7 @@ from proxy.backends import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.conversations import ConversationsUnavailable
 from quota.limiter import LimitsUnavailable, RateLimited
 from quota.slots import Busy
 from quota.windows import WINDOW_NAMES
@@ -120,6 +121,9 @@ def to_openai(exc: BaseException, request: web.Request) -> OpenAIError | None:
             return OpenAIError(429, f"Rate limit reached for {which}; retry in {retry}s",
                                code="rate_limit_exceeded", type="rate_limit_exceeded",
                                headers={"Retry-After": str(retry)})
+        case ConversationsUnavailable():
+            return _unavailable("Conversations cannot be read or kept right now; retry shortly",
+                                "conversations_unavailable", 5)
         case LimitsUnavailable():
             return _unavailable("Rate limits cannot be checked right now; retry shortly",
                                 "limits_unavailable", 5)

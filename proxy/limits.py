@@ -155,6 +155,17 @@ async def limited(request: web.Request, principal: Principal, path: str, raw: by
         limiter.settle(admission)  # queued, not awaited: off the latency path
 
 
+@asynccontextmanager
+async def model_slot(request: web.Request, principal: Principal) -> AsyncIterator[None]:
+    """A turn at the model, through the fair queue (when admission control is on)."""
+    queue = request.app[QUEUE]
+    if queue.slots <= 0:
+        yield
+        return
+    async with queue.slot(principal.id):
+        yield
+
+
 def ratelimit_headers(admission: Admission) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers for the binding request and token windows."""
     out: dict[str, str] = {}

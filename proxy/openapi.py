@@ -97,6 +97,22 @@ KEY_FIELDS = {"owner": {"type": "string", "nullable": True}, "scopes": STRINGS, 
               "expires_in_hours": HOURS, "rpm": COUNT, "tpm": COUNT}
 
 
+CONVERSATION_ID = "^conv_[A-Za-z0-9_-]{16}$"
+CHAT_ANSWER = {"type": "object", "required": ["response", "conversation_id", "usage"],
+               "properties": {"response": {"type": "string"},
+                              "conversation_id": {"type": "string"},
+                              "model": {"type": "string"}, "usage": OPEN_OBJECT}}
+
+
+def _conversation(summary: str) -> dict[str, Any]:
+    return {"summary": summary, "security": SECURED,
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "done",
+                                  "content": {JSON: {"schema": OPEN_OBJECT}}},
+                          **AUTH_ERRORS, "404": _error("no such conversation")}}
+
+
 def _body(required: list[str], **properties: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"type": "object", "additionalProperties": True,
                            "properties": properties}
@@ -152,6 +168,42 @@ def document() -> dict[str, Any]:
                                       "content": {JSON: {"schema": OPEN_OBJECT}}},
                               "503": {"description": "not ready",
                                       "content": {JSON: {"schema": OPEN_OBJECT}}}}}},
+            "/api/chat": {"post": {
+                "summary": "One message in, the answer out; the conversation is kept",
+                "security": SECURED,
+                "requestBody": {"required": True, "content": {JSON: {"schema": _body(
+                    ["message"], message={"type": "string", "minLength": 1},
+                    conversation_id={"type": "string", "pattern": CONVERSATION_ID,
+                                     "nullable": True},
+                    model={"type": "string"}, stream={"type": "boolean"},
+                    max_tokens={"type": "integer", "minimum": 1, "nullable": True})}}},
+                "responses": {
+                    "200": {"description": "the answer (stream: events start, delta..., done "
+                                           "or error)",
+                            "content": {JSON: {"schema": CHAT_ANSWER},
+                                        "text/event-stream": {"schema": {}}}},
+                    **BODY_ERRORS, **AUTH_ERRORS, **MODEL_ERRORS,
+                    "404": _error("no such conversation, or no such model")}}},
+            "/api/conversations": {"get": {
+                "summary": "The caller's conversations, newest first", "security": SECURED,
+                "responses": {"200": {"description": "the conversations",
+                                      "content": {JSON: {"schema": OPEN_OBJECT}}},
+                              **AUTH_ERRORS}}},
+            "/api/conversations/{id}": {
+                "get": _conversation("One conversation with its messages"),
+                "delete": _conversation("Delete a conversation"),
+            },
+            "/": {"get": {
+                "summary": "The chat page",
+                "responses": {"200": {"description": "HTML",
+                                      "content": {"text/html": {"schema": {}}}}}}},
+            "/static/{name}": {"get": {
+                "summary": "The chat page's files",
+                "parameters": [{"name": "name", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "a file",
+                                      "content": {"*/*": {"schema": {}}}},
+                              "404": _error("no such file")}}},
             "/openapi.json": {"get": {
                 "summary": "This document",
                 "responses": {"200": {"description": "OpenAPI 3",

@@ -19,13 +19,25 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def asset(request: web.Request) -> web.FileResponse:
+    """One of the page's own files, by name (the set is fixed at start-up: no paths)."""
+    name = request.match_info["name"]
+    if name not in request.app[ASSETS]:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC / name)
+
+
 async def _stamp_csp(request: web.Request, response: web.StreamResponse) -> None:
     if request.path == "/" or request.path.startswith("/static/"):
         response.headers["Content-Security-Policy"] = CSP
         response.headers.setdefault("Cache-Control", "no-cache")
 
 
+ASSETS = web.AppKey("assets", frozenset)
+
+
 def setup_page(app: web.Application) -> None:
+    app[ASSETS] = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
     app.router.add_get("/", index)
-    app.router.add_static("/static", STATIC)
+    app.router.add_get("/static/{name}", asset)
     app.on_response_prepare.append(_stamp_csp)

@@ -77,20 +77,25 @@ class Relay:
         answer `request` with what it says. heartbeat: keeps a waiting stream alive, and may
         have started its response already."""
         beat = heartbeat or Heartbeat(request, 0, self.timeouts.client_write)
+        upstream = await self.fetch(backends, path, raw, stream, request_id)
+        if is_stream(upstream):
+            return await self._stream(request, upstream, meter, request_id, beat)
+        answer = await self._whole(upstream, meter)
+        await beat.stop()
+        if beat.response is not None:  # the stream started while it waited
+            return await as_events(answer, beat.response)
+        return answer
+
+    async def fetch(self, backends: list[Backend], path: str, raw: bytes, stream: bool,
+                    request_id: str = "") -> ClientResponse:
+        """The first backend's response to raw, its headers read; the caller reads the body
+        (read_whole or chunks) and closes it."""
         for backend in backends:
             try:
-                upstream = await self._open(backend, path, raw, stream, request_id)
+                return await self._open(backend, path, raw, stream, request_id)
             except UpstreamUnreachable as exc:
                 log.warning("%s: backend %s unreachable: %s", request_id, backend.name, exc)
                 self.unreachable(backend, str(exc))
-                continue
-            if upstream.content_type == "text/event-stream" and upstream.status == 200:
-                return await self._stream(request, upstream, meter, request_id, beat)
-            answer = await self._whole(upstream, meter)
-            await beat.stop()
-            if beat.response is not None:  # the stream started while it waited
-                return await as_events(answer, beat.response)
-            return answer
         raise UpstreamUnreachable
 
     async def _open(self, backend: Backend, path: str, raw: bytes, stream: bool,
@@ -121,17 +126,21 @@ class Relay:
                 raise UpstreamUnreachable(str(exc) or type(exc).__name__) from exc
         raise AssertionError("unreachable")
 
-    async def _whole(self, upstream: ClientResponse, meter: UsageMeter | None) -> web.Response:
-        """A non-streamed answer: read it all, make sure errors are in OpenAI's shape."""
+    async def read_whole(self, upstream: ClientResponse) -> bytes:
+        """All of a non-streamed answer, within the idle deadline."""
         try:
             async with asyncio.timeout(self.timeouts.idle):
-                body = await upstream.read()
+                return await upstream.read()
         except TimeoutError:
             raise UpstreamTimeout("The model server stopped sending its answer") from None
         except ClientError as exc:
             raise UpstreamBroke("The model server broke off its answer") from exc
         finally:
             upstream.release()
+
+    async def _whole(self, upstream: ClientResponse, meter: UsageMeter | None) -> web.Response:
+        """A non-streamed answer: read it all, make sure errors are in OpenAI's shape."""
+        body = await self.read_whole(upstream)
         status = upstream.status
         if meter is not None and status == 200:
             meter.from_body(body)
@@ -168,7 +177,7 @@ class Relay:
                     # Set as OPEN_STREAM: a shutdown past its grace ends it with an error event.
                     response = stream = await beat.start()
                     stalled.reschedule(None)
-                    async for chunk in self._chunks(upstream, meter):
+                    async for chunk in self.chunks(upstream, meter):
                         await write(chunk)
                 except (UpstreamTimeout, UpstreamBroke) as exc:
                     cause = type(exc.__cause__ or exc).__name__
@@ -191,8 +200,8 @@ class Relay:
             log.info("%s: client went away mid-stream; closing upstream", request_id)
         return response or web.StreamResponse()  # not started: the client left before it
 
-    async def _chunks(self, upstream: ClientResponse, meter: UsageMeter | None
-                      ) -> AsyncIterator[bytes]:
+    async def chunks(self, upstream: ClientResponse, meter: UsageMeter | None
+                     ) -> AsyncIterator[bytes]:
         """The upstream's bytes as they come (through the usage meter), within the idle
         deadline; one deadline, moved per chunk, is cheaper than a new timeout for each."""
         loop = asyncio.get_running_loop()
@@ -214,6 +223,10 @@ class Relay:
             raise UpstreamTimeout("The model server went silent") from None
         except ClientError as exc:
             raise UpstreamBroke("The model server broke off the stream") from exc
+
+
+def is_stream(upstream: ClientResponse) -> bool:
+    return upstream.content_type == "text/event-stream" and upstream.status == 200
 
 
 async def as_events(answer: web.Response, stream: web.StreamResponse) -> web.StreamResponse:

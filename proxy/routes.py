@@ -13,7 +13,7 @@ from auth.errors import NotPermitted
 from proxy.authn import PRINCIPAL
 from proxy.errors import MAX_BODY, OpenAIError
 from proxy.heartbeat import Heartbeat
-from proxy.limits import LIMITER, QUEUE, limited
+from proxy.limits import LIMITER, QUEUE, limited, model_slot
 from proxy.middlewares import REQUEST_ID
 from proxy.pool import POOL
 from proxy.relay import RELAY
@@ -93,14 +93,9 @@ async def model_request(request: web.Request, path: str) -> web.StreamResponse:
     relay = request.app[RELAY]
     async with limited(request, principal, path, raw, body, stream) as (payload, meter):
         # A stream that waits (for a slot, for its first token) sends keep-alive comments.
-        async with heartbeat(request, stream) as beat:
-            queue = request.app[QUEUE]
-            if queue.slots <= 0:  # admission control off: no queue to pass through
-                return await relay(request, backends, path, payload, stream, meter,
-                                   request[REQUEST_ID], beat)
-            async with queue.slot(principal.id):
-                return await relay(request, backends, path, payload, stream, meter,
-                                   request[REQUEST_ID], beat)
+        async with heartbeat(request, stream) as beat, model_slot(request, principal):
+            return await relay(request, backends, path, payload, stream, meter,
+                               request[REQUEST_ID], beat)
 
 
 def heartbeat(request: web.Request, stream: bool) -> Heartbeat:
