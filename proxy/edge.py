@@ -22,14 +22,18 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import error_body
 from proxy.forwarded import TrustedProxies
@@ -49,6 +53,37 @@ SECURITY_HEADERS = {
 # while so the client sees the answer rather than a reset; 10 s by default, which would let each
 # such client hold its connection that much longer.
 LINGER = 2.0
+# Headers in all, per request: aiohttp caps each line (8 KiB) and their number (128), which
+# still lets every connection park a megabyte of half-sent headers.
+MAX_HEAD_BYTES = 64 * 1024
+# Answers larger than this are watched for progress while they are written out.
+BIG_ANSWER = 256 * 1024
+
+
+class Progress:
+    """Moves a write deadline on while the answer moves (the transport's buffer changes:
+    filled by the writer, emptied as the client takes bytes), checked four times per
+    deadline (at most once a second)."""
+
+    def __init__(self, transport: asyncio.Transport | None, deadline: asyncio.Timeout,
+                 limit: float) -> None:
+        self.transport, self.deadline, self.limit = transport, deadline, limit
+        self.loop = asyncio.get_running_loop()
+        self.left = transport.get_write_buffer_size() if transport else 0
+        self.every = min(1.0, limit / 4)
+        self.handle = self.loop.call_later(self.every, self._check)
+
+    def _check(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        left = self.transport.get_write_buffer_size()
+        if left != self.left:
+            self.deadline.reschedule(self.loop.time() + self.limit)
+        self.left = left
+        self.handle = self.loop.call_later(self.every, self._check)
+
+    def stop(self) -> None:
+        self.handle.cancel()
 
 
 @dataclass(frozen=True)
@@ -61,6 +96,7 @@ class EdgeLimits:
     # what a client that stops reading can absorb before writes block and the stream's write
     # deadline starts, so it bounds how long such a client keeps the model.
     send_buffer: int = 65536
+    max_body: int = 8 * 1024 * 1024  # a body larger than this is not asked for (Expect)
     # Trusted proxies and tunnels carry many clients each: like loopback, total cap only.
     proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
 
@@ -77,10 +113,19 @@ def _refusal(status: int, reason: str, message: str, code: str,
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-TOO_SLOW = _refusal(408, "Request Timeout", "The request headers did not arrive in time",
+def too_slow() -> bytes:
+    return _refusal(408, "Request Timeout", "The request headers did not arrive in time",
                     "header_timeout")
-TOO_MANY = _refusal(503, "Service Unavailable", "Too many open connections; retry shortly",
+
+
+def too_many() -> bytes:
+    return _refusal(503, "Service Unavailable", "Too many open connections; retry shortly",
                     "too_many_connections", {"Retry-After": "2"})
+
+
+def head_too_large() -> bytes:
+    return _refusal(431, "Request Header Fields Too Large",
+                    "The request headers are too large", "headers_too_large")
 
 
 class Throttled:
@@ -163,7 +208,8 @@ def _is_loopback(address: str) -> bool:
 
 
 class EdgeHandler(RequestHandler):
-    __slots__ = ("_counted_peer", "_gone", "_header_deadline", "_linger_after")
+    __slots__ = ("_answering_eof", "_body", "_counted_peer", "_gone", "_head_bytes",
+                 "_header_deadline", "_linger_after")
 
     def __init__(self, manager: EdgeServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -172,6 +218,9 @@ class EdgeHandler(RequestHandler):
         # An error answer: let the client finish sending, then close (True once lingering).
         self._linger_after = False
         self._gone: asyncio.Future[None] = self._loop.create_future()
+        self._body: StreamReader | None = None  # the body of the request being handled
+        self._head_bytes = 0  # of a request not yet whole
+        self._answering_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._manager
@@ -185,7 +234,7 @@ class EdgeHandler(RequestHandler):
         super().connection_made(transport)
         if not admitted:
             REFUSED_CONNECTION(peer)
-            self._refuse(TOO_MANY)
+            self._refuse(too_many())
             return
         self._counted_peer = peer
 
@@ -200,21 +249,71 @@ class EdgeHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        body = self._reading_body()  # before the parser takes it: it may end the body
         super().data_received(data)
         if self._messages or self._request_in_progress:
             self._disarm()  # a whole request is in: its headers made it in time
-        elif data and self._header_deadline is None:
+            self._head_bytes = 0
+            if self._messages:
+                self._body = self._messages[-1][1]  # what follows is its body
+        elif data and not body:  # the start of a request's headers
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._disarm()
+                MALFORMED(self._peer(), f"headers over {MAX_HEAD_BYTES} bytes", 431)
+                self._refuse(head_too_large())
+                return
             server = self._manager
-            if isinstance(server, EdgeServer):
+            if self._header_deadline is None and isinstance(server, EdgeServer):
                 self._header_deadline = self._loop.call_later(
                     server.edge.header_timeout, self._headers_too_slow)
+
+    def _reading_body(self) -> bool:
+        """Bytes now are the rest of a body (read by its handler, or dropped after its
+        answer), not a new request: they must not start the header deadline."""
+        return self._body is not None and not self._body.is_eof()
+
+    def _peer(self) -> str:
+        peername = self.transport.get_extra_info("peername") if self.transport else None
+        return peername[0] if isinstance(peername, tuple) else "?"
+
+    async def _handle_request(self, request: BaseRequest, start_time: float | None,
+                              request_handler: Callable[[BaseRequest],
+                                                        Awaitable[web.StreamResponse]]
+                              ) -> tuple[web.StreamResponse, bool]:
+        if hdrs.EXPECT in request.headers:
+            await self._expect(request)
+        return await super()._handle_request(request, start_time, request_handler)
+
+    async def _expect(self, request: BaseRequest) -> None:
+        """aiohttp answers Expect itself before any middleware: 100 Continue to anyone
+        (a client then sends gigabytes it will be refused), or a plain-text 417 echoing the
+        header. Here the header is taken away, and 100 Continue is sent only to a request
+        that has a credential and a body within the limit; anyone else gets the refusal
+        before sending the body. Other expectations are ignored (RFC 9110 allows it)."""
+        expect = request.headers[hdrs.EXPECT]
+        headers = CIMultiDict(request.headers)
+        del headers[hdrs.EXPECT]
+        # No public way to drop a header: the field, and reify's cache of it.
+        request._headers = request._cache["headers"] = CIMultiDictProxy(headers)
+        server = self._manager
+        limit = server.edge.max_body if isinstance(server, EdgeServer) else 0
+        size = request.content_length
+        if (expect.lower() == "100-continue" and request.version == HttpVersion11
+                and size is not None and size <= limit
+                and ("Authorization" in headers or "X-API-Key" in headers)):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer's own size starts after this
 
     def eof_received(self) -> bool:
         """A client that half-closes after its request still gets the answer, then the
         connection closes (the default would drop the connection, answer unsent). One that
-        half-closes with nothing under way is simply closed."""
+        half-closes with nothing under way is simply closed. (uvloop may say it twice.)"""
+        if self._answering_eof:
+            return True
         if self._idle() or self._close:  # nothing under way, or answered and lingering
             return False
+        self._answering_eof = True
         self.close()
         return True
 
@@ -227,12 +326,21 @@ class EdgeHandler(RequestHandler):
     async def finish_response(self, request: BaseRequest, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
         """Writing the answer out, within the write deadline: a client that does not read a
-        large answer must not keep the connection and its buffered answer for ever."""
+        large answer must not keep the connection and its buffered answer for ever. The
+        deadline counts time without progress: a steady reader of a large answer is not a
+        stalled one."""
         server = self._manager
         limit = server.edge.write_timeout if isinstance(server, EdgeServer) else None
         try:
-            async with asyncio.timeout(limit):
-                answered = await super().finish_response(request, resp, start_time)
+            async with asyncio.timeout(limit) as deadline:
+                watch = None
+                if limit is not None and (resp.content_length or 0) > BIG_ANSWER:
+                    watch = Progress(self.transport, deadline, limit)
+                try:
+                    answered = await super().finish_response(request, resp, start_time)
+                finally:
+                    if watch is not None:
+                        watch.stop()
         except TimeoutError:
             STOPPED_READING()
             reset(self.transport)
@@ -245,7 +353,7 @@ class EdgeHandler(RequestHandler):
         self._header_deadline = None
         if self._idle():  # still waiting for a whole request: its headers came too slowly
             HEADERS_TOO_SLOW()
-            self._refuse(TOO_SLOW)
+            self._refuse(too_slow())
 
     def _disarm(self) -> None:
         if self._header_deadline is not None:
@@ -313,7 +421,9 @@ class EdgeRunner(web.AppRunner):
     """An AppRunner whose server is an EdgeServer."""
 
     def __init__(self, app: web.Application, *, edge: EdgeLimits, **kwargs: Any) -> None:
-        super().__init__(app, lingering_time=LINGER, **kwargs)
+        # auto_decompress off: a compressed body is refused (proxy/routes.py), never inflated
+        # or half-decoded by the parser (a bad one raised tracebacks and a 500).
+        super().__init__(app, lingering_time=LINGER, auto_decompress=False, **kwargs)
         self.edge = edge
 
     async def _make_server(self) -> web.Server:

@@ -72,8 +72,13 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The path only (query strings can carry credentials), as sent: percent-encoded, so a
         # decoded newline or escape code can never forge a log line.
         log.info("%s %s \"%s %s\" %d %.1fms", request[REQUEST_ID], client_address(request),
-                 request.method, request.rel_url.raw_path, status,
+                 request.method, _short(request.rel_url.raw_path), status,
                  (time.perf_counter() - started) * 1000)
+
+
+def _short(path: str, most: int = 256) -> str:
+    """A crafted long path must not make every log line kilobytes long."""
+    return path if len(path) <= most else path[:most] + "..."
 
 
 async def _in_openai_shape(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -33,6 +33,9 @@ async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     if request.content_type != "application/json":
         raise OpenAIError(400, "Content-Type must be application/json",
                           code="invalid_content_type")
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise OpenAIError(415, "Compressed request bodies are not accepted",
+                          code="unsupported_content_encoding", close=True)
     limit = request.app[MAX_BODY]
     if request.content_length is not None and request.content_length > limit:
         raise OpenAIError(413, f"Request body is larger than the limit of {limit} bytes",

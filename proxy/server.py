@@ -23,6 +23,7 @@ from proxy.drain import ABORT_WAIT
 from proxy.edge import EdgeLimits, EdgeRunner
 from proxy.limits import QUEUE, describe_limits
 from proxy.pool import SUPERVISOR
+from proxy.tunnel import SKIP_WARNING_HEADER, Tunnel, check_tunnel, is_free_plan, open_tunnel
 from proxy.workers import WorkerPool
 
 log = logging.getLogger("proxy")
@@ -106,7 +107,8 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
                           max_connections_per_client=settings.max_connections_per_client,
                           send_buffer=settings.client_send_buffer,
                           write_timeout=settings.client_write_timeout,
-                          proxies=trusted_proxies(settings))
+                          proxies=trusted_proxies(settings),
+                          max_body=settings.max_body_bytes)
         runner = EdgeRunner(app, edge=edge, handler_cancellation=True, access_log=None,
                             shutdown_timeout=ABORT_WAIT,
                             keepalive_timeout=settings.keepalive_timeout)
@@ -131,6 +133,7 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
         await _wait_for_signal(lambda: reload_tls(running))
         await running.runner.cleanup()
         return
+    check_tunnel(settings)  # a missing token or package: one line, before anything starts
     pool = WorkerPool(settings) if settings.workers > 1 else None
     # Shutdown order: our own requests drain, then the workers', then the child and Redis stop.
     running = await start(settings, reuse_port=pool is not None,
@@ -138,6 +141,13 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
     base = running.base_url
     log.info("listening on %s (OpenAI base URL %s/v1)", base, base)
     print(f"llama-proxy listening on {base}  (OpenAI base URL: {base}/v1)", flush=True)
+    try:
+        tunnel = await open_tunnel(settings, base)
+    except BaseException:  # refused by ngrok, or interrupted: stop what start() started
+        await running.runner.cleanup()
+        raise
+    if tunnel is not None:
+        _announce_tunnel(settings, tunnel)
     limits = describe_limits(limits_of(settings), behind_proxy=bool(trusted_proxies(settings)))
     log.info("%s", limits)
     print(limits, flush=True)
@@ -156,6 +166,8 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
 
     await _wait_for_signal(reload)
     announcer.cancel()
+    if tunnel is not None:  # no new public connections; those in flight drain with the rest
+        await tunnel.close()
     log.info("shutting down: no new connections; in-flight requests get up to %.0fs",
              settings.shutdown_grace)
     if pool is not None:
@@ -172,6 +184,19 @@ async def _wait_for_signal(on_hangup: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await stop.wait()
+
+
+def _announce_tunnel(settings: Settings, tunnel: Tunnel) -> None:
+    """The public URL, and how to hand a credential for it to a phone or another machine."""
+    url = tunnel.public_url
+    print(f"llama-proxy public URL: {url}  (OpenAI base URL: {url}/v1)", flush=True)
+    tool = f"{_python()} generate_token.py" + _data_dir_flag(settings)
+    print(f"for a phone or another machine: {tool} NAME --api-key --snippets --qr "
+          f"--base-url {url}", flush=True)
+    if is_free_plan(url):
+        print(f"ngrok's free plan shows browsers a warning page first (Visit Site goes on); "
+              f"API clients never see it, browser apps skip it with {SKIP_WARNING_HEADER}: 1",
+              flush=True)
 
 
 def _warn_if_open(settings: Settings) -> None:

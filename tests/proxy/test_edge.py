@@ -339,3 +339,126 @@ async def test_paths_cannot_forge_log_lines_and_refusals_do_not_flood_the_log(
                             or "%0a2026-11-23" in app.log, 5, "the request's log line")
     assert f"\n{forged}" not in app.log and "\x1b" not in app.log
     assert app.log.count("too many open connections") <= 2  # ... one line, not forty
+
+
+async def _exchange(port: int, request: bytes, half_close: bool = False) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    if half_close:
+        writer.write_eof()
+    answer = await read_answer(reader)
+    writer.close()
+    return answer
+
+
+def _post(path: str, body: bytes, *extra: bytes) -> bytes:
+    return (b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            % path.encode() + b"".join(h + b"\r\n" for h in extra)
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def test_a_compressed_body_is_refused_not_decoded(make_proxy: ProxyFactory, fake: Fake,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    for path, expected in ((CHAT, 415), ("/nowhere", 404)):
+        for coding in (b"gzip", b"deflate"):
+            answer = await _exchange(port, _post(path, b"not gzip at all",
+                                                 b"Content-Encoding: " + coding,
+                                                 b"Connection: close"))
+            status, body = status_and_json(answer)
+            assert status == expected, answer
+    assert body["error"]["code"] == "not_found"
+    assert not [r for r in caplog.records if r.levelname == "ERROR" or r.exc_info]
+
+
+async def test_an_unread_body_does_not_start_the_header_deadline(make_proxy: ProxyFactory,
+                                                                 fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], header_timeout=1.0, keepalive_timeout=5.0)
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_post("/nowhere", b"x" * 300_000))  # answered 404 without reading it
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404")
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    with pytest.raises(TimeoutError):  # nothing more: no 408 for a request never begun
+        async with asyncio.timeout(2.5):
+            extra = await reader.read(100)
+            assert not extra, extra  # a close is fine; an unasked answer is not
+            await asyncio.sleep(10)
+    writer.close()
+
+
+async def test_a_client_half_closing_right_after_its_body_gets_the_answer(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    body = json.dumps({"model": "fake-model", "messages": []}).encode()
+    for _ in range(5):
+        answer = await _exchange(port, _post(CHAT, body), half_close=True)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+async def test_expect_is_answered_by_the_appliance_not_echoed(make_proxy: ProxyFactory,
+                                                              fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], max_body_bytes=1024)
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    answer = await _exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\nExpect: <script>X"
+                                   b"</script>\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and b"<script>" not in answer
+    # Nobody is asked to send a body that will be refused: no 100 Continue, the refusal first.
+    for extra in ((), (b"Authorization: Bearer sk-nope",)):
+        answer = await _exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                       b"Expect: 100-continue\r\nContent-Type: application/json"
+                                       b"\r\n" + b"".join(h + b"\r\n" for h in extra)
+                                 + b"Content-Length: 8000000000\r\n\r\n")
+        assert b"100 Continue" not in answer
+        assert answer.split(b" ", 2)[1] in (b"401", b"413"), answer[:100]
+
+
+async def test_headers_past_64_kib_in_all_are_refused(make_proxy: ProxyFactory,
+                                                      fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url])
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    many = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(100))  # unfinished
+    status, body = status_and_json(await _exchange(port, b"GET /health HTTP/1.1\r\n" + many))
+    assert status == 431 and body["error"]["code"] == "headers_too_large"
+
+
+async def test_a_steady_reader_of_a_large_answer_is_not_cut(make_proxy: ProxyFactory,
+                                                            fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", client_write_timeout=1.0)
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    size = 1_500_000
+    body = json.dumps({"model": "fake-model", "messages": [],
+                       "fake": {"raw_size": size, "content_type": "application/json"}})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(_post(CHAT, body.encode(), b"Connection: close"))
+
+    def read_slowly() -> int:  # about 300 KB/s: five seconds, five write deadlines
+        got = 0
+        while chunk := sock.recv(16384):
+            got += len(chunk)
+            time.sleep(0.05)
+        return got
+
+    got = await asyncio.to_thread(read_slowly)
+    sock.close()
+    assert got > size
+
+
+async def test_refusals_carry_their_own_request_ids(make_proxy: ProxyFactory,
+                                                    fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], header_timeout=0.5)
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    ids = set()
+    for _ in range(2):
+        answer = await _exchange(port, b"GET /health HTTP/1.1\r\nHost")  # never finished
+        assert answer.startswith(b"HTTP/1.1 408")
+        ids.add(answer.split(b"X-Request-Id: ")[1].split(b"\r\n")[0])
+    assert len(ids) == 2
