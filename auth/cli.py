@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from urllib.parse import quote, urlsplit
 
 from redis.asyncio import Redis
 
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpm", type=int, help="requests per minute for this credential")
     p.add_argument("--tpm", type=int, help="tokens per minute for this credential")
     p.add_argument("--snippets", action="store_true", help="print curl/openai/aider snippets")
-    p.add_argument("--qr", action="store_true", help="print a terminal QR code for a phone")
+    p.add_argument("--qr", action="store_true",
+                   help="print a sign-in link to the chat page, and its QR code for a phone")
     p.add_argument("--base-url", help="public URL of the appliance (e.g. your ngrok URL)")
     p.add_argument("--config", metavar="FILE", help="the appliance's TOML settings")
     p.add_argument("--data-dir", help="the appliance's data dir")
@@ -140,15 +142,50 @@ def _new_token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# ngrok's free plan shows browsers a warning page before the app unless a request carries this
+# header; its other domains are listed so paid-plan users get the hint too (it does no harm).
+NGROK_DOMAINS = (".ngrok-free.app", ".ngrok-free.dev", ".ngrok-free.pizza", ".ngrok.app",
+                 ".ngrok.dev", ".ngrok.io", ".ngrok.pizza")
+SKIP_WARNING = "ngrok-skip-browser-warning"
+
+
 def _extras(settings: Settings, args: argparse.Namespace, credential: str) -> None:
+    """To the terminal (stderr) only: the credential is never written to a log."""
     base = (args.base_url or f"http://{settings.host}:{settings.port}").rstrip("/")
     if args.snippets:
         print(snippets(base, credential), file=sys.stderr)
     if args.qr:
-        print(qr_code(f"{base}/v1\n{credential}"), file=sys.stderr)
+        link = sign_in_link(base, credential)
+        print(qr_code(link), file=sys.stderr)
+        print(f"chat page sign-in link (scan the code, or open it; keep it private):\n{link}",
+              file=sys.stderr)
+
+
+def sign_in_link(base: str, credential: str) -> str:
+    """The chat page with the credential in the URL fragment: the page takes it from there, and
+    a fragment is never sent to any server (nor to ngrok), so it shows up in no access log."""
+    return f"{base}/#token={quote(credential, safe='')}"
+
+
+def is_ngrok(base: str) -> bool:
+    return (urlsplit(base).hostname or "").lower().endswith(NGROK_DOMAINS)
 
 
 def snippets(base: str, credential: str) -> str:
+    text = _snippets(base, credential)
+    if is_ngrok(base):
+        text += f"""
+# JavaScript in a browser: ngrok's free plan answers browsers with a warning page first, unless
+# the request carries the {SKIP_WARNING} header (curl, Python and aider need nothing)
+fetch("{base}/v1/chat/completions", {{method: "POST", headers: {{
+  "Authorization": "Bearer {credential}", "Content-Type": "application/json",
+  "{SKIP_WARNING}": "1"}},
+  body: JSON.stringify({{messages: [{{role: "user", content: "Hello"}}]}})}})
+"""
+    return text
+
+
+def _snippets(base: str, credential: str) -> str:
     return f"""
 # curl
 curl {base}/v1/chat/completions -H "Authorization: Bearer {credential}" \\
@@ -171,6 +208,7 @@ def qr_code(text: str) -> str:
     binary = shutil.which("qrencode")
     if binary is None:
         raise ValueError("--qr needs the qrencode program (apt-get install qrencode)")
-    result = subprocess.run([binary, "-t", "UTF8", "-o", "-", text], capture_output=True,
+    # On stdin, not in argv: another user's `ps` would see the credential there.
+    result = subprocess.run([binary, "-t", "UTF8", "-o", "-"], input=text, capture_output=True,
                             text=True, check=True, env={"PATH": os.defpath})
     return result.stdout

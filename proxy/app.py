@@ -48,7 +48,8 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     """slots_from: an extra --workers process borrows the model's slots from the first one.
     on_shutdown: run after this process's requests have drained (the workers', say)."""
     s = settings
-    for secret in (s.upstream_api_key, s.admin_key, s.jwt_secret, s.redis_url):
+    for secret in (s.upstream_api_key, s.admin_key, s.jwt_secret, s.redis_url,
+                   s.ngrok_authtoken):
         register_secret(secret)
     prepare_data_dir(s.data_dir)
     app = web.Application(client_max_size=s.max_body_bytes)

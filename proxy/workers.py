@@ -44,6 +44,7 @@ def worker_settings(settings: Settings, port: int, child: Backend | None) -> dic
         workers=1, model=None, llama_server=None, upstreams=upstreams, upstream_api_key=key,
         redis_url=settings.redis_url or f"unix://{settings.data_dir / SOCKET}", port=port,
         health_interval=min(settings.health_interval, 1.0),
+        tunnel="none", ngrok_authtoken=None,  # the first process runs the tunnel
     )
     return {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
 
