@@ -273,7 +273,10 @@ class Turn:
                     raise
                 log.warning("%s: /api/chat stream ended with %s", self.request[REQUEST_ID],
                             error.code or error.status)
-                await send(sse, "error", error.body())
+                data: dict[str, Any] = error.body()
+                if retry := error.headers.get("Retry-After"):  # no status line to carry it
+                    data["retry_after"] = int(retry)
+                await send(sse, "error", data)
                 return sse
             await send(sse, "done", {"conversation_id": self.cid, "response": answer.text,
                                      "usage": answer.public_usage()})
