@@ -539,6 +539,9 @@
         } else if (name === "error") {
           const e = payload.error || {};
           failed = String(e.message || "The answer failed.");
+          if (Number.isInteger(payload.retry_after)) {
+            failed += " Try again in " + payload.retry_after + " s.";
+          }
         }
       });
     } catch (err) {
