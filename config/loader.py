@@ -175,20 +175,23 @@ def _resolve(s: Settings, serving: bool) -> Settings:
                  "health_interval", "restart_window", "redis_timeout", "auth_fail_window",
                  "limit_window", "queue_timeout", "limit_default_max_tokens", "header_timeout",
                  "body_timeout", "keepalive_timeout", "client_write_timeout",
-                 "chat_max_message_chars", "chat_max_tokens", "chat_context_tokens",
-                 "chat_max_conversations", "chat_ttl_days"):
+                 "chat_max_message_chars", "chat_max_tokens", "chat_max_conversations",
+                 "chat_ttl_days"):
         if getattr(s, name) <= 0:
             raise ConfigError(name, "must be a positive number of seconds")
     for name in ("request_timeout", "child_stop_grace", "shutdown_grace", "upstream_connections",
                  "jwt_leeway", "key_cache_ttl", "limit_rpm", "limit_rpd", "limit_tpm",
                  "limit_concurrency", "limit_ip_rpm", "queue_max", "max_connections",
-                 "max_connections_per_client", "client_send_buffer", "sse_keepalive"):
+                 "max_connections_per_client", "client_send_buffer", "sse_keepalive",
+                 "chat_context_tokens"):
         if getattr(s, name) < 0:
             raise ConfigError(name, "must not be negative")
     _check_auth(s)
     _check_edge(s)
     upstreams = [_normalise_upstream(url) for url in s.upstreams]
-    s = replace(s, upstreams=upstreams, data_dir=s.data_dir or default_data_dir())
+    # Absolute: a relative one would make the embedded Redis's unix:// URL name a host.
+    data_dir = (s.data_dir or default_data_dir()).expanduser().absolute()
+    s = replace(s, upstreams=upstreams, data_dir=data_dir)
     if s.tunnel != "none":  # the tunnel's agent runs in this process and connects over loopback
         s = replace(s, trust_loopback_proxy=True)
     if s.admission_slots < -1:
@@ -245,6 +248,9 @@ def _check_edge(s: Settings) -> None:
     if s.auth == "disabled" and s.tunnel != "none":
         raise ConfigError("tunnel", "a tunnel puts the appliance on the internet: it needs "
                           "auth = \"required\"")
+    if s.auth == "disabled" and (s.trusted_proxies or s.trust_loopback_proxy):
+        raise ConfigError("auth", "behind a proxy or tunnel the appliance is reachable from "
+                          "outside: it needs auth = \"required\"")
     if (s.tls_cert is None) != (s.tls_key is None):
         raise ConfigError("tls_cert", "tls_cert and tls_key go together")
     for name in ("tls_cert", "tls_key"):

@@ -57,6 +57,11 @@ class Settings:
         False, "bool", "believe forwarding headers from this host (a tunnel agent such as ngrok "
         "or nginx on the same machine); off by default",
     )
+    forwarded_header: str = _opt(
+        "x-forwarded-for", "choice", "the header a trusted proxy appends the client to: "
+        "X-Forwarded-For (nginx's $proxy_add_x_forwarded_for, ngrok) or Forwarded (RFC 7239); "
+        "only that one is read", choices=("x-forwarded-for", "forwarded"),
+    )
     cors_origins: list[str] = _opt(
         [], "list", "origin of a browser app allowed to call /v1 and /api, e.g. "
         "https://app.example (repeatable; * for any; default: only the appliance's own page)",
@@ -205,8 +210,8 @@ class Settings:
         1024, "int", "cap on the completion tokens of one /api/chat answer"
     )
     chat_context_tokens: int = _opt(
-        2048, "int", "context of one model slot (llama-server's --ctx-size / --parallel): "
-        "/api/chat sends the newest history that fits with room for the answer"
+        0, "int", "context of one model slot in tokens (0: ask llama-server's /props, else "
+        "2048): /api/chat sends the newest history that fits with room for the answer"
     )
     chat_max_conversations: int = _opt(
         100, "int", "conversations kept per user (the oldest are dropped)"

@@ -16,19 +16,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, web
 from aiohttp_sse import EventSourceResponse, sse_response
 
 from auth.principal import Principal
 from proxy.authn import PRINCIPAL
-from proxy.backends import UpstreamBroke
+from proxy.backends import Backend, UpstreamBroke
 from proxy.conversations import ID, Conversations, new_id
 from proxy.drain import OPEN_STREAM
 from proxy.errors import OpenAIError, to_openai
 from proxy.limits import limited, model_slot
 from proxy.middlewares import REQUEST_ID
 from proxy.pool import POOL
-from proxy.relay import RELAY, as_openai_error, is_stream
+from proxy.relay import CLIENT, RELAY, as_openai_error, is_stream
 from proxy.routes import check_model_allowed, json_response, read_json
 from proxy.store import REDIS
 
@@ -43,13 +43,14 @@ NO_PING = 1e9  # aiohttp-sse wants a positive interval; sse_keepalive = 0 means 
 class ChatLimits:
     max_message_chars: int = 32_000
     max_tokens: int = 1024
-    context_tokens: int = 2048
+    context_tokens: int = 0  # 0: ask the model server
     keepalive: float = 15.0  # seconds between SSE comments (0: none)
     write_timeout: float = 30.0  # longest wait for a client to take an event
 
 
 CHAT = web.AppKey("chat", ChatLimits)
 CONVERSATIONS = web.AppKey("conversations", Conversations)
+CONTEXTS = web.AppKey("contexts", dict)  # backend name -> its slot's context, once asked
 
 
 @dataclass(frozen=True)
@@ -90,18 +91,46 @@ def parse_ask(body: dict[str, Any], limits: ChatLimits) -> Ask:
 
 
 def estimate(text: str) -> int:
-    """Tokens a message takes, on the high side (about 3 bytes a token, plus its framing)."""
-    return len(text.encode()) // 3 + 4
+    """Tokens a message takes, on the high side for prose (about 4 bytes a token) though not
+    for digits or punctuation (a token a byte): half its bytes, plus its framing."""
+    return len(text.encode()) // 2 + 4
 
 
-def fit(history: list[dict[str, str]], message: str, limits: ChatLimits, max_tokens: int
+FALLBACK_CONTEXT = 2048
+
+
+async def context_of(request: web.Request, backend: Backend, configured: int) -> int:
+    """The context of one model slot: the setting, or (0) what llama-server's /props says,
+    asked once per backend; 2048 when it cannot tell."""
+    if configured:
+        return configured
+    known = request.app[CONTEXTS]
+    if backend.name not in known:
+        known[backend.name] = await _ask_context(request.app[CLIENT], backend)
+    return known[backend.name]
+
+
+async def _ask_context(client: ClientSession, backend: Backend) -> int:
+    try:
+        async with asyncio.timeout(5):
+            async with client.get(backend.url("/props"), headers=backend.auth_headers()) as r:
+                props = await r.json() if r.status == 200 else {}
+        n_ctx = int(props["default_generation_settings"]["n_ctx"])
+    except (ClientError, TimeoutError, KeyError, TypeError, ValueError):
+        log.info("backend %s does not say its context size; /api/chat assumes %d tokens "
+                 "(set chat_context_tokens)", backend.name, FALLBACK_CONTEXT)
+        return FALLBACK_CONTEXT
+    return n_ctx if n_ctx > 0 else FALLBACK_CONTEXT
+
+
+def fit(history: list[dict[str, str]], message: str, context: int, max_tokens: int
         ) -> list[dict[str, str]]:
     """The newest history that fits the model's context with the new message and room for the
     answer; it starts with a question, never halfway through an exchange."""
-    budget = limits.context_tokens - max_tokens - estimate(message)
+    budget = context - max_tokens - estimate(message)
     if budget < 0:
         raise OpenAIError(400, "The message and its answer do not fit the model's context "
-                          f"of {limits.context_tokens} tokens", param="message",
+                          f"of {context} tokens", param="message",
                           code="context_length_exceeded")
     kept: list[dict[str, str]] = []
     for turn in reversed(history):
@@ -206,7 +235,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     pool = request.app[POOL]
     backends = pool.choose(ask.model)
     model = ask.model or next(iter(pool.model_ids()), "")
-    payload: dict[str, Any] = {"messages": fit(history, ask.message, limits, ask.max_tokens),
+    context = await context_of(request, backends[0], limits.context_tokens)
+    payload: dict[str, Any] = {"messages": fit(history, ask.message, context, ask.max_tokens),
                                "max_tokens": ask.max_tokens, "stream": ask.stream}
     if ask.model:
         payload["model"] = ask.model
@@ -347,6 +377,7 @@ def setup_chat(app: web.Application, *, limits: ChatLimits, ttl_s: float,
                max_conversations: int) -> None:
     """Call after setup_store (the conversations live in its Redis) and setup_routes."""
     app[CHAT] = limits
+    app[CONTEXTS] = {}
     app.cleanup_ctx.append(functools.partial(_conversations, ttl_s, max_conversations))
     app.router.add_post("/api/chat", chat)
     app.router.add_get("/api/conversations", list_conversations)

@@ -10,6 +10,7 @@ answer to another. Credentials travel in headers, never cookies, so
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from aiohttp import hdrs, web
@@ -25,6 +26,7 @@ EXPOSE_HEADERS = ", ".join((
     "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens"))
 MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
+_TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an HTTP header name
 ORIGINS = web.AppKey("cors_origins", frozenset)
 
 
@@ -62,14 +64,17 @@ async def preflight(request: web.Request, handler: Handler) -> web.StreamRespons
     if allow is None:
         raise OpenAIError(403, "This origin may not call the appliance from a browser "
                           "(the operator can add it to cors_origins)", code="origin_not_allowed")
-    asked = {h.strip().lower() for h in
-             request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "").split(",") if h.strip()}
-    if wanted.upper() not in methods or not asked <= set(ALLOW_HEADERS):
+    asked = [h.strip().lower() for h in
+             request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, "").split(",") if h.strip()]
+    if wanted.upper() not in methods or not all(_TOKEN.fullmatch(h) for h in asked):
         raise OpenAIError(403, "This method or header may not be used from a browser",
                           code="cors_not_allowed")
+    # An origin the operator allowed may send any header its client library adds (the
+    # openai SDK sends x-stainless-*): credentials are checked on the request itself.
+    allowed = sorted(set(ALLOW_HEADERS) | set(asked))
     return web.Response(status=204, headers={
         hdrs.ACCESS_CONTROL_ALLOW_METHODS: ", ".join(methods),
-        hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(ALLOW_HEADERS),
+        hdrs.ACCESS_CONTROL_ALLOW_HEADERS: ", ".join(allowed),
         hdrs.ACCESS_CONTROL_MAX_AGE: MAX_AGE,
     })
 

@@ -28,6 +28,7 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 CLIENT = web.RequestKey("client", str)  # set only when a trusted proxy named the client
 SCHEME = web.RequestKey("scheme", str)
 MAX_HOPS = 32  # a longer chain is junk or an attack; only its rightmost hops are read
+UNKNOWN = "unknown"  # the client a proxy would not name: all such share one window
 
 
 class TrustedProxies:
@@ -60,6 +61,8 @@ def parse_address(value: object) -> Address | None:
         ip = ipaddress.ip_address(text)
     except ValueError:
         return None
+    if getattr(ip, "scope_id", None):  # "fe80::1%eth0": a zone is no client's, and text
+        return None                    # after % would reach the log as it was written
     mapped = getattr(ip, "ipv4_mapped", None)
     return mapped or ip
 
@@ -79,7 +82,10 @@ def client_of(peer: str | None, hops: Sequence[str], trusted: TrustedProxies
     position = None
     client = peer
     for index in range(len(hops) - 1, max(len(hops) - MAX_HOPS, 0) - 1, -1):
-        ip = parse_address(hops[index])
+        hop = hops[index].strip().strip('"')
+        if hop.lower() == "unknown" or hop.startswith("_"):  # RFC 7239: a client not named
+            return UNKNOWN, index
+        ip = parse_address(hop)
         if ip is None:  # a trusted proxy would not write this: refuse rather than guess
             raise BadForwarding
         client, position = str(ip), index
@@ -88,18 +94,22 @@ def client_of(peer: str | None, hops: Sequence[str], trusted: TrustedProxies
     return client, position
 
 
-def _hops(request: web.Request) -> list[str]:
-    xff = request.headers.getall(hdrs.X_FORWARDED_FOR, [])
-    if xff:
-        return [hop for line in xff for hop in line.split(",")]
-    return [str(element.get("for", "")) for element in request.forwarded]
+def _hops(request: web.Request, header: str) -> list[str]:
+    """Only the header the proxy writes: with the other one, a client's own copy would pass
+    through the proxy untouched and be believed."""
+    if header == "forwarded":
+        return [str(element.get("for", "")) for element in request.forwarded]
+    return [hop for line in request.headers.getall(hdrs.X_FORWARDED_FOR, [])
+            for hop in line.split(",")]
 
 
-def _scheme(request: web.Request, position: int | None, hop_count: int) -> str | None:
-    protos = [p.strip().lower() for line in request.headers.getall(hdrs.X_FORWARDED_PROTO, [])
-              for p in line.split(",")]
-    if not protos and not request.headers.get(hdrs.X_FORWARDED_FOR):
+def _scheme(request: web.Request, header: str, position: int | None, hop_count: int
+            ) -> str | None:
+    if header == "forwarded":
         protos = [str(e.get("proto", "")).lower() for e in request.forwarded]
+    else:
+        protos = [p.strip().lower() for line in request.headers.getall(hdrs.X_FORWARDED_PROTO,
+                                                                       []) for p in line.split(",")]
     if not protos:
         return None
     # Aligned with the addresses, the client's own hop says what it used; else the nearest.
@@ -116,7 +126,8 @@ def client_scheme(request: web.BaseRequest) -> str:
     return request.get(SCHEME) or request.scheme
 
 
-def setup_forwarded(app: web.Application, trusted: TrustedProxies) -> None:
+def setup_forwarded(app: web.Application, trusted: TrustedProxies,
+                    header: str = "x-forwarded-for") -> None:
     """Call right after setup_edge: its refusals are shaped and logged like any other, and the
     access line (written when the request ends) names the client decided here."""
     if not trusted:
@@ -124,12 +135,12 @@ def setup_forwarded(app: web.Application, trusted: TrustedProxies) -> None:
 
     @web.middleware
     async def real_client(request: web.Request, handler: Handler) -> web.StreamResponse:
-        hops = _hops(request)
+        hops = _hops(request, header)
         if hops:
             client, position = client_of(request.remote, hops, trusted)
             if position is not None:  # an untrusted peer's headers are ignored
                 request[CLIENT] = client
-                if scheme := _scheme(request, position, len(hops)):
+                if scheme := _scheme(request, header, position, len(hops)):
                     request[SCHEME] = scheme
         return await handler(request)
 

@@ -8,7 +8,6 @@ import os
 import resource
 import signal
 import socket
-import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from proxy.drain import ABORT_WAIT
 from proxy.edge import EdgeLimits, EdgeRunner
 from proxy.limits import QUEUE, describe_limits
 from proxy.pool import SUPERVISOR
+from proxy.tls import CertificateError, Certificates
 from proxy.tunnel import SKIP_WARNING_HEADER, Tunnel, check_tunnel, is_free_plan, open_tunnel
 from proxy.workers import WorkerPool
 
@@ -49,37 +49,32 @@ class Running:
     runner: web.AppRunner
     base_url: str
     settings: Settings
-    tls: ssl.SSLContext | None = None
+    tls: Certificates | None = None
 
 
-def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """HTTPS when a certificate is set: TLS 1.2 and newer, the library's default ciphers."""
+def certificates(settings: Settings) -> Certificates | None:
+    """HTTPS when a certificate is set."""
     if settings.tls_cert is None or settings.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError("tls_cert", f"cannot load {settings.tls_cert} with its key ({exc})"
-                          ) from None
-    return context
+        return Certificates(settings.tls_cert, settings.tls_key)
+    except CertificateError as exc:
+        raise ConfigError("tls_cert", str(exc)) from None
 
 
 def reload_tls(running: Running) -> None:
     """SIGHUP: new connections get the certificate now on disk (a renewed one, say); open
     connections and their streams keep theirs. A certificate that does not load is reported
     and the old one kept."""
-    s = running.settings
-    if running.tls is None or s.tls_cert is None or s.tls_key is None:
+    if running.tls is None:
         log.info("SIGHUP: no TLS certificate to reload")
         return
     try:
-        running.tls.load_cert_chain(s.tls_cert, s.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        log.error("SIGHUP: kept the old certificate; %s did not load (%s)", s.tls_cert, exc)
+        running.tls.reload()
+    except CertificateError as exc:
+        log.error("SIGHUP: kept the old certificate; %s", exc)
         return
-    log.info("SIGHUP: reloaded the TLS certificate %s", s.tls_cert)
+    log.info("SIGHUP: reloaded the TLS certificate %s", running.tls.cert)
 
 
 def raise_open_files_limit() -> None:
@@ -94,7 +89,7 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
                 ) -> Running:
     """Bind, build the app and start serving; the caller stops it with runner.cleanup()."""
     raise_open_files_limit()
-    tls = tls_context(settings)
+    tls = certificates(settings)
     sock = bind(settings.host, settings.port, reuse_port)
     runner = None
     try:
@@ -113,7 +108,7 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
                             shutdown_timeout=ABORT_WAIT,
                             keepalive_timeout=settings.keepalive_timeout)
         await runner.setup()
-        await web.SockSite(runner, sock, ssl_context=tls).start()
+        await web.SockSite(runner, sock, ssl_context=tls and tls.listening).start()
     except BaseException:
         sock.close()
         if runner is not None:

@@ -633,10 +633,19 @@
 
   // ---------------------------------------------------------------- start
 
+  // A link must not switch a signed-in user to someone else's account unasked: whoever made
+  // it could then read what they write next.
+  function acceptLinked(linked) {
+    const current = readStored(STORE_CREDENTIAL);
+    if (!current || current === linked) return true;
+    return window.confirm("This link signs in with a different key or token, replacing " +
+                          "yours on this device. Sign in with it?");
+  }
+
   // A sign-in link opened in a tab that already shows the page changes only the fragment.
   window.addEventListener("hashchange", () => {
     const linked = credentialFromFragment();
-    if (!linked) return;
+    if (!linked || !acceptLinked(linked)) return;
     if (state.controller) state.controller.abort();
     writeStored(STORE_CREDENTIAL, linked);
     state.credential = linked;
@@ -645,7 +654,7 @@
   });
 
   const fromLink = credentialFromFragment();
-  if (fromLink) writeStored(STORE_CREDENTIAL, fromLink);
+  if (fromLink && acceptLinked(fromLink)) writeStored(STORE_CREDENTIAL, fromLink);
   state.credential = fromLink || readStored(STORE_CREDENTIAL);
   if (state.credential) enter(); else showSignin("");
 })();

@@ -370,3 +370,47 @@ async def test_refusals_are_explained_and_the_message_kept(
     await expect(answer.locator(".message-meta")).to_have_text("The model server went away")
     await expect(box).to_have_value("")
     assert_clean(problems, refusals=True)
+
+
+async def test_a_long_model_name_fits_a_phone(fake_proxy: Running, browser: Browser) -> None:
+    long_id = "SmolLM2-135M-Instruct.Q4_1-with-an-even-longer-quantisation-name"
+    page, problems = await open_page(browser, fake_proxy.base_url + "/")
+    await page.route("**/v1/models", lambda r: r.fulfill(json={
+        "object": "list", "data": [{"id": long_id, "object": "model"}]}))
+    await sign_in(page, token_for(fake_proxy))
+    await signed_in(page, long_id)
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    for name in ("Send", "New conversation"):
+        box = await page.get_by_role("button", name=name).first.bounding_box()
+        assert box is not None and box["x"] + box["width"] <= PHONE["width"], (name, box)
+    assert_clean(problems)
+
+
+async def test_a_link_for_another_account_asks_before_switching(
+    model_proxy: Running, llama: Llama, browser: Browser
+) -> None:
+    mine, theirs = token_for(model_proxy, "me"), token_for(model_proxy, "someone-else")
+    page, problems = await open_page(browser, model_proxy.base_url + "/")
+    await sign_in(page, mine)
+    await signed_in(page, llama.model)
+    stored = "localStorage.getItem('llama-proxy.credential')"
+    asked: list[str] = []
+
+    async def refuse(dialog) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+
+    page.once("dialog", refuse)
+    await page.evaluate(f"location.hash = '#token={theirs}'")
+    await eventually(lambda: asked, 5, "the question")
+    assert await page.evaluate(stored) == mine
+    assert "#token" not in await page.evaluate("location.href")
+
+    async def agree(dialog) -> None:
+        await dialog.accept()
+
+    page.once("dialog", agree)
+    await page.evaluate(f"location.hash = '#token={theirs}'")
+    await eventually(lambda: page.evaluate(f"{stored} === {json.dumps(theirs)}"), 5,
+                     "the switch once accepted")
+    assert_clean(problems)

@@ -107,3 +107,9 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "example.toml"
     s = load_settings({"config": str(example)}, env={})
     assert s.port == 8000
+
+
+def test_a_relative_data_dir_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the embedded Redis's unix:// URL would read it as a host
+    s = load_settings({"data_dir": "reldata"}, env={}, serving=False)
+    assert s.data_dir == tmp_path / "reldata" and s.data_dir.is_absolute()

@@ -210,3 +210,21 @@ async def test_conversations_unavailable_is_a_clean_503(make_proxy: ProxyFactory
             assert resp.status == 503, body
             assert body["error"]["code"] in ("conversations_unavailable", "auth_unavailable")
             assert "Retry-After" in resp.headers
+
+
+async def test_the_context_size_comes_from_the_model_server(model_proxy: Running,
+                                                            llama: Llama) -> None:
+    from proxy.chat import CONTEXTS
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(llama.url + "/props",
+                            headers={"Authorization": f"Bearer {llama.key}"}) as r:
+            n_ctx = (await r.json())["default_generation_settings"]["n_ctx"]
+        status, _ = await chat(http, model_proxy, {"message": "hi", "max_tokens": 2})
+        assert status == 200
+        assert list(model_proxy.app[CONTEXTS].values()) == [n_ctx]
+        # A message that cannot fit that context is refused before the model, naming it.
+        status, body = await chat(http, model_proxy, {"message": "9" * (2 * n_ctx),
+                                                      "max_tokens": 2})
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        assert str(n_ctx) in body["error"]["message"]

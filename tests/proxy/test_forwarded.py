@@ -165,3 +165,58 @@ async def test_a_queued_stream_outlasts_the_tunnels_read_timeout(
     else:  # what users saw before: the tunnel gives up while the appliance still waits
         assert status == 504
 
+
+
+def test_odd_hops_unknown_clients_and_zones() -> None:
+    from proxy.forwarded import BadForwarding
+
+    trusted = TrustedProxies([], loopback=True)
+    assert client_of("127.0.0.1", ["unknown"], trusted) == ("unknown", 0)  # RFC 7239
+    assert client_of("127.0.0.1", ["9.9.9.9", "_hidden"], trusted) == ("unknown", 1)
+    for junk in ('fe80::1%x "GET admin" 200', "::1%zz", "not-an-address"):
+        with pytest.raises(BadForwarding):  # a zone id could carry text into the log
+            client_of("127.0.0.1", [junk], trusted)
+
+
+async def test_only_the_header_the_proxy_writes_is_read(make_proxy: ProxyFactory, fake: Fake,
+                                                        caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    proxy = await make_proxy(upstreams=[fake.url], trust_loopback_proxy=True,
+                             forwarded_header="forwarded")
+    async with aiohttp.ClientSession() as http:
+        # The proxy writes Forwarded; the client's own X-Forwarded-For passes through it.
+        headers = {"X-Forwarded-For": "1.2.3.8", "Forwarded": "for=5.6.7.9;proto=https"}
+        async with http.get(proxy.base_url + "/health", headers=headers) as resp:
+            assert resp.status == 200
+            assert "Strict-Transport-Security" in resp.headers
+    access = [r.getMessage() for r in caplog.records if r.name == "proxy.access"]
+    assert any(" 5.6.7.9 " in line for line in access), access
+    assert not any("1.2.3.8" in line for line in access)
+
+
+def test_auth_off_behind_a_trusted_proxy_is_refused() -> None:
+    from config import ConfigError, load_settings
+
+    for values in ({"trust_loopback_proxy": "true"}, {"trusted_proxies": ["10.0.0.1"]}):
+        with pytest.raises(ConfigError, match="needs auth"):
+            load_settings({"auth": "disabled", **values}, env={}, serving=False)
+
+
+async def test_a_browser_app_may_send_its_client_librarys_headers(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    origin = "https://app.example"
+    proxy = await make_proxy(upstreams=[fake.url], cors_origins=[origin])
+    asked = "authorization, content-type, x-stainless-os, x-stainless-lang"
+    async with aiohttp.ClientSession() as http:
+        async with http.options(proxy.base_url + CHAT, headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": asked}) as resp:
+            assert resp.status == 204
+            allowed = resp.headers["Access-Control-Allow-Headers"]
+            assert "x-stainless-os" in allowed and "authorization" in allowed
+        async with http.options(proxy.base_url + CHAT, headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "bad header, (x)"}) as resp:
+            assert resp.status == 403

@@ -14,19 +14,21 @@ import aiohttp
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from config import ConfigError, load_settings
+from proxy.tls import CertificateError, Certificates
 from tests.conftest import Fake
 from tests.kit.helpers import Appliance, eventually
 
 
-def make_certificate(cert: Path, key: Path, name: str) -> None:
+def make_certificate(cert: Path, key: Path, name: str, rsa_key: bool = False) -> None:
     """A self-signed certificate for 127.0.0.1 whose subject says `name`."""
     import ipaddress
 
-    private = ec.generate_private_key(ec.SECP256R1())
+    private = (rsa.generate_private_key(65537, 2048) if rsa_key
+               else ec.generate_private_key(ec.SECP256R1()))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
@@ -131,3 +133,29 @@ def test_edge_settings_are_checked_before_start(values: dict, name: str) -> None
     with pytest.raises(ConfigError) as err:
         load_settings(values, env={}, serving=False)
     assert err.value.args[0].startswith(name) or name in str(err.value)
+
+
+async def test_a_reload_leaves_nothing_of_the_old_certificate(tmp_path: Path) -> None:
+    """RSA, then EC, then RSA again: every client sees the last one (loading into the same
+    context kept the EC certificate for clients that prefer it)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    make_certificate(cert, key, "rsa-1", rsa_key=True)
+    certs = Certificates(cert, key)
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0,
+                                        ssl=certs.listening)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for name, is_rsa in (("ec-2", False), ("rsa-3", True)):
+            make_certificate(cert, key, name, rsa_key=is_rsa)
+            certs.reload()
+            _, der = await handshake(port, unverified())
+            assert subject_of(der) == name
+        # A certificate with another pair's key does not load, and changes nothing.
+        make_certificate(tmp_path / "other.pem", tmp_path / "other-key.pem", "x")
+        key.write_bytes((tmp_path / "other-key.pem").read_bytes())
+        with pytest.raises(CertificateError):
+            certs.reload()
+        _, der = await handshake(port, unverified())
+        assert subject_of(der) == "rsa-3"
+    finally:
+        server.close()
