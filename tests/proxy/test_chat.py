@@ -68,7 +68,8 @@ async def test_a_conversation_is_kept_and_continued(model_proxy: Running, llama:
 async def test_a_streamed_answer_arrives_as_events_and_is_kept(model_proxy: Running) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.post(model_proxy.base_url + "/api/chat", headers=auth(model_proxy),
-                             json={"message": "Name three colours.", "stream": True,
+                             json={"message": "Count from one to twenty, one number per "
+                                              "line.", "stream": True,
                                    "max_tokens": 24}) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")

@@ -37,8 +37,10 @@ async def test_chat_completion(model_proxy: Running, llama: Llama) -> None:
 
 async def test_streamed_chat_arrives_token_by_token(model_proxy: Running, llama: Llama) -> None:
     async with client_for(model_proxy) as client:
+        # ignore_eos: exactly 24 tokens, however briefly the model would have answered.
         stream = await client.chat.completions.create(model=llama.model, messages=MESSAGES,
-                                                      max_tokens=24, stream=True)
+                                                      max_tokens=24, stream=True,
+                                                      extra_body={"ignore_eos": True})
         pieces = [c.choices[0].delta.content async for c in stream
                   if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 5  # many chunks, not one buffered blob
