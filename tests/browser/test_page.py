@@ -17,6 +17,7 @@ from tests.browser.conftest import ARTEFACTS, DESKTOP, PHONE, Problems
 from tests.conftest import ADMIN_HEADERS, Fake, Llama, ProxyFactory, token_for
 from tests.kit.helpers import eventually
 
+COUNTING = "Count from one to twenty, one number per line."  # a long answer, many pieces
 TIMEOUT = 20_000  # ms: the longest any one DOM condition may take to come true
 expect.set_options(timeout=TIMEOUT)
 
@@ -202,16 +203,15 @@ async def test_chat_streams_and_conversations_can_be_reopened(
     await signed_in(page, llama.model)
     await page.evaluate(WATCH_ANSWER)
 
-    await send(page, "Name three colours.")
-    await expect(page.locator(".message.user .message-text")).to_have_text(
-        ["Name three colours."])
+    await send(page, COUNTING)
+    await expect(page.locator(".message.user .message-text")).to_have_text([COUNTING])
     first = await answered(page, 1)
     lengths = await page.evaluate("window.__lengths")
     assert len(set(lengths)) > 5, lengths  # it grew piece by piece, not in one go
     listed = (await conversation(model_proxy, token))["data"]
     assert len(listed) == 1
     kept = await conversation(model_proxy, token, listed[0]["id"])
-    assert kept["messages"] == [{"role": "user", "content": "Name three colours."},
+    assert kept["messages"] == [{"role": "user", "content": COUNTING},
                                 {"role": "assistant", "content": first}]
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=ARTEFACTS / "phone.png")
@@ -228,11 +228,11 @@ async def test_chat_streams_and_conversations_can_be_reopened(
     # The drawer lists both, newest first; reopening the first shows its exchange again.
     await page.get_by_role("button", name="Conversations").click()
     items = page.locator("#conversations .conversation-title")
-    await expect(items).to_have_text(["What is the capital of France?", "Name three colours."])
-    await page.get_by_role("button", name=re.compile("^Name three colours")).click()
+    await expect(items).to_have_text(["What is the capital of France?", COUNTING])
+    await page.get_by_role("button", name=re.compile("^" + re.escape(COUNTING[:20]))).click()
     await expect(page.locator("#drawer")).not_to_have_class(re.compile(r"\bopen\b"))
     await expect(page.locator(".message .message-text")).to_have_text(
-        ["Name three colours.", first])
+        [COUNTING, first])
 
     # Asking on in the reopened conversation adds to it, not to a new one.
     await send(page, "And one more?")
@@ -240,14 +240,14 @@ async def test_chat_streams_and_conversations_can_be_reopened(
     assert len((await conversation(model_proxy, token))["data"]) == 2
     kept = await conversation(model_proxy, token, listed[0]["id"])
     assert [m["content"] for m in kept["messages"]][:3] == [
-        "Name three colours.", first, "And one more?"]
+        COUNTING, first, "And one more?"]
 
     # Deleting takes two clicks; the other conversation stays.
     await page.get_by_role("button", name="Conversations").click()
     delete = page.get_by_role("button", name="Delete conversation: What is the capital")
     await delete.click()
     await page.get_by_role("button", name=re.compile("^Confirm: delete conversation What")).click()
-    await expect(items).to_have_text(["Name three colours."])
+    await expect(items).to_have_text([COUNTING])
     assert [c["id"] for c in (await conversation(model_proxy, token))["data"]] == [
         listed[0]["id"]]
 
@@ -259,7 +259,7 @@ async def test_chat_streams_and_conversations_can_be_reopened(
     await signed_in(wide, llama.model)
     await expect(wide.locator("#drawer")).to_be_visible()
     await expect(wide.get_by_role("button", name="Conversations")).to_be_hidden()
-    await wide.get_by_role("button", name=re.compile("^Name three colours")).click()
+    await wide.get_by_role("button", name=re.compile("^" + re.escape(COUNTING[:20]))).click()
     await expect(wide.locator(".message")).to_have_count(4)
     await wide.screenshot(path=ARTEFACTS / "desktop.png")
     assert_clean(problems)
