@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Mapping
 
 from auth.apikeys import KeyStore, parse_key
@@ -14,15 +13,6 @@ from auth.tokens import MAX_TOKEN_BYTES, TokenVerifier
 ADMIN_PRINCIPAL = Principal(id="admin", kind="admin", scopes=frozenset({ADMIN, INFERENCE}),
                             credential="admin-key")
 _DEV_USER_MAX = 64
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def presented_credential(headers: Mapping[str, str]) -> str | None:

@@ -242,7 +242,7 @@ def _check_auth(s: Settings) -> None:
 def _check_edge(s: Settings) -> None:
     """Listening on the internet: TLS files that exist, proxies and origins that parse, and no
     open door (auth disabled is for loopback only)."""
-    if s.auth == "disabled" and not _loopback(s.host):
+    if s.auth == "disabled" and not is_loopback(s.host):
         raise ConfigError("auth", f"auth is disabled, so the appliance listens on loopback only, "
                           f"not on {s.host}: set auth = \"required\" (or host = 127.0.0.1)")
     if s.auth == "disabled" and s.tunnel != "none":
@@ -270,7 +270,7 @@ def _check_edge(s: Settings) -> None:
                               "https://app.example or http://localhost:5173")
 
 
-def _loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from auth.authenticator import is_loopback
 from auth.tokens import TokenVerifier, issue_token
 from config import Settings
+from config.loader import is_loopback
 from proxy.admin import setup_admin
 from proxy.authn import setup_auth
 from proxy.chat import ChatLimits, setup_chat

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
-from proxy.errors import to_openai
+from proxy.errors import OpenAIError, to_openai
 from quota.slots import SHUTTING_DOWN, QueueClosed
 
 log = logging.getLogger("proxy")
@@ -72,6 +72,12 @@ async def cut_short(request: web.Request, stream: web.StreamResponse | None
     under way, a 503 otherwise."""
     error = to_openai(QueueClosed(SHUTTING_DOWN), request)
     assert error is not None
+    return await answer(error, stream)
+
+
+async def answer(error: OpenAIError, stream: web.StreamResponse | None) -> web.StreamResponse:
+    """The error's own response; or, on a stream already under way, the SSE error event
+    that ends it."""
     if stream is None or not stream.prepared:
         return error.response()
     with contextlib.suppress(ConnectionResetError):

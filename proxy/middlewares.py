@@ -8,7 +8,6 @@ like any error.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import re
@@ -17,7 +16,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.drain import OPEN_STREAM, Drain, cut_short
+from proxy.drain import OPEN_STREAM, Drain, answer, cut_short
 from proxy.edge import SECURITY_HEADERS
 from proxy.errors import MAX_BODY, OpenAIError, to_openai
 from proxy.forwarded import client_address, client_scheme
@@ -99,15 +98,9 @@ async def _in_openai_shape(request: web.Request, handler: Handler) -> web.Stream
 
 
 async def _answer(request: web.Request, error: OpenAIError) -> web.StreamResponse:
-    """The error's own response; or, on a stream that has already started (a heartbeat kept
-    it open while it waited), the SSE error event that ends it."""
-    stream = request.get(OPEN_STREAM)
-    if stream is None or not stream.prepared:
-        return error.response()
-    with contextlib.suppress(ConnectionResetError):
-        await stream.write(error.sse_event())
-        await stream.write_eof()
-    return stream
+    """On a stream that has already started (a heartbeat kept it open while it waited), an
+    error can only be the SSE event that ends it."""
+    return await answer(error, request.get(OPEN_STREAM))
 
 
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
