@@ -5,6 +5,7 @@
     python generate_token.py alice --api-key     # new API key, stored hashed, shown once
     python generate_token.py --list              # API keys
     python generate_token.py --revoke PREFIX     # or a JWT id
+    python generate_token.py --usage alice       # requests and tokens per day (a user or key)
 """
 
 import sys

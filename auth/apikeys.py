@@ -189,13 +189,14 @@ class KeyStore:
     async def verify(self, key: str) -> Principal:
         prefix = parse_key(key)
         if prefix is None:
-            raise CredentialRejected("malformed API key")
+            raise CredentialRejected("malformed API key", kind="malformed")
         record, fetched = await self._lookup(prefix)
         if record is None or not hmac.compare_digest(record.hash, digest(key)):
-            raise CredentialRejected(f"unknown API key {prefix}")
+            raise CredentialRejected(f"unknown API key {prefix}", kind="unknown")
         status = record.status()
         if status != "active":
-            raise CredentialRejected(f"API key {prefix} is {status}", f"API key {status}")
+            raise CredentialRejected(f"API key {prefix} is {status}", f"API key {status}",
+                                     kind=status)
         if fetched:  # a real use, recorded at most once per cache period
             self._touch(prefix)
         return record.principal

@@ -21,7 +21,8 @@ def presented_credential(headers: Mapping[str, str]) -> str | None:
     if auth is not None:
         scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
-            raise CredentialRejected("Authorization header is not `Bearer <credential>`")
+            raise CredentialRejected("Authorization header is not `Bearer <credential>`",
+                                     kind="malformed")
         credential = value.strip()
     else:
         credential = headers.get("X-API-Key", "").strip()
@@ -29,7 +30,8 @@ def presented_credential(headers: Mapping[str, str]) -> str | None:
             return None
     if (len(credential) > MAX_TOKEN_BYTES or not credential.isascii()
             or not credential.isprintable() or len(credential.split()) != 1):
-        raise CredentialRejected("credential is oversized or not printable ASCII")
+        raise CredentialRejected("credential is oversized or not printable ASCII",
+                                 kind="malformed")
     return credential
 
 
@@ -55,7 +57,8 @@ class Authenticator:
         if self.tokens.looks_like_jwt(credential):
             principal = await self.tokens.verify(credential)
             if await self.keys.jti_revoked(principal.credential):
-                raise CredentialRejected(f"JWT {principal.credential} is revoked", "Token revoked")
+                raise CredentialRejected(f"JWT {principal.credential} is revoked", "Token revoked",
+                                         kind="revoked")
             return principal
         if parse_key(credential):
             return await self.keys.verify(credential)

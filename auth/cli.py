@@ -20,6 +20,7 @@ from urllib.parse import quote, urlsplit
 from redis.asyncio import Redis
 
 from auth.apikeys import KeyStore, parse_key
+from auth.ledger import Ledger, Row, today
 from auth.tokens import issue_token
 from config import ConfigError, Settings, load_settings
 
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="store_true", help="create an API key instead of a JWT")
     p.add_argument("--list", action="store_true", help="list API keys")
     p.add_argument("--revoke", metavar="PREFIX|JTI", help="revoke an API key or a JWT id")
+    p.add_argument("--usage", nargs="?", const="", metavar="PREFIX|SUB",
+                   help="usage per day: of one API key (prefix) or user (JWT subject), or "
+                   "of everyone")
+    p.add_argument("--days", type=int, default=30, help="--usage: how many days back (30)")
     p.add_argument("--scope", action="append", dest="scopes", metavar="SCOPE",
                    help="scope to grant (repeatable; default inference; admin for /admin)")
     p.add_argument("--model", action="append", dest="models", metavar="ID",
@@ -67,6 +72,9 @@ def main(argv: Sequence[str] | None = None, *, store: StoreOpener) -> int:
         settings = load_settings(given, serving=False)
         if args.list:
             return asyncio.run(_with_store(store, settings, _list))
+        if args.usage is not None:
+            return asyncio.run(_with_redis(store, settings,
+                                           lambda redis: _usage(settings, redis, args)))
         if args.revoke:
             return asyncio.run(_with_store(store, settings,
                                            lambda keys: _revoke(keys, args.revoke)))
@@ -88,6 +96,45 @@ async def _with_store(store: StoreOpener, settings: Settings,
                       action: Callable[[KeyStore], Awaitable[int]]) -> int:
     async with store(settings) as redis:
         return await action(KeyStore(redis, 0))
+
+
+async def _with_redis(store: StoreOpener, settings: Settings,
+                      action: Callable[[Redis], Awaitable[int]]) -> int:
+    async with store(settings) as redis:
+        return await action(redis)
+
+
+async def _usage(settings: Settings, redis: Redis, args: argparse.Namespace) -> int:
+    """A table of the ledger's days: one principal's (key prefix, JWT subject, or a full
+    principal id such as user:alice) or everyone's."""
+    ledger = Ledger(redis, settings.usage_retention_days)
+    end = today()
+    start = end - dt.timedelta(days=max(args.days, 1) - 1)
+    who = args.usage
+    rows: list[Row] = []
+    if not who:
+        rows = await ledger.read(None, start, end)
+    else:
+        for principal in ([who] if ":" in who else [f"key:{who}", f"user:{who}"]):
+            rows += await ledger.read(principal, start, end)
+    if not rows:
+        print(f"no usage recorded from {start} to {end}"
+              + (f" for {who}" if who else "")
+              + ("" if settings.usage_retention_days else " (usage_retention_days is 0: off)"))
+        return 0
+    header = ("date", "principal", "requests", "prompt", "completion", "total")
+    table = [(r.date, r.principal, r.requests, r.prompt_tokens, r.completion_tokens,
+              r.prompt_tokens + r.completion_tokens) for r in sorted(rows, key=_by_day)]
+    table.append(("total", "", *(sum(int(row[i]) for row in table) for i in range(2, 6))))
+    width = max(len(header[1]), *(len(str(row[1])) for row in table))
+    print(f"{header[0]:<10}  {header[1]:<{width}}  " + "  ".join(f"{h:>10}" for h in header[2:]))
+    for row in table:
+        print(f"{row[0]:<10}  {row[1]:<{width}}  " + "  ".join(f"{v:>10}" for v in row[2:]))
+    return 0
+
+
+def _by_day(row: Row) -> tuple[str, str]:
+    return row.date, row.principal
 
 
 def _when(ts: float | None) -> str:

@@ -14,16 +14,19 @@ class AuthError(Exception):
 
 
 class CredentialRejected(AuthError):
-    """No valid credential. One vague message for every bad one, so probing learns nothing."""
+    """No valid credential. One vague message for every bad one, so probing learns nothing.
+    kind: a word for the metrics (invalid, malformed, expired, revoked, unknown, missing)."""
 
-    def __init__(self, reason: str, message: str = "Invalid credential") -> None:
+    def __init__(self, reason: str, message: str = "Invalid credential", *,
+                 kind: str = "invalid") -> None:
         super().__init__(message, reason=reason)
+        self.kind = kind
 
 
 class MissingCredential(CredentialRejected):
     def __init__(self) -> None:
         super().__init__("no credential", "Missing credential: send `Authorization: Bearer "
-                         "<token or key>` or `X-API-Key: <key>`")
+                         "<token or key>` or `X-API-Key: <key>`", kind="missing")
 
 
 class NotPermitted(AuthError):

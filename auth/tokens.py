@@ -125,7 +125,8 @@ class TokenVerifier:
 
     async def _decode(self, token: str) -> dict[str, Any]:
         if len(token) > MAX_TOKEN_BYTES:
-            raise CredentialRejected(f"JWT of {len(token)} bytes is over the limit")
+            raise CredentialRejected(f"JWT of {len(token)} bytes is over the limit",
+                                     kind="malformed")
         try:
             key = self._key if self._jwks is None else await self._jwks_key(token)
             return jwt.decode(
@@ -134,7 +135,7 @@ class TokenVerifier:
                 options={"require": self._required, "verify_aud": bool(self.settings.jwt_audience)},
             )
         except jwt.ExpiredSignatureError:
-            raise CredentialRejected("JWT expired", "Token expired") from None
+            raise CredentialRejected("JWT expired", "Token expired", kind="expired") from None
         except jwt.PyJWTError as exc:
             raise CredentialRejected(f"JWT rejected: {type(exc).__name__}: {exc}") from None
 

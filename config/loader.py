@@ -210,6 +210,9 @@ MIN_ADMIN_KEY = 32
 
 
 def _check_auth(s: Settings) -> None:
+    if s.metrics_token is not None and len(s.metrics_token) < MIN_ADMIN_KEY:
+        raise ConfigError("metrics_token", f"must be at least {MIN_ADMIN_KEY} characters "
+                          "(openssl rand -hex 32)")
     if s.admin_key is not None and len(s.admin_key) < MIN_ADMIN_KEY:
         raise ConfigError("admin_key", f"must be at least {MIN_ADMIN_KEY} characters "
                           "(try: python -c 'import secrets; print(secrets.token_urlsafe(32))')")

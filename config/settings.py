@@ -219,6 +219,18 @@ class Settings:
     chat_ttl_days: float = _opt(
         30.0, "float", "days a conversation is kept after its last message"
     )
+    # -- metrics and usage
+    metrics_token: str | None = _opt(
+        None, "str", "bearer token that may read /metrics from elsewhere than this host "
+        "(the admin credential may too); 32+ characters", secret=True,
+    )
+    metrics_per_principal: bool = _opt(
+        False, "bool", "also export requests and tokens per principal (one series per key or "
+        "user: only for a handful of them)",
+    )
+    usage_retention_days: int = _opt(
+        90, "int", "days the per-credential usage ledger keeps each day's counts (0: off)"
+    )
     # -- logging
     log_level: str = _opt(
         "info", "choice", "log verbosity", choices=("debug", "info", "warning", "error")

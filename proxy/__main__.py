@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "check-config":
             print(check_config(settings.masked()))
             return 0
+        if settings.workers > 1:
+            shared_metrics_dir(settings.data_dir)  # before prometheus-client is imported
         from proxy.logs import setup_logging
         from proxy.server import serve
 
@@ -58,6 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llama-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def shared_metrics_dir(data_dir: Path) -> None:
+    """With --workers every process writes its metrics to files here and a scrape of any one
+    adds them up (prometheus-client's multiprocess mode, chosen when the library is imported;
+    the workers inherit the variable). Emptied at each start: counters begin at zero."""
+    import shutil
+
+    path = data_dir / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700, parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
 def _run_worker(path: str) -> int:

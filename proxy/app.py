@@ -19,14 +19,17 @@ from proxy.chat import ChatLimits, setup_chat
 from proxy.cors import setup_cors
 from proxy.files import prepare_data_dir
 from proxy.forwarded import TrustedProxies, setup_forwarded
+from proxy.ledger import setup_ledger
 from proxy.limits import setup_quota
 from proxy.logs import register_secret
+from proxy.metrics import Metrics, setup_metrics
 from proxy.middlewares import setup_edge
 from proxy.openapi import setup_openapi
 from proxy.page import setup_page
 from proxy.pool import setup_backends
 from proxy.relay import Timeouts, setup_relay
 from proxy.routes import setup_routes
+from proxy.scrape import setup_scrape
 from proxy.store import setup_store
 from quota.windows import Limits
 
@@ -49,11 +52,12 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     on_shutdown: run after this process's requests have drained (the workers', say)."""
     s = settings
     for secret in (s.upstream_api_key, s.admin_key, s.jwt_secret, s.redis_url,
-                   s.ngrok_authtoken):
+                   s.ngrok_authtoken, s.metrics_token):
         register_secret(secret)
     prepare_data_dir(s.data_dir)
     app = web.Application(client_max_size=s.max_body_bytes)
     setup_edge(app, max_body_bytes=s.max_body_bytes, shutdown_grace=s.shutdown_grace)
+    setup_metrics(app, Metrics(per_principal=s.metrics_per_principal))
     app.on_shutdown.extend(on_shutdown)
     setup_forwarded(app, trusted_proxies(s), s.forwarded_header)
     setup_cors(app, s.cors_origins)
@@ -81,7 +85,10 @@ def create_app(settings: Settings, slots_from: Path | None = None,
                                       keepalive=s.sse_keepalive,
                                       write_timeout=s.client_write_timeout),
                ttl_s=s.chat_ttl_days * 86400, max_conversations=s.chat_max_conversations)
+    setup_ledger(app, retention_days=s.usage_retention_days)
     setup_admin(app, issue=functools.partial(issue_token, s))
     setup_openapi(app)
     setup_page(app)
+    setup_scrape(app, token=s.metrics_token, tunnel=s.tunnel != "none",
+                 first_process=slots_from is None)
     return app

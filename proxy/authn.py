@@ -12,12 +12,19 @@ from aiohttp.typedefs import Handler
 
 from auth.apikeys import KeyStore
 from auth.authenticator import Authenticator
-from auth.errors import AuthError, CredentialRejected, NotPermitted, TooManyFailures
+from auth.errors import (
+    AuthError,
+    CredentialRejected,
+    CredentialStoreDown,
+    NotPermitted,
+    TooManyFailures,
+)
 from auth.guard import FailureGuard
 from auth.principal import ADMIN, INFERENCE, Principal
 from auth.tokens import TokenVerifier
 from proxy.errors import to_openai
 from proxy.forwarded import client_address
+from proxy.outcome import outcome_of
 from proxy.store import REDIS
 
 log = logging.getLogger("proxy.auth")
@@ -58,17 +65,27 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     admin = path.startswith(ADMIN_PREFIX)
     if not admin and not path.startswith(PROTECTED):
         return await handler(request)
+    request[PRINCIPAL] = await authorize(request, ADMIN if admin else INFERENCE)
+    return await handler(request)
+
+
+async def authorize(request: web.Request, needed: str) -> Principal:
+    """The caller's principal, if its credential is good and has the `needed` scope; else an
+    AuthError (its reason logged, its kind noted for the metrics)."""
     ip = client_address(request)
     guard = request.app[GUARD]
+    outcome = outcome_of(request)
     if wait := guard.blocked_for(ip):
+        outcome.auth_failure = "blocked"
         raise TooManyFailures(wait)  # not logged: an attack must not flood the log
     try:
-        principal = await request.app[AUTH].identify(request.headers, ip, admin=admin)
-        needed = ADMIN if admin else INFERENCE
+        principal = await request.app[AUTH].identify(request.headers, ip,
+                                                     admin=needed == ADMIN)
         if not principal.can(needed):
             raise NotPermitted(f"This credential lacks the `{needed}` scope",
                                reason=f"{principal.id} lacks scope {needed}")
     except AuthError as exc:
+        outcome.auth_failure = _failure_kind(exc)
         if isinstance(exc, CredentialRejected):
             guard.record(ip)
         # The reason names a key prefix or jti at most; the secret itself is never logged.
@@ -76,5 +93,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         log.warning("auth %d for %s %s from %s: %s", answer.status if answer else 500,
                     request.method, request.rel_url.raw_path, ip, exc.reason)
         raise
-    request[PRINCIPAL] = principal
-    return await handler(request)
+    outcome.principal, outcome.credential = principal.id, principal.kind
+    return principal
+
+
+def _failure_kind(exc: AuthError) -> str:
+    if isinstance(exc, CredentialRejected):
+        return exc.kind
+    if isinstance(exc, NotPermitted):
+        return "scope"
+    if isinstance(exc, CredentialStoreDown):
+        return "store_down"
+    return "other"

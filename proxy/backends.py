@@ -127,6 +127,15 @@ class BackendPool:
             raise ModelLoading
         raise NoBackend("; ".join(f"{b.name}: {b.reason or b.state}" for b in candidates))
 
+    @staticmethod
+    def served(model: str | None, backends: list[Backend]) -> str:
+        """The model id that answers: the one asked for if a backend has it, else (any name
+        goes to a lone model) that model's own id; never a caller's free-form string."""
+        for backend in backends:
+            if model in backend.models:
+                return str(model)
+        return next((m for b in backends for m in b.models), "")
+
     def ready(self, candidates: list[Backend]) -> list[Backend]:
         """The ready ones, rotated so load spreads round-robin."""
         up = [b for b in candidates if b.state is State.READY]

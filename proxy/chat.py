@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from proxy.drain import OPEN_STREAM
 from proxy.errors import OpenAIError, to_openai
 from proxy.limits import limited, model_slot
 from proxy.middlewares import REQUEST_ID
+from proxy.outcome import outcome_of
 from proxy.pool import POOL
 from proxy.relay import CLIENT, RELAY, as_openai_error, is_stream
 from proxy.routes import check_model_allowed, json_response, read_json
@@ -235,6 +237,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     pool = request.app[POOL]
     backends = pool.choose(ask.model)
     model = ask.model or next(iter(pool.model_ids()), "")
+    outcome = outcome_of(request)
+    outcome.model, outcome.stream = pool.served(ask.model, backends), ask.stream
     context = await context_of(request, backends[0], limits.context_tokens)
     payload: dict[str, Any] = {"messages": fit(history, ask.message, context, ask.max_tokens),
                                "max_tokens": ask.max_tokens, "stream": ask.stream}
@@ -266,12 +270,11 @@ class Turn:
         relay = self.request.app[RELAY]
         async with model_slot(self.request, self.principal):
             upstream = await relay.fetch(self.backends, PATH, sent, False,
-                                         self.request[REQUEST_ID])
+                                         self.request[REQUEST_ID], outcome_of(self.request))
             body = await relay.read_whole(upstream)
         if upstream.status != 200:
             raise ModelRefused(upstream.status, body)
-        if meter is not None:
-            meter.from_body(body)
+        meter.from_body(body)
         answer = from_whole(body)
         await self.keep(answer)
         return json_response({"response": answer.text, "conversation_id": self.cid,
@@ -295,7 +298,9 @@ class Turn:
                 if not answer.kept:
                     self._keep_later(answer)  # the client left: keep what it saw
                 raise
-            except (TimeoutError, ConnectionResetError):
+            except (TimeoutError, ConnectionResetError) as exc:
+                outcome_of(self.request).disconnect = (
+                    "write_timeout" if isinstance(exc, TimeoutError) else "gone")
                 return sse  # the client stopped reading or left: nobody to tell
             except Exception as exc:
                 error = to_openai(exc, self.request)
@@ -315,13 +320,16 @@ class Turn:
     async def _relay(self, sent: bytes, meter: Any, sse: EventSourceResponse,
                      answer: Answer) -> None:
         relay = self.request.app[RELAY]
+        outcome = outcome_of(self.request)
         async with model_slot(self.request, self.principal):
             upstream = await relay.fetch(self.backends, PATH, sent, True,
-                                         self.request[REQUEST_ID])
+                                         self.request[REQUEST_ID], outcome)
             try:
                 if not is_stream(upstream):
                     raise ModelRefused(upstream.status, await relay.read_whole(upstream))
                 async for piece in deltas(relay.chunks(upstream, meter), answer):
+                    if outcome.first_token is None:
+                        outcome.first_token = time.perf_counter() - outcome.started
                     await send(sse, "delta", {"content": piece})
             finally:
                 upstream.close()  # the slot is free at once, whatever happened

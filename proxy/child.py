@@ -94,6 +94,7 @@ class ChildProcess:
         self._first_awaited = False
         self._stopping = asyncio.Event()
         self._crashes: list[float] = []
+        self.restarts = 0  # restarts after it ended, for the metrics
 
     @property
     def pid(self) -> int | None:
@@ -171,6 +172,7 @@ class ChildProcess:
                 return
             self._settle_first(False)  # a first start that failed: the restarts go on
             delay = policy.delay(len(self._crashes))
+            self.restarts += 1
             self._set(Phase.STARTING, f"{why}; restarting in {delay:.0f}s")
             self.log.error("%s %s; restarting in %.0fs.%s", self.name, why, delay, output)
             with contextlib.suppress(TimeoutError):  # stop() or terminate() ends the wait

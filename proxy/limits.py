@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,19 +19,21 @@ from aiohttp import web
 from auth.principal import Principal
 from proxy.forwarded import client_address
 from proxy.ids import new_id
+from proxy.metrics import METRICS
 from proxy.middlewares import DRAIN
+from proxy.outcome import outcome_of
 from proxy.shared_slots import SlotBorrower
 from proxy.store import REDIS
 from proxy.usage import UsageMeter, usage_requested, wants_usage_in_stream
 from quota.limiter import Limiter, RateLimited
-from quota.slots import FairQueue, SlotQueue
+from quota.slots import Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout, SlotQueue
 from quota.windows import REQUEST_WINDOWS, WINDOW_NAMES, Admission, Limits
 
 LIMITER = web.AppKey("limiter", Limiter)
 QUEUE: web.AppKey[SlotQueue] = web.AppKey("queue")
 DEFAULT_MAX_TOKENS = web.AppKey("default_max_tokens", int)
 ADMISSION = web.RequestKey("admission", Admission)  # set when rate limits apply
-
+BUSY_REASONS = {QueueFull: "full", QueueTimeout: "timeout", QueueClosed: "closed"}
 
 
 def setup_quota(app: web.Application, *, limits: Limits, fail_open: bool, default_max_tokens: int,
@@ -123,36 +126,41 @@ def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: in
 @asynccontextmanager
 async def limited(request: web.Request, principal: Principal, path: str, raw: bytes,
                   body: dict[str, Any], stream: bool
-                  ) -> AsyncIterator[tuple[bytes, UsageMeter | None]]:
-    """Admit the request or raise RateLimited; yield the body to send and a usage meter."""
+                  ) -> AsyncIterator[tuple[bytes, UsageMeter]]:
+    """Admit the request or raise RateLimited; yield the body to send and its usage meter.
+    At the end the real usage settles the reservation and goes into the request's outcome."""
     limiter = request.app[LIMITER]
+    outcome = outcome_of(request)
     prompt = prompt_tokens(raw)
     tokens = prompt + completion_budget(body, path, request.app[DEFAULT_MAX_TOKENS])
     admission = await limiter.admit(new_id(), principal.id, client_address(request),
                                     tokens, rpm=principal.rpm, tpm=principal.tpm)
-    if admission is None:
-        yield raw, None
-        return
-    request[ADMISSION] = admission  # headers go out with the response, streamed or not
-    admission.prompt_estimate = prompt
-    if not admission.allowed:
-        raise RateLimited(admission)
-    meter = None
-    window = admission.token_window
-    if window is not None:
-        changes: dict[str, Any] = {}
-        if not path.endswith("/embeddings"):
+    changes: dict[str, Any] = {}
+    if admission is not None:
+        request[ADMISSION] = admission  # headers go out with the response, streamed or not
+        admission.prompt_estimate = prompt
+        if not admission.allowed:
+            outcome.limit = next((w.name for w in admission.denied()), "rpm")
+            raise RateLimited(admission)
+        outcome.limit = "ok" if admission.in_store else "local"
+        window = admission.token_window
+        if window is not None and not path.endswith("/embeddings"):
             changes.update(capped(body, max(window.cost - prompt, 1)))
-        strip = stream and not wants_usage_in_stream(body)
-        if strip:
-            changes["stream_options"] = usage_requested(body)
-        if changes:
-            raw = orjson.dumps({**body, **changes})
-        meter = UsageMeter(admission, strip)
+    # Streams are asked for their usage (and the event is removed again if the client did not
+    # ask): the limits, the metrics and the usage ledger all count what the model reports.
+    strip = stream and not wants_usage_in_stream(body)
+    if strip:
+        changes["stream_options"] = usage_requested(body)
+    if changes:
+        raw = orjson.dumps({**body, **changes})
+    meter = UsageMeter(admission, strip)
     try:
         yield raw, meter
     finally:
-        limiter.settle(admission)  # queued, not awaited: off the latency path
+        if outcome.backend:  # it went to a model server (not refused by the queue first)
+            outcome.prompt_tokens, outcome.completion_tokens = meter.spent(prompt)
+        if admission is not None:
+            limiter.settle(admission)  # queued, not awaited: off the latency path
 
 
 @asynccontextmanager
@@ -162,8 +170,18 @@ async def model_slot(request: web.Request, principal: Principal) -> AsyncIterato
     if queue.slots <= 0:
         yield
         return
-    async with queue.slot(principal.id):
-        yield
+    outcome = outcome_of(request)
+    asked = time.perf_counter()
+    try:
+        async with queue.slot(principal.id):
+            outcome.queue_wait = wait = time.perf_counter() - asked
+            if (metrics := request.app.get(METRICS)) is not None:
+                metrics.queue_wait.observe(wait)
+            yield
+    except Busy as exc:
+        if outcome.queue_wait is None:  # refused by the queue, not by something it guarded
+            outcome.queue_refused = BUSY_REASONS.get(type(exc), "busy")
+        raise
 
 
 def ratelimit_headers(admission: Admission) -> dict[str, str]:

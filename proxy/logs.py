@@ -76,6 +76,9 @@ class JsonFormatter(logging.Formatter):
             "pid": record.process,
             "msg": record.getMessage(),
         }
+        access = getattr(record, "access", None)  # the access line's fields, as keys
+        if isinstance(access, dict):
+            entry.update(access)
         if record.exc_info or record.exc_text:
             entry["exc"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()

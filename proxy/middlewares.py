@@ -21,6 +21,7 @@ from proxy.edge import SECURITY_HEADERS
 from proxy.errors import MAX_BODY, OpenAIError, to_openai
 from proxy.forwarded import client_address, client_scheme
 from proxy.ids import new_id
+from proxy.outcome import OUTCOME, Outcome, finished
 
 log = logging.getLogger("proxy.access")
 error_log = logging.getLogger("proxy.errors")
@@ -50,8 +51,8 @@ async def _drain(grace: float, app: web.Application) -> None:
 async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
     request[REQUEST_ID] = given if _SANE_ID.fullmatch(given) else new_id()
-    started = time.perf_counter()
-    status = 499  # nginx's "client closed request", if we are cancelled
+    request[OUTCOME] = outcome = Outcome()
+    outcome.status = 499  # nginx's "client closed request", if we are cancelled
     drain = request.app[DRAIN]
     try:
         with drain.track():
@@ -59,20 +60,61 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response = await _in_openai_shape(request, handler)
             except asyncio.CancelledError:
                 if not drain.aborting:  # the client left: nobody to answer
+                    if outcome.stream and not outcome.disconnect:
+                        outcome.disconnect = "gone"
                     raise
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 response = await cut_short(request, request.get(OPEN_STREAM))
-        status = response.status
+        outcome.status = response.status
         return response
     except web.HTTPException as exc:  # redirects and the like pass through
-        status = exc.status
+        outcome.status = exc.status
         raise
     finally:
-        # The path only (query strings can carry credentials), as sent: percent-encoded, so a
-        # decoded newline or escape code can never forge a log line.
-        log.info("%s %s \"%s %s\" %d %.1fms", request[REQUEST_ID], client_address(request),
-                 request.method, _short(request.rel_url.raw_path), status,
-                 (time.perf_counter() - started) * 1000)
+        outcome.duration = time.perf_counter() - outcome.started
+        _access_line(request, outcome)
+        finished(request, outcome)
+
+
+def _access_line(request: web.Request, outcome: Outcome) -> None:
+    """One line per request. The path only (query strings can carry credentials), as sent:
+    percent-encoded, so a decoded newline or escape code can never forge a log line. With
+    --log-format json the fields are keys of their own (proxy/logs.py)."""
+    fields = access_fields(outcome)
+    detail = " ".join(f"{name}={value}" for name, value in fields.items())
+    log.info("%s %s \"%s %s\" %d %.1fms%s", request[REQUEST_ID], client_address(request),
+             request.method, _short(request.rel_url.raw_path), outcome.status,
+             outcome.duration * 1000, f" {detail}" if detail else "",
+             extra={"access": {"request_id": request[REQUEST_ID],
+                               "client": client_address(request), "method": request.method,
+                               "path": _short(request.rel_url.raw_path),
+                               "status": outcome.status,
+                               "duration_ms": round(outcome.duration * 1000, 2), **fields}})
+
+
+def access_fields(outcome: Outcome) -> dict[str, str | int | float]:
+    """What the access line adds to method, path and status, when known."""
+    fields: dict[str, str | int | float] = {}
+    if outcome.principal:
+        fields["principal"] = outcome.principal
+    if outcome.model:
+        fields["model"] = outcome.model
+    if outcome.limit:
+        fields["limit"] = outcome.limit
+    if outcome.auth_failure:
+        fields["auth"] = outcome.auth_failure
+    if outcome.queue_wait is not None:
+        fields["queue_ms"] = round(outcome.queue_wait * 1000, 1)
+    if outcome.queue_refused:
+        fields["queue"] = outcome.queue_refused
+    if outcome.first_token is not None:
+        fields["ttft_ms"] = round(outcome.first_token * 1000, 1)
+    if outcome.metered:
+        fields["prompt_tokens"] = outcome.prompt_tokens or 0
+        fields["completion_tokens"] = outcome.completion_tokens or 0
+    if outcome.disconnect:
+        fields["disconnect"] = outcome.disconnect
+    return fields
 
 
 def _short(path: str, most: int = 256) -> str:

@@ -121,6 +121,28 @@ def _body(required: list[str], **properties: Any) -> dict[str, Any]:
     return out
 
 
+DAY = {"type": "string", "format": "date"}
+
+
+def _usage(summary: str, security: list[dict[str, list[str]]], principal: bool
+           ) -> dict[str, Any]:
+    params = [{"name": name, "in": "query", "required": False, "schema": DAY,
+               "description": f"UTC day, YYYY-MM-DD ({default})"}
+              for name, default in (("from", "default: 29 days before `to`"),
+                                    ("to", "default: today"))]
+    if principal:
+        params.append({"name": "principal", "in": "query", "required": False,
+                       "schema": {"type": "string", "maxLength": 200},
+                       "description": "user:SUB or key:PREFIX (default: everyone)"})
+    return {"summary": summary, "security": security, "parameters": params,
+            "responses": {"200": {"description": "requests and tokens per principal per day",
+                                  "content": {JSON: {"schema": OPEN_OBJECT}}},
+                          "400": _error("not a date (YYYY-MM-DD), or a principal over 200 "
+                                        "characters"),
+                          "503": _error("the ledger cannot be read now", retry_after=True),
+                          **AUTH_ERRORS}}
+
+
 def document() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
@@ -228,6 +250,16 @@ def document() -> dict[str, Any]:
                     scopes=STRINGS, models=STRINGS, rpm=COUNT, tpm=COUNT)),
             },
             "/admin/tokens/{jti}": {"delete": _admin("Revoke a JWT by its id", path_param="jti")},
+            "/v1/usage": {"get": _usage("The caller's own usage per day", SECURED, False)},
+            "/admin/usage": {"get": _usage("Anyone's usage per day", [{"bearer": []}], True)},
+            # No security here: open to this host (the case a checker on loopback sees); from
+            # elsewhere the admin credential or the metrics token, as the description says.
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics (open to this host; else the admin credential "
+                           "or the metrics token)",
+                "responses": {"200": {"description": "Prometheus text format 0.0.4",
+                                      "content": {"text/plain": {"schema": {}}}},
+                              **AUTH_ERRORS}}},
         },
     }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from proxy.backends import (
 from proxy.edge import reset
 from proxy.errors import ERROR_TYPES, error_body, to_openai
 from proxy.heartbeat import Heartbeat
+from proxy.outcome import Outcome, outcome_of
 from proxy.usage import UsageMeter
 
 log = logging.getLogger("proxy.relay")
@@ -77,25 +79,37 @@ class Relay:
         answer `request` with what it says. heartbeat: keeps a waiting stream alive, and may
         have started its response already."""
         beat = heartbeat or Heartbeat(request, 0, self.timeouts.client_write)
-        upstream = await self.fetch(backends, path, raw, stream, request_id)
+        outcome = outcome_of(request)
+        upstream = await self.fetch(backends, path, raw, stream, request_id, outcome)
         if is_stream(upstream):
             return await self._stream(request, upstream, meter, request_id, beat)
-        answer = await self._whole(upstream, meter)
+        try:
+            answer = await self._whole(upstream, meter)
+        except (UpstreamTimeout, UpstreamBroke) as exc:
+            outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
+            raise
         await beat.stop()
         if beat.response is not None:  # the stream started while it waited
             return await as_events(answer, beat.response)
         return answer
 
     async def fetch(self, backends: list[Backend], path: str, raw: bytes, stream: bool,
-                    request_id: str = "") -> ClientResponse:
+                    request_id: str = "", outcome: Outcome | None = None) -> ClientResponse:
         """The first backend's response to raw, its headers read; the caller reads the body
-        (read_whole or chunks) and closes it."""
+        (read_whole or chunks) and closes it. outcome: told which backend answered, and which
+        failed how."""
+        outcome = outcome if outcome is not None else Outcome()
         for backend in backends:
+            outcome.backend = backend.name
             try:
                 return await self._open(backend, path, raw, stream, request_id)
             except UpstreamUnreachable as exc:
                 log.warning("%s: backend %s unreachable: %s", request_id, backend.name, exc)
+                outcome.upstream_errors.append((backend.name, "unreachable"))
                 self.unreachable(backend, str(exc))
+            except UpstreamTimeout:
+                outcome.upstream_errors.append((backend.name, "timeout"))
+                raise
         raise UpstreamUnreachable
 
     async def _open(self, backend: Backend, path: str, raw: bytes, stream: bool,
@@ -159,6 +173,7 @@ class Relay:
         """Pass SSE chunks through as they arrive; end with an error event if upstream fails.
         The heartbeat goes on until the first chunk (the model may read a long prompt)."""
         loop = asyncio.get_running_loop()
+        outcome = outcome_of(request)
         response: web.StreamResponse | None = None
         try:
             # A client that stops reading must not hold the model: writes block once its
@@ -178,8 +193,11 @@ class Relay:
                     response = stream = await beat.start()
                     stalled.reschedule(None)
                     async for chunk in self.chunks(upstream, meter):
+                        if outcome.first_token is None:
+                            outcome.first_token = time.perf_counter() - outcome.started
                         await write(chunk)
                 except (UpstreamTimeout, UpstreamBroke) as exc:
+                    outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
                     cause = type(exc.__cause__ or exc).__name__
                     log.warning("%s: %s (%s)", request_id, exc, cause)
                     error = to_openai(exc, request)
@@ -193,10 +211,12 @@ class Relay:
                 stalled.reschedule(loop.time() + self.timeouts.client_write)
                 await stream.write_eof()
         except TimeoutError:  # only `stalled` raises it here: the others are converted
+            outcome.disconnect = "write_timeout"
             log.warning("%s: the client stopped reading for %.0fs; stream cut, model freed",
                         request_id, self.timeouts.client_write)
             reset(request.transport)
         except ConnectionResetError:
+            outcome.disconnect = "gone"
             log.info("%s: client went away mid-stream; closing upstream", request_id)
         return response or web.StreamResponse()  # not started: the client left before it
 
@@ -223,6 +243,10 @@ class Relay:
             raise UpstreamTimeout("The model server went silent") from None
         except ClientError as exc:
             raise UpstreamBroke("The model server broke off the stream") from exc
+
+
+def failure_kind(exc: Exception) -> str:
+    return "timeout" if isinstance(exc, UpstreamTimeout) else "broken"
 
 
 def is_stream(upstream: ClientResponse) -> bool:

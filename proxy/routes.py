@@ -15,6 +15,7 @@ from proxy.errors import MAX_BODY, OpenAIError
 from proxy.heartbeat import Heartbeat
 from proxy.limits import LIMITER, QUEUE, limited, model_slot
 from proxy.middlewares import REQUEST_ID
+from proxy.outcome import outcome_of
 from proxy.pool import POOL
 from proxy.relay import RELAY
 
@@ -90,8 +91,12 @@ async def model_request(request: web.Request, path: str) -> web.StreamResponse:
     raw, body = await read_json(request)
     model = body.get("model")
     check_model_allowed(request, model)
-    backends = request.app[POOL].choose(model)
+    pool = request.app[POOL]
+    backends = pool.choose(model)
     stream = body.get("stream") is True
+    outcome = outcome_of(request)
+    outcome.model = pool.served(model, backends)
+    outcome.stream = stream
     principal = request[PRINCIPAL]
     relay = request.app[RELAY]
     async with limited(request, principal, path, raw, body, stream) as (payload, meter):

@@ -1,4 +1,5 @@
-"""Read the real token usage out of answers, so the limiter can settle what it reserved.
+"""Read the real token usage out of answers: the limiter settles what it reserved with it, and
+the metrics, the usage ledger and the access log report it.
 
 Whole answers carry `usage` in their JSON. Streams are asked for it (stream_options.include_usage)
 and it comes in a last event with empty `choices`; when the client did not ask for that event it
@@ -28,10 +29,23 @@ def total_tokens(usage: Any) -> int | None:
 
 
 class UsageMeter:
-    def __init__(self, admission: Admission, strip: bool) -> None:
+    """admission: the rate-limit reservation to settle with what is read (None: no limits)."""
+
+    def __init__(self, admission: Admission | None, strip: bool) -> None:
         self.admission = admission
         self.strip = strip
         self._pending = b""
+        self.prompt: int | None = None  # as the model server reported them
+        self.completion: int | None = None
+        self.chunks = 0  # streamed events seen, the fallback measure when usage never came
+
+    def spent(self, prompt_estimate: int) -> tuple[int, int]:
+        """(prompt, completion) tokens: as reported, else (a client that left mid-stream) the
+        estimate and about a token an event, as the limiter charges them; (0, 0) if nothing
+        was generated."""
+        if self.prompt is not None or self.completion is not None:
+            return self.prompt or 0, self.completion or 0
+        return (prompt_estimate, self.chunks) if self.chunks else (0, 0)
 
     def from_body(self, body: bytes) -> None:
         if _USAGE not in body:
@@ -43,13 +57,19 @@ class UsageMeter:
 
     def _note(self, usage: Any) -> None:
         total = total_tokens(usage)
-        if total is not None:  # some servers send "usage": null in every chunk
+        if total is None:  # some servers send "usage": null in every chunk
+            return
+        self.prompt = _count(usage.get("prompt_tokens"))
+        self.completion = _count(usage.get("completion_tokens"))
+        if self.prompt is None and self.completion is None:
+            self.prompt = total  # embeddings may report a total alone
+        if self.admission is not None:
             self.admission.usage = total
 
     def filter(self, chunk: bytes) -> bytes:
         """Pass complete events on, noting usage; hold a trailing partial event back."""
         if not self._pending and chunk.endswith(b"\n\n") and _USAGE not in chunk:
-            self.admission.chunks += chunk.count(b"\n\n")  # the common case: no copy
+            self._count_events(chunk.count(b"\n\n"))  # the common case: no copy
             return chunk
         data = self._pending + chunk
         cut = data.rfind(b"\n\n")
@@ -57,12 +77,17 @@ class UsageMeter:
             self._pending = data
             return b""
         complete, self._pending = data[: cut + 2], data[cut + 2 :]
-        self.admission.chunks += complete.count(b"\n\n")
+        self._count_events(complete.count(b"\n\n"))
         if _USAGE not in complete:
             return complete
         kept = [event + b"\n\n" for event in complete.split(b"\n\n")
                 if event and self._keep(event)]
         return b"".join(kept)
+
+    def _count_events(self, events: int) -> None:
+        self.chunks += events
+        if self.admission is not None:
+            self.admission.chunks += events
 
     def flush(self) -> bytes:
         rest, self._pending = self._pending, b""
@@ -80,6 +105,10 @@ class UsageMeter:
         self._note(data.get("usage"))
         # The usage-only event (no choices) exists because we asked for it, not the client.
         return not (self.strip and not data.get("choices"))
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def wants_usage_in_stream(body: dict[str, Any]) -> bool:

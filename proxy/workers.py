@@ -10,6 +10,7 @@ crash.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -22,8 +23,9 @@ import orjson
 
 from config import Settings
 from proxy.backends import Backend
-from proxy.child import ChildProcess, Restart
+from proxy.child import ChildProcess, Phase, Restart
 from proxy.files import write_private
+from proxy.metrics import forget_process
 from proxy.shared_slots import SlotLender
 from proxy.store import SOCKET
 from quota.slots import FairQueue, SlotQueue
@@ -68,6 +70,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _forget_dead(worker: ChildProcess, phase: Phase, _why: str | None) -> None:
+    """A worker that ended leaves its metrics files: its counters still count, its gauges of
+    the moment (open streams) must not."""
+    pid = worker.pid
+    if phase in (Phase.STARTING, Phase.STOPPED, Phase.FAILED) and pid and not _alive(pid):
+        forget_process(pid)
+
+
 class WorkerPool:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -94,6 +104,7 @@ class WorkerPool:
                 f"worker {index}", lambda: command, inherit_output=True, own_group=False,
                 restart=Restart(first_delay=RESTART_DELAY, max_delay=RESTART_DELAY),
                 stop_grace=self.settings.shutdown_grace + 10, logger=log)
+            worker.on_phase = functools.partial(_forget_dead, worker)
             self.children.append(worker)
             await worker.start()
         log.info("started %d extra worker processes", self.settings.workers - 1)

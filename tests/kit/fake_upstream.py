@@ -74,11 +74,24 @@ async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
                             content_type=fake.get("content_type", "text/plain"))
     if not body.get("stream"):
         return web.json_response(completion("hello"), status=fake.get("status", 200))
-    return await _stream(request, record, fake)
+    return await _stream(request, record, fake, usage=_wants_usage(body))
 
 
-async def _stream(request: web.Request, record: Record, fake: dict[str, Any]
-                  ) -> web.StreamResponse:
+def _wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def usage_event(chunks: int) -> bytes:
+    """The last event of a stream that asked for usage: no choices, the counts (3 + 1 each)."""
+    body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": MODEL,
+            "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": chunks,
+                                     "total_tokens": 3 + chunks}}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+async def _stream(request: web.Request, record: Record, fake: dict[str, Any],
+                  usage: bool = False) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     record.open_streams += 1
@@ -89,6 +102,8 @@ async def _stream(request: web.Request, record: Record, fake: dict[str, Any]
                 await asyncio.sleep(3600)
             await response.write(chunk(i))
             await asyncio.sleep(fake.get("gap", 0))
+        if usage:
+            await response.write(usage_event(fake.get("chunks", 3)))
         await response.write(b"data: [DONE]\n\n")
     except (asyncio.CancelledError, ConnectionResetError):
         record.cancelled += 1
@@ -103,12 +118,27 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
 
 
+# What llama-server's /metrics looks like (with --metrics), for the re-export.
+METRICS_TEXT = """# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 42
+# HELP llamacpp:requests_processing Number of requests processing.
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 0
+"""
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=METRICS_TEXT, content_type="text/plain")
+
+
 def make_app() -> web.Application:
     app = web.Application()
     app[RECORD] = Record()
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

@@ -1,0 +1,145 @@
+"""GET /metrics: who may scrape, the gauges sampled for it (slots and queue, backend states,
+child restarts, Redis), and the model servers' own metrics fetched alongside.
+
+Open to this host asking directly (loopback, no forwarding header, no tunnel in this process:
+through a tunnel every client arrives from loopback); anyone else needs the admin credential or
+the metrics_token as a bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from prometheus_client.core import Metric
+
+from auth.principal import ADMIN
+from config.loader import is_loopback
+from proxy.authn import authorize
+from proxy.backends import Backend, State
+from proxy.forwarded import client_address
+from proxy.limits import LIMITER, QUEUE
+from proxy.metrics import CONTENT_TYPE, METRICS, Metrics, relabel
+from proxy.pool import POOL, SUPERVISOR
+from proxy.relay import CLIENT
+
+log = logging.getLogger("proxy.metrics")
+
+FETCH_TIMEOUT = 2.0  # a model server that cannot answer its metrics quickly is skipped
+SAMPLE_EVERY = 2.0  # with --workers: how fresh the first process keeps the shared gauges
+
+
+@dataclass(frozen=True)
+class Access:
+    token: str | None  # the metrics_token, if set
+    open_locally: bool  # False when a tunnel runs in this process
+
+
+ACCESS = web.AppKey("metrics_access", Access)
+FIRST = web.AppKey("metrics_first_process", bool)  # keeps the child and the queue
+_RESTARTS = web.AppKey("metrics_restarts_seen", dict)
+
+
+def setup_scrape(app: web.Application, *, token: str | None, tunnel: bool,
+                 first_process: bool) -> None:
+    """The /metrics route. Call after setup_metrics and the features it samples."""
+    app[ACCESS] = Access(token, open_locally=not tunnel)
+    app[FIRST] = first_process
+    app[_RESTARTS] = {}
+    app.router.add_get("/metrics", scrape)
+    if first_process and app[METRICS].multiprocess:
+        app.cleanup_ctx.append(_sampling)
+
+
+async def scrape(request: web.Request) -> web.Response:
+    access = request.app[ACCESS]
+    if not (access.open_locally and asked_locally(request)) and not token_matches(
+            request, access.token):
+        await authorize(request, ADMIN)
+    metrics = request.app[METRICS]
+    await sample(request.app)
+    fetched = await fetch_all(request.app[CLIENT], request.app[POOL].backends, metrics)
+    return web.Response(body=metrics.render(fetched), headers={"Content-Type": CONTENT_TYPE})
+
+
+def asked_locally(request: web.Request) -> bool:
+    """This host asking directly, not a client relayed by a proxy on this host."""
+    if "X-Forwarded-For" in request.headers or "Forwarded" in request.headers:
+        return False
+    return is_loopback(client_address(request))
+
+
+def token_matches(request: web.Request, token: str | None) -> bool:
+    if not token:
+        return False
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                             token.encode())
+
+
+async def sample(app: web.Application) -> None:
+    """Gauges read from the running parts. Redis's state is every process's own; the queue,
+    the backends and the children are the first process's (workers borrow them)."""
+    metrics = app[METRICS]
+    metrics.redis_degraded.set(1 if app[LIMITER].degraded else 0)
+    if not app[FIRST]:
+        return
+    metrics.queue(await app[QUEUE].stats())
+    metrics.backends(app[POOL].backends)
+    supervisor = app.get(SUPERVISOR)
+    if supervisor is not None:
+        _count_restarts(app, metrics, "llama-server", supervisor.child.restarts)
+
+
+def _count_restarts(app: web.Application, metrics: Metrics, name: str, restarts: int) -> None:
+    seen = app[_RESTARTS]
+    if restarts > seen.get(name, 0):
+        metrics.child_restarts.labels(name).inc(restarts - seen.get(name, 0))
+    seen[name] = restarts
+    metrics.child_restarts.labels(name)  # the series exists (at 0) before the first restart
+
+
+async def _sampling(app: web.Application) -> AsyncIterator[None]:
+    """With --workers a scrape may reach any process: the first keeps its gauges fresh."""
+    async def loop() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await sample(app)
+            await asyncio.sleep(SAMPLE_EVERY)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def fetch_all(client: ClientSession, backends: list[Backend], metrics: Metrics
+                    ) -> list[Metric]:
+    found = await asyncio.gather(*(fetch_one(client, b, metrics) for b in backends))
+    return [family for families in found for family in families]
+
+
+async def fetch_one(client: ClientSession, backend: Backend, metrics: Metrics) -> list[Metric]:
+    """One ready model server's /metrics, labelled with its name; nothing (counted) if it
+    cannot answer now, nothing (not counted) if it has no metrics."""
+    if backend.state is not State.READY:
+        return []
+    try:
+        async with client.get(backend.url("/metrics"), headers=backend.auth_headers(),
+                              timeout=ClientTimeout(total=FETCH_TIMEOUT)) as resp:
+            if resp.status in (404, 501):  # no metrics there (llama-server without --metrics)
+                return []
+            resp.raise_for_status()
+            text = await resp.text()
+        return relabel(text, backend)
+    except (ClientError, TimeoutError, ValueError) as exc:
+        log.debug("metrics of backend %s: %s", backend.name, exc)
+        metrics.upstream_scrape_errors.labels(backend.name).inc()
+        return []
+

@@ -1,0 +1,279 @@
+"""/metrics: after known traffic (served, refused, left mid-stream) one scrape shows exactly
+those counts, the model server's own metrics ride along, and only this host (or the admin or
+the metrics token) may read it. The fake upstream drives the mechanics; the real model's run is
+tests/proxy/test_metrics_model.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.server import Running
+from tests.conftest import ADMIN_HEADERS, Fake, ProxyFactory, token_for
+from tests.kit.helpers import Appliance, eventually, wait_until
+
+CHAT = "/v1/chat/completions"
+ROUTE = "/v1/chat/completions"
+METRICS_TOKEN = "metrics-token-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def body(stream: bool = False, model: str = "fake-model", **fake: object) -> dict:
+    out: dict = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                 "stream": stream}
+    if fake:
+        out["fake"] = fake
+    return out
+
+
+class Scrape:
+    """One scrape, parsed: every sample by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = [s for family in text_string_to_metric_families(text)
+                        for s in family.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` whose labels include `labels` (0 if none)."""
+        return sum(s.value for s in self.samples if s.name == name
+                   and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def label_values(self, name: str, label: str) -> set[str]:
+        return {s.labels[label] for s in self.samples if s.name == name and label in s.labels}
+
+
+async def scrape(proxy: Running, headers: dict[str, str] | None = None) -> Scrape:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.base_url + "/metrics", headers=headers or {}) as resp:
+            text = await resp.text()
+            assert resp.status == 200, text
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            return Scrape(text)
+
+
+async def post(http: aiohttp.ClientSession, proxy: Running, payload: Any,
+               headers: dict[str, str]) -> int:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    async with http.post(proxy.base_url + CHAT, data=data,
+                         headers={"Content-Type": "application/json", **headers}) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def test_one_scrape_counts_what_was_served_and_refused(make_proxy: ProxyFactory,
+                                                             fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_rpm=5)
+    auth = {"Authorization": f"Bearer {token_for(proxy, 'alice')}"}
+    async with aiohttp.ClientSession() as http:
+        whole = [await post(http, proxy, body(), auth) for _ in range(2)]
+        streams = [await post(http, proxy, body(stream=True, chunks=4), auth)
+                   for _ in range(3)]
+        bad = await post(http, proxy, b"{not json", auth)
+        refused = [await post(http, proxy, body(), auth) for _ in range(2)]  # past 5 a minute
+        missing = await post(http, proxy, body(), {})
+        forged = await post(http, proxy, body(), {"Authorization": "Bearer eyJhbGciOiJub25l"
+                                                                   "In0.eyJzdWIiOiJ4In0."})
+    assert whole == [200, 200] and streams == [200, 200, 200]
+    assert bad == 400 and refused == [429, 429] and missing == 401 and forged == 401
+
+    m = await scrape(proxy)
+    requests = "llama_proxy_requests_total"
+    assert m.value(requests, route=ROUTE, status="2xx", model="fake-model",
+                   credential="jwt") == 5
+    assert m.value(requests, route=ROUTE, status="4xx", credential="jwt") == 3
+    assert m.value(requests, route=ROUTE, status="4xx", credential="none") == 2
+    assert m.value("llama_proxy_rate_limited_total", window="rpm") == 2
+    assert m.value("llama_proxy_auth_failures_total", reason="missing") == 1
+    assert m.value("llama_proxy_auth_failures_total", reason="invalid") == 1
+    # The fake reports 3 prompt tokens for each answer, 2 completion tokens for a whole one
+    # and one per event for a stream (asked for by the appliance, not by the client).
+    assert m.value("llama_proxy_tokens_total", model="fake-model", type="prompt") == 5 * 3
+    assert m.value("llama_proxy_tokens_total", model="fake-model",
+                   type="completion") == 2 * 2 + 3 * 4
+    assert m.value("llama_proxy_time_to_first_token_seconds_count", route=ROUTE) == 3
+    assert m.value("llama_proxy_request_duration_seconds_count", route=ROUTE) == 10
+    assert m.value("llama_proxy_open_streams") == 0
+    assert m.value("llama_proxy_build_info") == 1
+    assert m.value("llama_proxy_backend_state", backend="upstream-1", state="ready") == 1
+    assert m.value("llama_proxy_redis_degraded") == 0
+    # The model server's own metrics, in the same scrape, labelled with their backend.
+    assert m.value("llamacpp:prompt_tokens_total", backend="upstream-1",
+                   model="fake-model") == 42
+    # The scrape before this one is counted too, under its own route.
+    m2 = await scrape(proxy)
+    assert m2.value(requests, route="/metrics", status="2xx") == 1
+
+
+async def test_labels_stay_few_whatever_clients_send(make_proxy: ProxyFactory,
+                                                     fake: Fake) -> None:
+    """Free-form model names and paths never become series of their own."""
+    proxy = await make_proxy(upstreams=[fake.url])
+    auth = {"Authorization": f"Bearer {token_for(proxy)}"}
+    async with aiohttp.ClientSession() as http:
+        for i in range(5):
+            assert await post(http, proxy, body(model=f"made-up-{i}"), auth) == 200
+            async with http.get(f"{proxy.base_url}/scan/{i}/wp-login.php") as resp:
+                assert resp.status == 404
+    m = await scrape(proxy)
+    assert m.label_values("llama_proxy_requests_total", "model") <= {"fake-model", ""}
+    assert m.value("llama_proxy_requests_total", route=ROUTE, model="fake-model") == 5
+    assert m.value("llama_proxy_requests_total", route="unmatched", status="4xx") == 5
+    assert not any("made-up" in s or "wp-login" in s for s in
+                   m.label_values("llama_proxy_requests_total", "route")
+                   | m.label_values("llama_proxy_requests_total", "model"))
+    assert "alice" not in m.text  # no user or key by default
+
+
+async def test_a_client_that_leaves_mid_stream_is_counted_and_its_stream_closed(
+        make_proxy: ProxyFactory, fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url])
+    auth = {"Authorization": f"Bearer {token_for(proxy)}"}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(proxy.base_url + CHAT, json=body(stream=True, chunks=50,
+                                                                  gap=0.05), headers=auth)
+        await resp.content.readline()  # the first event has come
+        during = await scrape(proxy)
+        assert during.value("llama_proxy_open_streams") == 1
+        resp.close()  # the client leaves
+    await eventually(lambda: fake.record.cancelled == 1, 10, "the upstream stream to be cut")
+
+    async def settled() -> bool:
+        m = await scrape(proxy)
+        return (m.value("llama_proxy_client_disconnects_total", reason="gone") == 1
+                and m.value("llama_proxy_open_streams") == 0)
+
+    for _ in range(100):
+        if await settled():
+            break
+        await asyncio.sleep(0.05)
+    m = await scrape(proxy)
+    assert m.value("llama_proxy_client_disconnects_total", reason="gone") == 1
+    assert m.value("llama_proxy_open_streams") == 0
+
+
+async def test_queue_refusals_and_waits_are_counted(make_proxy: ProxyFactory,
+                                                    fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], admission_slots=1, queue_max=0)
+    auth = {"Authorization": f"Bearer {token_for(proxy)}"}
+    async with aiohttp.ClientSession() as http:
+        holder = await http.post(proxy.base_url + CHAT, headers=auth,
+                                 json=body(stream=True, chunks=400, gap=0.05))
+        await holder.content.readline()
+        busy = await scrape(proxy)
+        assert busy.value("llama_proxy_slots_busy") == 1
+        assert busy.value("llama_proxy_slots") == 1
+        assert await post(http, proxy, body(), auth) == 503  # no room to wait
+        holder.close()
+        await eventually(lambda: fake.record.cancelled == 1, 10, "the held stream to be cut")
+    m = await scrape(proxy)
+    assert m.value("llama_proxy_queue_refusals_total", reason="full") == 1
+    assert m.value("llama_proxy_queue_wait_seconds_count") == 1  # the holder got its slot
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({"X-Forwarded-For": "203.0.113.9"}, 401),  # relayed by a proxy on this host
+    ({"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {METRICS_TOKEN}"}, 200),
+    ({"X-Forwarded-For": "203.0.113.9", **ADMIN_HEADERS}, 200),
+    ({"X-Forwarded-For": "203.0.113.9", "Authorization": "Bearer wrong-token"}, 401),
+    ({}, 200),  # this host, asking directly
+])
+async def test_who_may_scrape(make_proxy: ProxyFactory, fake: Fake, headers: dict[str, str],
+                              status: int) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], metrics_token=METRICS_TOKEN)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.base_url + "/metrics", headers=headers) as resp:
+            text = await resp.text()
+            assert resp.status == status, text
+            if status != 200:
+                assert json.loads(text)["error"]["type"] == "authentication_error"
+                assert METRICS_TOKEN not in text
+
+
+async def test_an_inference_credential_may_not_scrape(make_proxy: ProxyFactory,
+                                                      fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url])
+    headers = {"X-Forwarded-For": "203.0.113.9",
+               "Authorization": f"Bearer {token_for(proxy)}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.base_url + "/metrics", headers=headers) as resp:
+            assert resp.status == 403
+    m = await scrape(proxy)
+    assert m.value("llama_proxy_auth_failures_total", reason="scope") == 1
+
+
+async def test_per_principal_series_only_when_asked(make_proxy: ProxyFactory,
+                                                    fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], metrics_per_principal=True)
+    async with aiohttp.ClientSession() as http:
+        for who in ("alice", "bob", "bob"):
+            auth = {"Authorization": f"Bearer {token_for(proxy, who)}"}
+            assert await post(http, proxy, body(), auth) == 200
+    m = await scrape(proxy)
+    assert m.value("llama_proxy_principal_requests_total", principal="user:alice") == 1
+    assert m.value("llama_proxy_principal_requests_total", principal="user:bob") == 2
+    assert m.value("llama_proxy_principal_tokens_total", principal="user:bob",
+                   type="completion") == 4
+
+
+async def test_the_access_line_says_who_what_and_how_long(
+        make_proxy: ProxyFactory, fake: Fake, caplog: pytest.LogCaptureFixture) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_rpm=100)
+    token = token_for(proxy, "carol")
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    async with aiohttp.ClientSession() as http:
+        assert await post(http, proxy, body(stream=True, chunks=2),
+                          {"Authorization": f"Bearer {token}"}) == 200
+    lines = [r for r in caplog.records if r.name == "proxy.access" and CHAT in r.getMessage()]
+    assert len(lines) == 1
+    access = lines[0].access  # type: ignore[attr-defined]
+    assert access["principal"] == "user:carol" and access["model"] == "fake-model"
+    assert access["status"] == 200 and access["limit"] == "ok"
+    assert access["prompt_tokens"] == 3 and access["completion_tokens"] == 2
+    assert access["ttft_ms"] >= 0 and access["duration_ms"] >= access["ttft_ms"]
+    assert access["client"] == "127.0.0.1" and access["request_id"]
+    message = lines[0].getMessage()
+    assert "principal=user:carol" in message and "completion_tokens=2" in message
+    assert token not in message and token not in json.dumps(access)
+
+
+async def test_one_scrape_sums_every_worker(fake: Fake, tmp_path: Path) -> None:
+    """--workers 2: whichever process answers the scrape, it counts what both served."""
+    app = Appliance(tmp_path, "--upstream", fake.url, "--workers", "2", "--auth", "disabled")
+    try:
+        await asyncio.to_thread(app.wait_ready)
+        await asyncio.to_thread(wait_until, lambda: "worker listening" in app.log, 20,
+                                "the extra worker")
+
+        async def one(stream: bool) -> int:
+            # A fresh connection each time, so the kernel spreads them over both processes.
+            async with aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(force_close=True)) as http:
+                async with http.post(app.base + CHAT, json=body(stream=stream, chunks=2)) as r:
+                    await r.read()
+                    return r.status
+
+        statuses = [await one(stream=i % 2 == 0) for i in range(40)]
+        assert statuses == [200] * 40
+        serving = set(re.findall(r"proxy\.access\[(\d+)\]", app.log))
+        assert len(serving) == 2, "both processes served requests"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(app.base + "/metrics") as resp:
+                assert resp.status == 200
+                m = Scrape(await resp.text())
+        assert m.value("llama_proxy_requests_total", route=ROUTE, status="2xx") == 40
+        assert m.value("llama_proxy_tokens_total", type="prompt") == 40 * 3
+        assert m.value("llama_proxy_tokens_total", type="completion") == 20 * 2 + 20 * 2
+        assert m.value("llama_proxy_time_to_first_token_seconds_count") == 20
+        assert m.value("llama_proxy_open_streams") == 0
+        assert m.value("llamacpp:prompt_tokens_total") == 42  # the model server's, once
+    finally:
+        code = await asyncio.to_thread(app.stop)
+    assert code == 0
