@@ -31,6 +31,7 @@ from proxy.relay import CLIENT
 log = logging.getLogger("proxy.metrics")
 
 FETCH_TIMEOUT = 2.0  # a model server that cannot answer its metrics quickly is skipped
+RELAYED = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
 SAMPLE_EVERY = 2.0  # with --workers: how fresh the first process keeps the shared gauges
 
 
@@ -68,8 +69,9 @@ async def scrape(request: web.Request) -> web.Response:
 
 
 def asked_locally(request: web.Request) -> bool:
-    """This host asking directly, not a client relayed by a proxy on this host."""
-    if "X-Forwarded-For" in request.headers or "Forwarded" in request.headers:
+    """This host asking directly, not a client relayed by a proxy on this host (which says so
+    in one of these headers)."""
+    if any(name in request.headers for name in RELAYED):
         return False
     return is_loopback(client_address(request))
 

@@ -180,6 +180,8 @@ async def test_queue_refusals_and_waits_are_counted(make_proxy: ProxyFactory,
 
 @pytest.mark.parametrize("headers,status", [
     ({"X-Forwarded-For": "203.0.113.9"}, 401),  # relayed by a proxy on this host
+    ({"X-Real-IP": "203.0.113.9"}, 401),
+    ({"Forwarded": "for=203.0.113.9"}, 401),
     ({"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {METRICS_TOKEN}"}, 200),
     ({"X-Forwarded-For": "203.0.113.9", **ADMIN_HEADERS}, 200),
     ({"X-Forwarded-For": "203.0.113.9", "Authorization": "Bearer wrong-token"}, 401),
@@ -277,3 +279,46 @@ async def test_one_scrape_sums_every_worker(fake: Fake, tmp_path: Path) -> None:
     finally:
         code = await asyncio.to_thread(app.stop)
     assert code == 0
+
+
+async def test_after_real_traffic_one_scrape_shows_it_and_the_models_own(
+        make_proxy: ProxyFactory, llama: Any) -> None:
+    """Through the real llama-server: the counts sent, the tokens it reported, and its own
+    llamacpp:* metrics, in one scrape."""
+    import openai
+
+    proxy = await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key, limit_rpm=2)
+    client = openai.AsyncOpenAI(base_url=proxy.base_url + "/v1", max_retries=0,
+                                api_key=token_for(proxy, "erin"))
+    model = (await client.models.list()).data[0].id  # a request, not a model request
+    prompt, completion = 0, 0
+    answer = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8)
+    assert answer.usage is not None
+    prompt, completion = answer.usage.prompt_tokens, answer.usage.completion_tokens
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Count to three."}], max_tokens=8,
+        stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.usage is not None:
+            prompt += chunk.usage.prompt_tokens
+            completion += chunk.usage.completion_tokens
+    with pytest.raises(openai.RateLimitError):  # the third model request in a minute
+        await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Again."}], max_tokens=8)
+    await client.close()
+
+    m = await scrape(proxy)
+    assert m.value("llama_proxy_requests_total", route=ROUTE, status="2xx", model=model,
+                   credential="jwt") == 2
+    assert m.value("llama_proxy_requests_total", route=ROUTE, status="4xx") == 1
+    assert m.value("llama_proxy_requests_total", route="/v1/models", status="2xx") == 1
+    assert m.value("llama_proxy_rate_limited_total", window="rpm") == 1
+    assert m.value("llama_proxy_tokens_total", model=model, type="prompt") == prompt
+    assert m.value("llama_proxy_tokens_total", model=model, type="completion") == completion
+    assert m.value("llama_proxy_time_to_first_token_seconds_count", route=ROUTE,
+                   model=model) == 1
+    # llama-server's own view of the same traffic, labelled with the backend it came from.
+    assert m.value("llamacpp:tokens_predicted_total", backend="upstream-1") >= completion
+    assert m.value("llamacpp:prompt_tokens_total", backend="upstream-1") >= 1
+    assert m.value("llama_proxy_upstream_scrape_errors_total") == 0
