@@ -1,7 +1,8 @@
 """What the appliance, authentication and rate limits add per request: the fake upstream directly,
 then the appliance with auth off, with a JWT, with an API key, and with a JWT plus every rate limit;
-one request at a time, non-streamed, same machine, same run. Redis commands per request are read
-from the Redis server's own counters.
+one request at a time, non-streamed, same machine, same run, the paths interleaved in rounds so a
+busy moment does not land on one of them. Round trips to Redis are the appliance's own count
+(/metrics); Redis commands per request are read from the Redis server's own counters.
 
     python -m bench.overhead [--requests 2000]
 """
@@ -11,10 +12,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -56,10 +59,23 @@ async def measure(url: str, headers: dict[str, str], requests: int) -> list[floa
     return out
 
 
+def round_trips(base: str) -> float:
+    """The appliance's own count of its round trips to Redis for the limits (from /metrics,
+    open on loopback): Redis's command counters cannot tell a batch from single calls."""
+    with urllib.request.urlopen(base + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    found = re.search(r"^llama_proxy_limit_round_trips_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="each path is measured in this many slices, the order rotated "
+                        "each round, so drift on a busy machine does not favour one path")
     args = parser.parse_args(argv)
+    per_round = max(args.requests // args.rounds, 50)
     with tempfile.TemporaryDirectory() as tmp:
         procs = Processes(Path(tmp))
         try:
@@ -79,27 +95,51 @@ def main(argv: list[str] | None = None) -> int:
                     ("appliance, JWT", auth_base, bearer),
                     ("appliance, API key", auth_base, {"X-API-Key": key}),
                     ("JWT + rate limits", limited_base, bearer)]
-            results, commands = {}, {}
-            for name, url, headers in runs:
-                before = redis_commands(sock)
-                results[name] = asyncio.run(measure(url, headers, args.requests))
-                time.sleep(0.2)  # let settlement after the last response land
-                sent = args.requests + args.requests // 10  # warm-up included
-                commands[name] = (redis_commands(sock) - before) / sent
+            results: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+            medians: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+            commands = dict.fromkeys(results, 0.0)
+            trips = dict.fromkeys(results, 0.0)
+            for turn in range(args.rounds):
+                shift = turn % len(runs)
+                for name, url, headers in runs[shift:] + runs[:shift]:
+                    before, trips_before = redis_commands(sock), _trips(url, fake)
+                    lat = asyncio.run(measure(url, headers, per_round))
+                    time.sleep(0.3)  # the last settlement goes out within 0.2 s
+                    sent = per_round + per_round // 10  # warm-up included
+                    commands[name] += (redis_commands(sock) - before) / sent / args.rounds
+                    trips[name] += (_trips(url, fake) - trips_before) / sent / args.rounds
+                    results[name] += lat
+                    medians[name].append(percentile(lat, 0.5))
         finally:
             procs.stop()
+    report(results, medians, commands, trips, args.rounds)
+    return 0
+
+
+def _trips(url: str, fake: str) -> float:
+    return 0.0 if url == fake else round_trips(url)
+
+
+def report(results: dict[str, list[float]], medians: dict[str, list[float]],
+           commands: dict[str, float], trips: dict[str, float], rounds: int) -> None:
     base = percentile(results["appliance, auth off"], 0.5)
-    print(f"{args.requests} sequential non-streamed requests each (latency in ms)")
-    print(f"{'':22} {'p50':>7} {'p90':>7} {'p99':>7} {'req/s':>7} {'vs auth off':>12} "
-          f"{'redis/req':>10}")
-    print("(redis/req: round trips to Redis per request; with limits: admit + settle afterwards)")
+    jwt = percentile(results["appliance, JWT"], 0.5)
+    count = len(next(iter(results.values())))
+    print(f"{count} sequential non-streamed requests per path in {rounds} interleaved rounds "
+          "(latency in ms)")
+    print(f"{'':22} {'p50':>7} {'rounds':>13} {'p90':>7} {'p99':>7} {'req/s':>7} "
+          f"{'vs auth off':>12} {'vs JWT':>8} {'trips/req':>10} {'cmds/req':>9}")
+    print("(rounds: the lowest and highest p50 of the rounds; trips: round trips to Redis for "
+          "the limits, checks and settlements batched; cmds: Redis commands)")
     for name, lat in results.items():
         p50 = percentile(lat, 0.5)
-        extra = "" if "auth off" in name or "direct" in name else f"{(p50 - base) * 1000:+.3f}"
-        print(f"{name:22} {p50 * 1000:7.3f} {percentile(lat, 0.9) * 1000:7.3f} "
+        spread = f"{min(medians[name]) * 1000:.2f}-{max(medians[name]) * 1000:.2f}"
+        appliance_path = "auth off" not in name and "direct" not in name
+        extra = f"{(p50 - base) * 1000:+.3f}" if appliance_path else ""
+        versus = f"{(p50 - jwt) * 1000:+.3f}" if appliance_path and "JWT" != name[-3:] else ""
+        print(f"{name:22} {p50 * 1000:7.3f} {spread:>13} {percentile(lat, 0.9) * 1000:7.3f} "
               f"{percentile(lat, 0.99) * 1000:7.3f} {len(lat) / sum(lat):7.0f} {extra:>12} "
-              f"{max(commands[name], 0):10.2f}")
-    return 0
+              f"{versus:>8} {max(trips[name], 0):10.2f} {max(commands[name], 0):9.2f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable
 from importlib import metadata
@@ -62,7 +63,8 @@ class Metrics:
                               ["route", "model"], buckets=BUCKETS, registry=r)
         self.tokens = Counter(p + "tokens", "Tokens the model servers reported (prompt or "
                               "completion)", ["model", "type"], registry=r)
-        self.open_streams = Gauge(p + "open_streams", "Streamed answers being sent now",
+        self.open_streams = Gauge(p + "open_streams", "Event streams open to clients now "
+                                  "(waiting for a slot or a first token, or being sent)",
                                   registry=r, multiprocess_mode="livesum")
         self.disconnects = Counter(p + "client_disconnects", "Streams that ended because the "
                                    "client left (gone) or stopped reading (write_timeout)",
@@ -73,6 +75,8 @@ class Metrics:
                                 multiprocess_mode="livemax")
         self.slots = Gauge(p + "slots", "Model slots (admission_slots)", registry=r,
                            multiprocess_mode="livemax")
+        self.queue_max = Gauge(p + "queue_max", "Requests that may wait for a slot "
+                               "(queue_max)", registry=r, multiprocess_mode="livemax")
         self.queue_wait = Histogram(p + "queue_wait_seconds", "Time waited for a model slot",
                                     buckets=BUCKETS, registry=r)
         self.queue_refusals = Counter(p + "queue_refusals", "Requests refused by the slot "
@@ -93,6 +97,9 @@ class Metrics:
         self.redis_degraded = Gauge(p + "redis_degraded", "1 while Redis is unreachable and "
                                     "limits are kept in process", registry=r,
                                     multiprocess_mode="livemax")
+        self.limit_round_trips = Counter(p + "limit_round_trips", "Round trips to Redis by "
+                                         "the rate limiter (checks and settlements, batched)",
+                                         registry=r)
         self.upstream_scrape_errors = Counter(p + "upstream_scrape_errors", "Failed fetches "
                                               "of a model server's /metrics", ["backend"],
                                               registry=r)
@@ -143,8 +150,10 @@ class Metrics:
                     1 if backend.state.value == state else 0)
 
     def queue(self, stats: dict[str, object]) -> None:
-        slots, free, waiting = (_int(stats.get(k)) for k in ("slots", "free", "waiting"))
+        slots, free, waiting, most = (_int(stats.get(k)) for k in (
+            "slots", "free", "waiting", "max_waiting"))
         self.slots.set(slots)
+        self.queue_max.set(most)
         self.slots_busy.set(max(slots - free, 0))
         self.queue_waiting.set(waiting)
 
@@ -195,12 +204,18 @@ def route_of(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
+_COUNTER_WITHOUT_TOTAL = re.compile(r"^# TYPE (\S+(?<!_total)) counter$", re.MULTILINE)
+
+
 def relabel(text: str, backend: Backend) -> list[Metric]:
     """A model server's exposition, every sample labelled with its backend (and model)."""
     families = []
     extra = {"backend": backend.name}
     if backend.models:
         extra["model"] = backend.models[0]
+    # A counter named without _total (llamacpp:n_tokens_max) would come out renamed with one;
+    # passed on untyped, it keeps the name llama-server gives it.
+    text = _COUNTER_WITHOUT_TOTAL.sub(r"# TYPE \1 untyped", text)
     for family in text_string_to_metric_families(text):
         metric = Metric(family.name, family.documentation, family.type, family.unit)
         for sample in family.samples:

@@ -14,6 +14,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 from prometheus_client.core import Metric
@@ -43,7 +44,7 @@ class Access:
 
 ACCESS = web.AppKey("metrics_access", Access)
 FIRST = web.AppKey("metrics_first_process", bool)  # keeps the child and the queue
-_RESTARTS = web.AppKey("metrics_restarts_seen", dict)
+_SEEN = web.AppKey("metrics_totals_seen", dict)  # running totals at the last sample
 
 
 def setup_scrape(app: web.Application, *, token: str | None, tunnel: bool,
@@ -51,7 +52,7 @@ def setup_scrape(app: web.Application, *, token: str | None, tunnel: bool,
     """The /metrics route. Call after setup_metrics and the features it samples."""
     app[ACCESS] = Access(token, open_locally=not tunnel)
     app[FIRST] = first_process
-    app[_RESTARTS] = {}
+    app[_SEEN] = {}
     app.router.add_get("/metrics", scrape)
     if first_process and app[METRICS].multiprocess:
         app.cleanup_ctx.append(_sampling)
@@ -88,7 +89,9 @@ async def sample(app: web.Application) -> None:
     """Gauges read from the running parts. Redis's state is every process's own; the queue,
     the backends and the children are the first process's (workers borrow them)."""
     metrics = app[METRICS]
-    metrics.redis_degraded.set(1 if app[LIMITER].degraded else 0)
+    limiter = app[LIMITER]
+    metrics.redis_degraded.set(1 if limiter.degraded else 0)
+    _count_up(app, metrics.limit_round_trips, "limit_round_trips", limiter.round_trips)
     if not app[FIRST]:
         return
     metrics.queue(await app[QUEUE].stats())
@@ -99,11 +102,15 @@ async def sample(app: web.Application) -> None:
 
 
 def _count_restarts(app: web.Application, metrics: Metrics, name: str, restarts: int) -> None:
-    seen = app[_RESTARTS]
-    if restarts > seen.get(name, 0):
-        metrics.child_restarts.labels(name).inc(restarts - seen.get(name, 0))
-    seen[name] = restarts
-    metrics.child_restarts.labels(name)  # the series exists (at 0) before the first restart
+    _count_up(app, metrics.child_restarts.labels(name), f"restarts:{name}", restarts)
+
+
+def _count_up(app: web.Application, counter: Any, name: str, total: int) -> None:
+    """A counter kept elsewhere as a running total: add what is new since the last look."""
+    seen = app[_SEEN]
+    if total > seen.get(name, 0):
+        counter.inc(total - seen.get(name, 0))
+    seen[name] = total
 
 
 async def _sampling(app: web.Application) -> AsyncIterator[None]:

@@ -79,6 +79,11 @@ class Limiter:
         counts = await self.local.admit(request_id, windows)
         return Admission(request_id, windows, counts, in_store=False)
 
+    @property
+    def round_trips(self) -> int:
+        """Batches sent to the shared store so far (checks and settlements ride together)."""
+        return int(getattr(self.shared, "round_trips", 0))
+
     def settle(self, admission: Admission) -> None:
         """Charge real usage instead of the reservation and release the lease; once each.
         Queued, not waited for: it rides with other requests' calls."""

@@ -1,20 +1,31 @@
 """The sliding windows in Redis: one atomic Lua script admits a request against every window
 (quota/admit.lua), another settles it (quota/settle.lua), both riding the auto-pipeline so calls
-made in the same loop turn share a round trip. Redis's own clock is used, so every process and
-machine sharing the Redis enforces one limit."""
+made in the same loop turn share a round trip; settlements are deferred to ride with the next
+check. Redis's own clock is used, so every process and machine sharing the Redis enforces one
+limit. A settlement Redis could not take is tried again (settle.lua is idempotent) for about a
+minute; until it lands, the reservation stands as the charge."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from quota.pipeline import AutoPipeline, PipelinedScript
+from quota.pipeline import AutoPipeline, PipelinedScript, copy_result
 from quota.windows import Counts, Window
 
 ADMIT_LUA = (Path(__file__).parent / "admit.lua").read_text()
 SETTLE_LUA = (Path(__file__).parent / "settle.lua").read_text()
+
+
+# Seconds between tries of a settlement while Redis is away (about a minute in all).
+SETTLE_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+Settlement = tuple[list[str], list[str | int], asyncio.Future[None]]
 
 
 class RedisStorage:
@@ -22,6 +33,7 @@ class RedisStorage:
         self.pipeline = AutoPipeline(redis)
         self._admit = PipelinedScript(self.pipeline, ADMIT_LUA)
         self._settle = PipelinedScript(self.pipeline, SETTLE_LUA)
+        self._retries: dict[asyncio.TimerHandle, Settlement] = {}
 
     async def admit(self, request_id: str, windows: list[Window]) -> Counts:
         args: list[str | int] = [request_id]
@@ -37,7 +49,40 @@ class RedisStorage:
         for window, actual in charged:
             args += [window.cost, actual]
         keys = [w.key for w, _ in charged] + [w.key for w in leases]
-        return self._settle.send(keys, args)
+        result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._try_settle(keys, args, result, 0)
+        return result
+
+    def _try_settle(self, keys: list[str], args: list[str | int], result: asyncio.Future[None],
+                    attempt: int) -> None:
+        sent = self._settle.send(keys, args, deferred=True)
+        sent.add_done_callback(lambda done: self._tried(done, keys, args, result, attempt))
+
+    def _tried(self, done: asyncio.Future[Any], keys: list[str], args: list[str | int],
+               result: asyncio.Future[None], attempt: int) -> None:
+        exc = None if done.cancelled() else done.exception()
+        if isinstance(exc, UNREACHABLE) and attempt < len(SETTLE_RETRIES):
+            loop = asyncio.get_running_loop()
+            handle = loop.call_later(SETTLE_RETRIES[attempt], self._retry, keys, args, result,
+                                     attempt + 1)
+            self._retries[handle] = (keys, args, result)
+            return
+        copy_result(done, result)
+
+    def _retry(self, keys: list[str], args: list[str | int], result: asyncio.Future[None],
+               attempt: int) -> None:
+        self._retries = {h: s for h, s in self._retries.items() if s[2] is not result}
+        self._try_settle(keys, args, result, attempt)
+
+    @property
+    def round_trips(self) -> int:
+        return self.pipeline.round_trips
 
     async def flush(self) -> None:
-        await self.pipeline.flush()
+        """Settlements waiting to be tried again get one last try now; then everything queued
+        is sent and answered."""
+        for handle, (keys, args, result) in list(self._retries.items()):
+            handle.cancel()
+            self._try_settle(keys, args, result, len(SETTLE_RETRIES))
+        self._retries.clear()
+        await self.pipeline.release()

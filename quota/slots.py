@@ -154,4 +154,5 @@ class FairQueue:
 
     async def stats(self) -> dict[str, Any]:
         return {"slots": self.slots, "free": self.free, "waiting": self.waiting,
-                "waited": self.waited, "wait_seconds": round(self.wait_seconds, 3)}
+                "max_waiting": self.max_waiting, "waited": self.waited,
+                "wait_seconds": round(self.wait_seconds, 3)}

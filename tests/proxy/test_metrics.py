@@ -107,6 +107,7 @@ async def test_one_scrape_counts_what_was_served_and_refused(make_proxy: ProxyFa
     # The model server's own metrics, in the same scrape, labelled with their backend.
     assert m.value("llamacpp:prompt_tokens_total", backend="upstream-1",
                    model="fake-model") == 42
+    assert m.value("llamacpp:n_tokens_max", backend="upstream-1") == 7  # its own name
     # The scrape before this one is counted too, under its own route.
     m2 = await scrape(proxy)
     assert m2.value(requests, route="/metrics", status="2xx") == 1

@@ -11,6 +11,8 @@ import redis as redis_sync
 from proxy.store import make_client
 from quota.limiter import Limiter
 from quota.windows import Limits
+from tests.conftest import KillableRedis
+from tests.kit.helpers import eventually
 
 _ids = itertools.count()
 
@@ -78,4 +80,43 @@ async def test_per_credential_limits_beat_the_global_ones(redis_url: str) -> Non
     results = [await limiter.admit(rid(), "key:abc", "127.0.0.1", 1, rpm=2) for _ in range(3)]
     assert [a.allowed for a in results if a] == [True, True, False]
     assert await Limiter.on_redis(redis, Limits()).admit(rid(), "key:abc", "127.0.0.1", 1) is None
+    await redis.aclose()
+
+
+async def test_a_settlement_rides_with_the_next_check(redis_url: str) -> None:
+    """One round trip per request: a settlement waits for the next check (or a few hundred
+    ms), and goes first in that batch, so a lease it frees is free for the check."""
+    redis = make_client(redis_url, 0.25)
+    limiter = Limiter.on_redis(redis, Limits(concurrency=1, tpm=1000))
+    pipeline = limiter.shared.pipeline  # type: ignore[attr-defined]
+    first = await limiter.admit(rid(), "user:seq", "127.0.0.1", 100)
+    assert first is not None and first.allowed and pipeline.round_trips == 1
+    first.usage = 7
+    limiter.settle(first)
+    second = await limiter.admit(rid(), "user:seq", "127.0.0.1", 100)
+    assert second is not None and second.allowed  # the lease came back in the same batch
+    assert pipeline.round_trips == 2
+    second.usage = 5
+    limiter.settle(second)  # alone: it goes out by itself, soon
+    await eventually(lambda: redis_number(redis_url, "GET", "llp:rl:{user:seq}:tpm:sum") == 12,
+                     2, "the lone settlement to land")
+    assert pipeline.round_trips == 3
+    await limiter.aclose()
+    await redis.aclose()
+
+
+async def test_a_settlement_outlives_a_redis_blip(own_redis: KillableRedis) -> None:
+    redis = make_client(own_redis.url, 0.25)
+    limiter = Limiter.on_redis(redis, Limits(concurrency=2, tpm=1000))
+    admission = await limiter.admit(rid(), "user:blip", "127.0.0.1", 600)
+    assert admission is not None and admission.allowed
+    own_redis.kill()
+    admission.usage = 42
+    limiter.settle(admission)
+    await asyncio.sleep(0.4)  # its first try fails while Redis is away (retried in 0.5 s)
+    own_redis.restart()
+    await eventually(lambda: redis_number(own_redis.url, "GET", "llp:rl:{user:blip}:tpm:sum")
+                     == 42, 10, "the settlement to be tried again and land")
+    assert redis_number(own_redis.url, "ZCARD", "llp:rl:{user:blip}:conc") == 0
+    await limiter.aclose()
     await redis.aclose()
