@@ -72,7 +72,8 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     finally:
         outcome.duration = time.perf_counter() - outcome.started
-        _access_line(request, outcome)
+        if log.isEnabledFor(logging.INFO):  # --log-level warning: not even built
+            _access_line(request, outcome)
         finished(request, outcome)
 
 
