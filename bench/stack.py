@@ -51,17 +51,19 @@ def start_fake(procs: Processes) -> tuple[int, str]:
 
 
 def appliance(procs: Processes, name: str, upstream: str, redis_url: str, data: Path,
-              *extra: str) -> tuple[str, int]:
+              *extra: str, cpus: str | None = None) -> tuple[str, int]:
     """`python -m proxy` fronting upstream; its base URL and pid once it is ready.
 
     The shipped rate limits are off: a benchmark passes the ones it measures in `extra`.
+    cpus: run it (and its workers) on these CPUs only (taskset's list, "1" or "0-1").
     """
     port = free_port()
     no_limits = ["--limit-rpm", "0", "--limit-tpm", "0", "--limit-concurrency", "0",
                  "--limit-ip-rpm", "0"]
-    proc = procs.start(name, [sys.executable, "-m", "proxy", "--port", str(port), "--upstream",
-                              upstream, "--redis-url", redis_url, "--data-dir", str(data),
-                              "--log-level", "warning", *no_limits, *extra])
+    pin = ["taskset", "-c", cpus] if cpus else []
+    proc = procs.start(name, [*pin, sys.executable, "-m", "proxy", "--port", str(port),
+                              "--upstream", upstream, "--redis-url", redis_url, "--data-dir",
+                              str(data), "--log-level", "warning", *no_limits, *extra])
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: http_status(base + "/ready") == 200, 30, f"{name} to be ready")
