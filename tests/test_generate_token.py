@@ -147,8 +147,10 @@ def test_the_readme_sequence_keeps_one_redis_and_revocations_apply(tmp_path: Pat
 
 def test_what_the_appliance_prints_works_when_pasted(tmp_path: Path) -> None:
     """The start-up lines tell a new user how to get a credential and a first answer; with a
-    data dir of their own, the printed commands must use it."""
-    app = Appliance(tmp_path)  # the helper always passes its own --data-dir
+    data dir of their own, the printed commands must use it. With the shipped limits, as a new
+    user has them: the pasted request sets no max_tokens, and without a token limit the model
+    would write until its context is full (minutes on a busy machine)."""
+    app = Appliance(tmp_path, default_limits=True)  # the helper passes its own --data-dir
     try:
         app.wait_ready()
         wait_until(lambda: "is ready: try" in app.log, 10, "the ready hint")
