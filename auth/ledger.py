@@ -2,8 +2,9 @@
 
 Counts are added up in memory and written in batches (HINCRBY, so any number of processes can
 write the same day), at least every FLUSH_EVERY seconds and on close; a batch that cannot be
-written (Redis away) is kept and tried again, so a blip loses nothing. Each day's record expires
-`retention_days` after that day.
+written (Redis away) is kept and tried again, so a blip loses nothing. A batch whose reply is
+lost after Redis applied it is counted again when retried: counts are at least once. Each
+day's record expires `retention_days` after that day.
 
     llp:usage:{principal}:2026-12-03   hash: requests, prompt_tokens, completion_tokens
     llp:usage:days:2026-12-03          set of the principals with usage that day
@@ -24,7 +25,9 @@ from redis.exceptions import RedisError
 log = logging.getLogger("auth.ledger")
 
 FLUSH_EVERY = 0.5  # seconds between batches
+MAX_BACKOFF = 60.0  # the longest wait between tries while Redis is away
 MAX_DAYS = 366  # the longest range one read may ask for
+EARLIEST = dt.date(2000, 1, 1)  # keeps the date arithmetic far from year 1
 FIELDS = ("requests", "prompt_tokens", "completion_tokens")
 PREFIX = "llp:usage:"
 
@@ -62,9 +65,17 @@ def days(start: dt.date, end: dt.date) -> list[str]:
     return [(end - dt.timedelta(days=i)).isoformat() for i in reversed(range(count))]
 
 
-def clamp(start: dt.date, end: dt.date) -> dt.date:
-    """The start of what one read covers: at most MAX_DAYS days, ending at `end`."""
-    return max(start, end - dt.timedelta(days=MAX_DAYS - 1))
+def date_range(start: str | None, end: str | None, default_days: int
+               ) -> tuple[dt.date, dt.date]:
+    """The days one read covers, from `from`/`to` query values (YYYY-MM-DD; `to` defaults to
+    today, `from` to default_days before it): at most MAX_DAYS, ending at `to`; ValueError
+    for what is not a date."""
+    last = parse_day(end, today())
+    given = parse_day(start, EARLIEST)  # checked whatever `to` says
+    if last < EARLIEST:  # nothing was kept then: an empty range, without date arithmetic
+        return EARLIEST, last
+    first = given if start is not None else last - dt.timedelta(days=default_days - 1)
+    return max(first, last - dt.timedelta(days=MAX_DAYS - 1)), last
 
 
 class Ledger:
@@ -89,11 +100,15 @@ class Ledger:
         counts[1] += max(prompt, 0)
         counts[2] += max(completion, 0)
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._flush_soon())
+            self._task = asyncio.create_task(self._keep_writing())
 
-    async def _flush_soon(self) -> None:
-        await asyncio.sleep(FLUSH_EVERY)
-        await self.flush()
+    async def _keep_writing(self) -> None:
+        """While anything is pending (counted during a write, or kept from a failed one):
+        wait, write; waits double (to a minute) while Redis does not take the batches."""
+        delay = FLUSH_EVERY
+        while self._pending:
+            await asyncio.sleep(delay)
+            delay = FLUSH_EVERY if await self.flush() else min(delay * 2, MAX_BACKOFF)
 
     async def flush(self) -> bool:
         """Write what is pending; False (and it stays pending) if Redis did not take it."""
@@ -103,11 +118,13 @@ class Ledger:
                 return True
             try:
                 await self._write(batch)
-            except (RedisError, OSError) as exc:
+            except BaseException as exc:  # cancelled too: the batch is kept, not dropped
                 for key, counts in batch.items():  # back in line, merged with newer counts
                     merged = self._pending.setdefault(key, [0, 0, 0])
                     for i, value in enumerate(counts):
                         merged[i] += value
+                if not isinstance(exc, RedisError | OSError):
+                    raise
                 self._warn(exc)
                 return False
             return True
@@ -134,11 +151,9 @@ class Ledger:
         if now - self._warned > 60:
             self._warned = now
             log.warning("usage ledger: Redis did not take a batch (%s); kept, retrying", exc)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._flush_soon())
 
     async def aclose(self) -> None:
-        """Write what is pending (once more if the scheduled batch is under way)."""
+        """Write what is pending (a batch under way when cancelled here is kept for this)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

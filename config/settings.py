@@ -228,6 +228,11 @@ class Settings:
         False, "bool", "also export requests and tokens per principal (one series per key or "
         "user: only for a handful of them)",
     )
+    upstream_stream_usage: bool = _opt(
+        True, "bool", "ask model servers for usage in streams (stream_options.include_usage; "
+        "removed again for clients that did not ask); off for a server that rejects the field: "
+        "streamed tokens are then counted as about one per event",
+    )
     usage_retention_days: int = _opt(
         90, "int", "days the per-credential usage ledger keeps each day's counts (0: off)"
     )

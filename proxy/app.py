@@ -70,7 +70,8 @@ def create_app(settings: Settings, slots_from: Path | None = None,
                fail_window=s.auth_fail_window)
     setup_quota(app, limits=limits_of(s), fail_open=s.limit_on_redis_down == "open",
                 default_max_tokens=s.limit_default_max_tokens, slots=s.admission_slots,
-                queue_max=s.queue_max, queue_timeout=s.queue_timeout, slots_from=slots_from)
+                queue_max=s.queue_max, queue_timeout=s.queue_timeout, slots_from=slots_from,
+                stream_usage=s.upstream_stream_usage)
     timeouts = Timeouts(connect=s.connect_timeout, first_byte=s.first_byte_timeout,
                         idle=s.idle_timeout, request=s.request_timeout,
                         client_write=s.client_write_timeout)
@@ -89,6 +90,6 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     setup_admin(app, issue=functools.partial(issue_token, s))
     setup_openapi(app)
     setup_page(app)
-    setup_scrape(app, token=s.metrics_token, tunnel=s.tunnel != "none",
-                 first_process=slots_from is None)
+    setup_scrape(app, token=s.metrics_token, first_process=slots_from is None,
+                 relayed=s.tunnel != "none" or s.trust_loopback_proxy or bool(s.trusted_proxies))
     return app

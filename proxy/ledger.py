@@ -4,14 +4,13 @@ operator anyone's (`?principal=user:alice&from=2026-12-01&to=2026-12-03`, UTC da
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from auth.ledger import Ledger, Row, clamp, parse_day, today
+from auth.ledger import Ledger, Row, date_range
 from proxy.authn import PRINCIPAL
 from proxy.errors import OpenAIError
 from proxy.outcome import Outcome, on_finished
@@ -61,9 +60,9 @@ async def any_usage(request: web.Request) -> web.Response:
 async def _answer(request: web.Request, principal: str | None) -> web.Response:
     ledger = request.app[LEDGER]
     try:
-        end = parse_day(request.query.get("to"), today())
-        start = parse_day(request.query.get("from"), end - dt.timedelta(days=DEFAULT_DAYS - 1))
-        start = clamp(start, end)  # a longer range: its last MAX_DAYS days
+        # A longer range than MAX_DAYS: its last MAX_DAYS days.
+        start, end = date_range(request.query.get("from"), request.query.get("to"),
+                                DEFAULT_DAYS)
         rows = await ledger.read(principal, start, end)
     except ValueError as exc:
         raise OpenAIError(400, str(exc), param="from", code="invalid_date_range") from None

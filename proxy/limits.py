@@ -32,17 +32,19 @@ from quota.windows import REQUEST_WINDOWS, WINDOW_NAMES, Admission, Limits
 LIMITER = web.AppKey("limiter", Limiter)
 QUEUE: web.AppKey[SlotQueue] = web.AppKey("queue")
 DEFAULT_MAX_TOKENS = web.AppKey("default_max_tokens", int)
+STREAM_USAGE = web.AppKey("stream_usage", bool)  # ask upstreams for usage in streams
 ADMISSION = web.RequestKey("admission", Admission)  # set when rate limits apply
 BUSY_REASONS = {QueueFull: "full", QueueTimeout: "timeout", QueueClosed: "closed"}
 
 
 def setup_quota(app: web.Application, *, limits: Limits, fail_open: bool, default_max_tokens: int,
                 slots: int, queue_max: int, queue_timeout: float,
-                slots_from: Path | None = None) -> None:
+                slots_from: Path | None = None, stream_usage: bool = True) -> None:
     """Rate limits (on the store's Redis) and the slot queue; slots_from: an extra --workers
     process borrows the first process's queue instead of keeping one. Call after setup_edge
     and setup_store."""
     app[DEFAULT_MAX_TOKENS] = default_max_tokens
+    app[STREAM_USAGE] = stream_usage
     app.cleanup_ctx.append(functools.partial(_limiter, limits, fail_open))
     if slots_from is not None and slots > 0:
         # A worker that lost the first process's queue shuts down; the first process restarts it.
@@ -148,7 +150,7 @@ async def limited(request: web.Request, principal: Principal, path: str, raw: by
             changes.update(capped(body, max(window.cost - prompt, 1)))
     # Streams are asked for their usage (and the event is removed again if the client did not
     # ask): the limits, the metrics and the usage ledger all count what the model reports.
-    strip = stream and not wants_usage_in_stream(body)
+    strip = stream and not wants_usage_in_stream(body) and request.app[STREAM_USAGE]
     if strip:
         changes["stream_options"] = usage_requested(body)
     if changes:

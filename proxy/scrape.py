@@ -1,9 +1,10 @@
 """GET /metrics: who may scrape, the gauges sampled for it (slots and queue, backend states,
 child restarts, Redis), and the model servers' own metrics fetched alongside.
 
-Open to this host asking directly (loopback, no forwarding header, no tunnel in this process:
-through a tunnel every client arrives from loopback); anyone else needs the admin credential or
-the metrics_token as a bearer token.
+Open to this host asking directly: from loopback, naming a loopback host (a page that rebinds a
+DNS name to 127.0.0.1 names its own), no forwarding header, and no relay declared or run (no
+tunnel in this process, trust_loopback_proxy off, no trusted_proxies: through any of them every
+client arrives from loopback). Anyone else needs the admin credential or the metrics_token.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ log = logging.getLogger("proxy.metrics")
 
 FETCH_TIMEOUT = 2.0  # a model server that cannot answer its metrics quickly is skipped
 RELAYED = ("X-Forwarded-For", "Forwarded", "X-Real-IP")
-SAMPLE_EVERY = 2.0  # with --workers: how fresh the first process keeps the shared gauges
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+SAMPLE_EVERY = 2.0  # with --workers: how fresh each process keeps the gauges it samples
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,15 @@ FIRST = web.AppKey("metrics_first_process", bool)  # keeps the child and the que
 _SEEN = web.AppKey("metrics_totals_seen", dict)  # running totals at the last sample
 
 
-def setup_scrape(app: web.Application, *, token: str | None, tunnel: bool,
+def setup_scrape(app: web.Application, *, token: str | None, relayed: bool,
                  first_process: bool) -> None:
-    """The /metrics route. Call after setup_metrics and the features it samples."""
-    app[ACCESS] = Access(token, open_locally=not tunnel)
+    """The /metrics route. Call after setup_metrics and the features it samples. relayed: a
+    tunnel or proxy on this host brings clients in over loopback."""
+    app[ACCESS] = Access(token, open_locally=not relayed)
     app[FIRST] = first_process
     app[_SEEN] = {}
     app.router.add_get("/metrics", scrape)
-    if first_process and app[METRICS].multiprocess:
+    if app[METRICS].multiprocess:  # a scrape may reach any process: each keeps its own fresh
         app.cleanup_ctx.append(_sampling)
 
 
@@ -71,8 +74,14 @@ async def scrape(request: web.Request) -> web.Response:
 
 def asked_locally(request: web.Request) -> bool:
     """This host asking directly, not a client relayed by a proxy on this host (which says so
-    in one of these headers)."""
+    in one of these headers) nor a web page in a browser here (other host names, or marked
+    as cross-site by the browser)."""
     if any(name in request.headers for name in RELAYED):
+        return False
+    if request.headers.get("Sec-Fetch-Site", "none") not in ("none", "same-origin"):
+        return False
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    if host.strip("[]").lower() not in LOCAL_NAMES:
         return False
     return is_loopback(client_address(request))
 
@@ -114,7 +123,8 @@ def _count_up(app: web.Application, counter: Any, name: str, total: int) -> None
 
 
 async def _sampling(app: web.Application) -> AsyncIterator[None]:
-    """With --workers a scrape may reach any process: the first keeps its gauges fresh."""
+    """With --workers a scrape may reach any process (Prometheus keeps to one connection):
+    each keeps what it samples fresh (the first, also the queue, backends and children)."""
     async def loop() -> None:
         while True:
             with contextlib.suppress(Exception):

@@ -9,6 +9,7 @@ they contain a usage object.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -16,6 +17,15 @@ import orjson
 from quota.windows import Admission
 
 _USAGE = b'"usage"'
+# Where an SSE event ends: a blank line, with LF or CRLF line ends.
+_EVENT_END = re.compile(rb"(\r\n\r\n|\n\n)")
+MAX_PENDING = 1 << 20  # an "event" longer than this is not one: pass the bytes on
+
+
+def _end_of_last_event(data: bytes) -> int:
+    """The index just past the last complete event in data, or -1."""
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
 
 
 def total_tokens(usage: Any) -> int | None:
@@ -72,17 +82,21 @@ class UsageMeter:
             self._count_events(chunk.count(b"\n\n"))  # the common case: no copy
             return chunk
         data = self._pending + chunk
-        cut = data.rfind(b"\n\n")
+        cut = _end_of_last_event(data)
         if cut < 0:
+            if len(data) > MAX_PENDING:  # not SSE as we know it: passed on, not metered
+                self._pending = b""
+                return data
             self._pending = data
             return b""
-        complete, self._pending = data[: cut + 2], data[cut + 2 :]
-        self._count_events(complete.count(b"\n\n"))
+        complete, self._pending = data[:cut], data[cut:]
+        parts = _EVENT_END.split(complete)  # event, separator, event, separator, ..., b""
+        events, separators = parts[0:-1:2], parts[1::2]
+        self._count_events(len(events))
         if _USAGE not in complete:
             return complete
-        kept = [event + b"\n\n" for event in complete.split(b"\n\n")
-                if event and self._keep(event)]
-        return b"".join(kept)
+        return b"".join(event + end for event, end in zip(events, separators, strict=True)
+                        if not event or self._keep(event))
 
     def _count_events(self, events: int) -> None:
         self.chunks += events

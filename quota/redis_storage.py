@@ -25,7 +25,7 @@ SETTLE_LUA = (Path(__file__).parent / "settle.lua").read_text()
 # Seconds between tries of a settlement while Redis is away (about a minute in all).
 SETTLE_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
-Settlement = tuple[list[str], list[str | int], asyncio.Future[None]]
+Retry = tuple[asyncio.TimerHandle, list[str], list[str | int]]
 
 
 class RedisStorage:
@@ -33,7 +33,8 @@ class RedisStorage:
         self.pipeline = AutoPipeline(redis)
         self._admit = PipelinedScript(self.pipeline, ADMIT_LUA)
         self._settle = PipelinedScript(self.pipeline, SETTLE_LUA)
-        self._retries: dict[asyncio.TimerHandle, Settlement] = {}
+        self._retries: dict[asyncio.Future[None], Retry] = {}  # by the caller's future
+        self._closing = False
 
     async def admit(self, request_id: str, windows: list[Window]) -> Counts:
         args: list[str | int] = [request_id]
@@ -61,17 +62,18 @@ class RedisStorage:
     def _tried(self, done: asyncio.Future[Any], keys: list[str], args: list[str | int],
                result: asyncio.Future[None], attempt: int) -> None:
         exc = None if done.cancelled() else done.exception()
-        if isinstance(exc, UNREACHABLE) and attempt < len(SETTLE_RETRIES):
+        if (isinstance(exc, UNREACHABLE) and attempt < len(SETTLE_RETRIES)
+                and not self._closing):
             loop = asyncio.get_running_loop()
             handle = loop.call_later(SETTLE_RETRIES[attempt], self._retry, keys, args, result,
                                      attempt + 1)
-            self._retries[handle] = (keys, args, result)
+            self._retries[result] = (handle, keys, args)
             return
         copy_result(done, result)
 
     def _retry(self, keys: list[str], args: list[str | int], result: asyncio.Future[None],
                attempt: int) -> None:
-        self._retries = {h: s for h, s in self._retries.items() if s[2] is not result}
+        self._retries.pop(result, None)
         self._try_settle(keys, args, result, attempt)
 
     @property
@@ -79,9 +81,10 @@ class RedisStorage:
         return self.pipeline.round_trips
 
     async def flush(self) -> None:
-        """Settlements waiting to be tried again get one last try now; then everything queued
-        is sent and answered."""
-        for handle, (keys, args, result) in list(self._retries.items()):
+        """At shutdown: settlements waiting to be tried again get one last try now (none is
+        scheduled after this); then everything queued is sent and answered."""
+        self._closing = True
+        for result, (handle, keys, args) in list(self._retries.items()):
             handle.cancel()
             self._try_settle(keys, args, result, len(SETTLE_RETRIES))
         self._retries.clear()

@@ -5,6 +5,7 @@ test_usage_matches_what_the_model_reported."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from auth.ledger import Ledger, today
 from proxy.ledger import LEDGER
 from proxy.server import Running
 from tests.conftest import ADMIN_HEADERS, Fake, KillableRedis, ProxyFactory, token_for
-from tests.kit.helpers import REPO
+from tests.kit.helpers import REPO, eventually
 
 CHAT = "/v1/chat/completions"
 
@@ -103,6 +104,8 @@ async def test_the_operator_sees_everyone_and_filters(make_proxy: ProxyFactory,
     status, backwards = await get(proxy, f"/admin/usage?from={today()}&to={yesterday}",
                                   ADMIN_HEADERS)
     assert status == 200 and backwards["data"] == []
+    status, ancient = await get(proxy, "/admin/usage?to=0001-01-05", ADMIN_HEADERS)
+    assert status == 200 and ancient["data"] == []  # not a 500 from date arithmetic
     status, years = await get(proxy, "/admin/usage?from=2000-01-01", ADMIN_HEADERS)
     assert years["from"] == (today() - dt.timedelta(days=365)).isoformat()
     assert years["total"]["requests"] == 4
@@ -188,3 +191,23 @@ async def test_usage_matches_what_the_model_reported(model_proxy: Running, strea
     assert mine["total"] == {"requests": 2, "prompt_tokens": reported["prompt"],
                              "completion_tokens": reported["completion"],
                              "total_tokens": reported["prompt"] + reported["completion"]}
+
+
+async def test_kept_counts_land_without_further_traffic(own_redis: KillableRedis) -> None:
+    """A batch Redis did not take is tried again on its own: no later request is needed."""
+    import redis as redis_sync
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(own_redis.url, socket_timeout=1, socket_connect_timeout=1)
+    ledger = Ledger(client, retention_days=7)
+    own_redis.kill()
+    ledger.record("user:zed", 2, 3)
+    await asyncio.sleep(1.0)  # its first try has failed by now
+    own_redis.restart()
+    reader = redis_sync.Redis.from_url(own_redis.url)
+    key = f"llp:usage:user:zed:{today().isoformat()}"
+    await eventually(lambda: reader.hget(key, "completion_tokens") == b"3", 10,
+                     "the kept batch to be written")
+    reader.close()
+    await ledger.aclose()
+    await client.aclose()

@@ -183,6 +183,9 @@ async def test_queue_refusals_and_waits_are_counted(make_proxy: ProxyFactory,
     ({"X-Forwarded-For": "203.0.113.9"}, 401),  # relayed by a proxy on this host
     ({"X-Real-IP": "203.0.113.9"}, 401),
     ({"Forwarded": "for=203.0.113.9"}, 401),
+    ({"Host": "rebound.example:8000"}, 401),  # a page whose DNS name now points here
+    ({"Sec-Fetch-Site": "cross-site"}, 401),  # a browser says another site asked
+    ({"Host": "localhost"}, 200),
     ({"X-Forwarded-For": "203.0.113.9", "Authorization": f"Bearer {METRICS_TOKEN}"}, 200),
     ({"X-Forwarded-For": "203.0.113.9", **ADMIN_HEADERS}, 200),
     ({"X-Forwarded-For": "203.0.113.9", "Authorization": "Bearer wrong-token"}, 401),
@@ -198,6 +201,20 @@ async def test_who_may_scrape(make_proxy: ProxyFactory, fake: Fake, headers: dic
             if status != 200:
                 assert json.loads(text)["error"]["type"] == "authentication_error"
                 assert METRICS_TOKEN not in text
+
+
+async def test_behind_a_declared_proxy_loopback_is_not_enough(make_proxy: ProxyFactory,
+                                                              fake: Fake) -> None:
+    """With a relay on this host (trust_loopback_proxy), every client arrives from loopback,
+    with or without a forwarding header: /metrics needs the token then."""
+    proxy = await make_proxy(upstreams=[fake.url], trust_loopback_proxy=True,
+                             metrics_token=METRICS_TOKEN)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.base_url + "/metrics") as resp:
+            assert resp.status == 401
+        async with http.get(proxy.base_url + "/metrics",
+                            headers={"Authorization": f"Bearer {METRICS_TOKEN}"}) as resp:
+            assert resp.status == 200
 
 
 async def test_an_inference_credential_may_not_scrape(make_proxy: ProxyFactory,
@@ -323,3 +340,22 @@ async def test_after_real_traffic_one_scrape_shows_it_and_the_models_own(
     assert m.value("llamacpp:tokens_predicted_total", backend="upstream-1") >= completion
     assert m.value("llamacpp:prompt_tokens_total", backend="upstream-1") >= 1
     assert m.value("llama_proxy_upstream_scrape_errors_total") == 0
+
+
+@pytest.mark.parametrize("ask", [True, False])
+async def test_streams_ask_for_usage_unless_told_not_to(make_proxy: ProxyFactory, fake: Fake,
+                                                        ask: bool) -> None:
+    """By default a stream is asked for its usage (and the event removed for the client); an
+    upstream that rejects the field gets the body as the client sent it."""
+    proxy = await make_proxy(upstreams=[fake.url], upstream_stream_usage=ask)
+    auth = {"Authorization": f"Bearer {token_for(proxy)}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.base_url + CHAT, json=body(stream=True, chunks=2),
+                             headers=auth) as resp:
+            text = await resp.text()
+    sent = fake.record.bodies[-1]
+    assert ("stream_options" in sent) is ask
+    assert '"usage"' not in text  # the client did not ask for it
+    m = await scrape(proxy)
+    completion = m.value("llama_proxy_tokens_total", type="completion")
+    assert completion == 2 if ask else completion >= 2  # reported; else about one an event

@@ -1,0 +1,47 @@
+"""The usage meter reads token usage out of SSE streams however the events are cut or ended
+(LF or CRLF blank lines), removes the usage event only when the appliance asked for it, and
+never holds back bytes that are not events."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.usage import MAX_PENDING, UsageMeter
+
+DELTA = b'data: {"choices":[{"delta":{"content":"a"}}]}'
+USAGE = (b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'
+         b'"total_tokens":5}}')
+DONE = b"data: [DONE]"
+
+
+def feed(meter: UsageMeter, data: bytes, cuts: list[int]) -> bytes:
+    out, start = b"", 0
+    for cut in [*cuts, len(data)]:
+        out += meter.filter(data[start:cut])
+        start = cut
+    return out + meter.flush()
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n"])
+@pytest.mark.parametrize("cuts", [[], [7], [7, 60, 61], list(range(1, 200, 13))])
+def test_usage_is_read_and_its_event_removed_when_we_asked(end: bytes, cuts: list[int]) -> None:
+    stream = DELTA + end + DELTA + end + USAGE + end + DONE + end
+    meter = UsageMeter(None, strip=True)
+    assert feed(meter, stream, cuts) == DELTA + end + DELTA + end + DONE + end
+    assert (meter.prompt, meter.completion, meter.chunks) == (3, 2, 4)
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n"])
+def test_a_client_that_asked_for_usage_gets_it_untouched(end: bytes) -> None:
+    stream = DELTA + end + USAGE + end + DONE + end
+    meter = UsageMeter(None, strip=False)
+    assert feed(meter, stream, [5, 50]) == stream
+    assert (meter.prompt, meter.completion) == (3, 2)
+
+
+def test_bytes_that_never_end_an_event_are_passed_on() -> None:
+    meter = UsageMeter(None, strip=True)
+    blob = b"x" * (MAX_PENDING + 10)
+    assert meter.filter(blob[:100]) == b""  # may still become an event
+    assert meter.filter(blob[100:]) == blob  # past the bound: not held back any longer
+    assert meter.flush() == b""
