@@ -15,6 +15,11 @@ import hashlib
 from typing import Any
 
 from redis.asyncio import Redis
+
+try:
+    from hiredis import pack_command as _pack_command
+except ImportError:  # hiredis is optional to redis-py: its Python packer does the same
+    _pack_command = None
 from redis.exceptions import NoScriptError, ResponseError
 
 Call = tuple[tuple[Any, ...], asyncio.Future[Any]]
@@ -102,7 +107,7 @@ class AutoPipeline:
         if conn is None:
             conn = self._conn = await self.redis.connection_pool.get_connection()
         try:
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            await conn.send_packed_command(pack(conn, commands), check_health=False)
             replies: list[Any] = []
             for _ in commands:
                 try:
@@ -123,6 +128,14 @@ class AutoPipeline:
         conn, self._conn = self._conn, None
         if conn is not None:
             await self.redis.connection_pool.release(conn)
+
+
+def pack(conn: Any, commands: list[tuple[Any, ...]]) -> bytes | list[bytes]:
+    """The commands in Redis's protocol: hiredis's C packer when it is there (redis-py's own,
+    in Python, takes ten times as long for a call with a few windows' arguments)."""
+    if _pack_command is None:
+        return conn.pack_commands(commands)  # type: ignore[no-any-return]
+    return b"".join(_pack_command(command) for command in commands)
 
 
 class PipelinedScript:
