@@ -19,7 +19,6 @@ from aiohttp import web
 from auth.principal import Principal
 from proxy.forwarded import client_address
 from proxy.ids import new_id
-from proxy.metrics import METRICS
 from proxy.middlewares import DRAIN
 from proxy.outcome import outcome_of
 from proxy.shared_slots import SlotBorrower
@@ -176,9 +175,7 @@ async def model_slot(request: web.Request, principal: Principal) -> AsyncIterato
     asked = time.perf_counter()
     try:
         async with queue.slot(principal.id):
-            outcome.queue_wait = wait = time.perf_counter() - asked
-            if (metrics := request.app.get(METRICS)) is not None:
-                metrics.queue_wait.observe(wait)
+            outcome.queue_wait = time.perf_counter() - asked
             yield
     except Busy as exc:
         if outcome.queue_wait is None:  # refused by the queue, not by something it guarded

@@ -123,6 +123,8 @@ class Metrics:
         self.duration.labels(route).observe(outcome.duration)
         if outcome.first_token is not None:
             self.ttft.labels(route, model).observe(outcome.first_token)
+        if outcome.queue_wait is not None:
+            self.queue_wait.observe(outcome.queue_wait)
         if outcome.limit not in ("", "ok", "local"):
             self.rate_limited.labels(outcome.limit).inc()
         if outcome.auth_failure:

@@ -174,6 +174,11 @@ async def test_queue_refusals_and_waits_are_counted(make_proxy: ProxyFactory,
         assert await post(http, proxy, body(), auth) == 503  # no room to wait
         holder.close()
         await eventually(lambda: fake.record.cancelled == 1, 10, "the held stream to be cut")
+
+    async def holder_ended() -> bool:  # a request's wait is counted when the request ends
+        return (await scrape(proxy)).value("llama_proxy_queue_wait_seconds_count") >= 1
+
+    await eventually(holder_ended, 10, "the holder's request to end")
     m = await scrape(proxy)
     assert m.value("llama_proxy_queue_refusals_total", reason="full") == 1
     assert m.value("llama_proxy_queue_wait_seconds_count") == 1  # the holder got its slot
