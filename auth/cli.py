@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 from redis.asyncio import Redis
 
 from auth.apikeys import KeyStore, parse_key
-from auth.ledger import Ledger, Row, today
+from auth.ledger import Ledger, Row, today, total
 from auth.tokens import issue_token
 from config import ConfigError, Settings, load_settings
 
@@ -94,8 +94,7 @@ def main(argv: Sequence[str] | None = None, *, store: StoreOpener) -> int:
 
 async def _with_store(store: StoreOpener, settings: Settings,
                       action: Callable[[KeyStore], Awaitable[int]]) -> int:
-    async with store(settings) as redis:
-        return await action(KeyStore(redis, 0))
+    return await _with_redis(store, settings, lambda redis: action(KeyStore(redis, 0)))
 
 
 async def _with_redis(store: StoreOpener, settings: Settings,
@@ -124,8 +123,8 @@ async def _usage(settings: Settings, redis: Redis, args: argparse.Namespace) -> 
         return 0
     header = ("date", "principal", "requests", "prompt", "completion", "total")
     table = [(r.date, r.principal, r.requests, r.prompt_tokens, r.completion_tokens,
-              r.prompt_tokens + r.completion_tokens) for r in sorted(rows, key=_by_day)]
-    table.append(("total", "", *(sum(int(row[i]) for row in table) for i in range(2, 6))))
+              r.total_tokens) for r in sorted(rows, key=_by_day)]
+    table.append(("total", "", *total(rows).values()))
     width = max(len(header[1]), *(len(str(row[1])) for row in table))
     print(f"{header[0]:<10}  {header[1]:<{width}}  " + "  ".join(f"{h:>10}" for h in header[2:]))
     for row in table:

@@ -40,11 +40,23 @@ class Row:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
     def public(self) -> dict[str, object]:
         return {"principal": self.principal, "date": self.date, "requests": self.requests,
                 "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "completion_tokens": self.completion_tokens, "total_tokens": self.total_tokens}
+
+
+def total(rows: list[Row]) -> dict[str, int]:
+    """The sum of rows: requests, prompt, completion and total tokens."""
+    out = {"requests": sum(r.requests for r in rows),
+           "prompt_tokens": sum(r.prompt_tokens for r in rows),
+           "completion_tokens": sum(r.completion_tokens for r in rows)}
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    return out
 
 
 def today() -> dt.date:

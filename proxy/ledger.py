@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from auth.ledger import Ledger, Row, date_range
+from auth.ledger import Ledger, date_range, total
 from proxy.authn import PRINCIPAL
 from proxy.errors import OpenAIError
 from proxy.outcome import Outcome, on_finished
@@ -72,17 +72,8 @@ async def _answer(request: web.Request, principal: str | None) -> web.Response:
     body: dict[str, object] = {
         "object": "usage", "from": start.isoformat(), "to": end.isoformat(),
         "retention_days": ledger.retention_s // 86400,
-        "data": [row.public() for row in rows], "total": _total(rows)}
+        "data": [row.public() for row in rows], "total": total(rows)}
     if principal is not None:
         body["principal"] = principal
     return json_response(body)
 
-
-def _total(rows: list[Row]) -> dict[str, int]:
-    total = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0}
-    for row in rows:
-        total["requests"] += row.requests
-        total["prompt_tokens"] += row.prompt_tokens
-        total["completion_tokens"] += row.completion_tokens
-    total["total_tokens"] = total["prompt_tokens"] + total["completion_tokens"]
-    return total
