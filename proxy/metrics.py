@@ -13,7 +13,6 @@ proxy/scrape.py's.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
@@ -34,8 +33,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.backends import Backend, State
 from proxy.outcome import Outcome, on_finished
-
-log = logging.getLogger("proxy.metrics")
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -251,7 +248,7 @@ _STREAMING = web.RequestKey("metrics_streaming", bool)
 
 async def _stream_opened(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: an event stream is starting (/v1 streams, /api/chat)."""
-    if response.content_type == "text/event-stream" and METRICS in request.app:
+    if response.content_type == "text/event-stream":
         request[_STREAMING] = True
         request.app[METRICS].open_streams.inc()
 

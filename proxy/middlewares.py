@@ -83,13 +83,12 @@ def _access_line(request: web.Request, outcome: Outcome) -> None:
     --log-format json the fields are keys of their own (proxy/logs.py)."""
     fields = access_fields(outcome)
     detail = " ".join(f"{name}={value}" for name, value in fields.items())
-    log.info("%s %s \"%s %s\" %d %.1fms%s", request[REQUEST_ID], client_address(request),
-             request.method, _short(request.rel_url.raw_path), outcome.status,
+    rid, client, path = request[REQUEST_ID], client_address(request), _short(
+        request.rel_url.raw_path)
+    log.info("%s %s \"%s %s\" %d %.1fms%s", rid, client, request.method, path, outcome.status,
              outcome.duration * 1000, f" {detail}" if detail else "",
-             extra={"access": {"request_id": request[REQUEST_ID],
-                               "client": client_address(request), "method": request.method,
-                               "path": _short(request.rel_url.raw_path),
-                               "status": outcome.status,
+             extra={"access": {"request_id": rid, "client": client, "method": request.method,
+                               "path": path, "status": outcome.status,
                                "duration_ms": round(outcome.duration * 1000, 2), **fields}})
 
 

@@ -41,7 +41,7 @@ SAMPLE_EVERY = 2.0  # with --workers: how fresh each process keeps the gauges it
 @dataclass(frozen=True)
 class Access:
     token: str | None  # the metrics_token, if set
-    open_locally: bool  # False when a tunnel runs in this process
+    open_locally: bool  # False when a tunnel or a proxy brings clients in over loopback
 
 
 ACCESS = web.AppKey("metrics_access", Access)
@@ -107,11 +107,8 @@ async def sample(app: web.Application) -> None:
     metrics.backends(app[POOL].backends)
     supervisor = app.get(SUPERVISOR)
     if supervisor is not None:
-        _count_restarts(app, metrics, "llama-server", supervisor.child.restarts)
-
-
-def _count_restarts(app: web.Application, metrics: Metrics, name: str, restarts: int) -> None:
-    _count_up(app, metrics.child_restarts.labels(name), f"restarts:{name}", restarts)
+        _count_up(app, metrics.child_restarts.labels("llama-server"), "restarts:llama-server",
+                  supervisor.child.restarts)
 
 
 def _count_up(app: web.Application, counter: Any, name: str, total: int) -> None:
