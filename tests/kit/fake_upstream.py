@@ -38,6 +38,15 @@ class Record:
 RECORD = web.AppKey("record", Record)
 
 
+def chat_body(stream: bool = False, model: str = MODEL, **fake: object) -> dict[str, Any]:
+    """A chat completion request for the fake, steered by `fake` (see the module's doc)."""
+    out: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                           "stream": stream}
+    if fake:
+        out["fake"] = fake
+    return out
+
+
 def chunk(i: int) -> bytes:
     body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": MODEL,
             "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}

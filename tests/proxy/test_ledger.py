@@ -19,17 +19,10 @@ from auth.ledger import Ledger, today
 from proxy.ledger import LEDGER
 from proxy.server import Running
 from tests.conftest import ADMIN_HEADERS, Fake, KillableRedis, ProxyFactory, token_for
+from tests.kit.fake_upstream import chat_body as body
 from tests.kit.helpers import REPO, eventually
 
 CHAT = "/v1/chat/completions"
-
-
-def body(stream: bool = False, **fake: object) -> dict:
-    out: dict = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
-                 "stream": stream}
-    if fake:
-        out["fake"] = fake
-    return out
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -15,17 +15,10 @@ import redis as redis_sync
 from proxy.limits import QUEUE, prompt_tokens
 from proxy.server import Running
 from tests.conftest import Fake, KillableRedis, ProxyFactory, token_for
+from tests.kit.fake_upstream import chat_body as body
 from tests.kit.helpers import eventually
 
 CHAT = "/v1/chat/completions"
-
-
-def body(stream: bool = False, **fake: object) -> dict:
-    out: dict = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}],
-                 "stream": stream}
-    if fake:
-        out["fake"] = fake
-    return out
 
 
 async def post(proxy: Running, token: str, payload: dict | None = None

@@ -18,19 +18,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.server import Running
 from tests.conftest import ADMIN_HEADERS, Fake, ProxyFactory, token_for
+from tests.kit.fake_upstream import chat_body as body
 from tests.kit.helpers import Appliance, eventually, wait_until
 
 CHAT = "/v1/chat/completions"
 ROUTE = "/v1/chat/completions"
 METRICS_TOKEN = "metrics-token-0123456789abcdefghijklmnopqrstuvwxyz"
-
-
-def body(stream: bool = False, model: str = "fake-model", **fake: object) -> dict:
-    out: dict = {"model": model, "messages": [{"role": "user", "content": "hi"}],
-                 "stream": stream}
-    if fake:
-        out["fake"] = fake
-    return out
 
 
 class Scrape:
