@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -188,6 +189,13 @@ def rates(scrapes: list[tuple[float, Samples]], name: str, **labels: str
     return xs, ys
 
 
+def plot_rates_by(ax: Any, scrapes: list[tuple[float, Samples]], name: str, label: str) -> None:
+    """One line per value of `label`: the rate of counter `name` with that value."""
+    for value in label_values(scrapes, name, label):
+        xs, ys = rates(scrapes, name, **{label: value})
+        ax.plot(xs, ys, label=value)
+
+
 def gauge(scrapes: list[tuple[float, Samples]], name: str) -> tuple[list[float], list[float]]:
     return [t for t, _ in scrapes], [total(s, name) for _, s in scrapes]
 
@@ -271,16 +279,12 @@ def draw(scrapes: list[tuple[float, Samples]], burst: tuple[float, float], out: 
     ax.set_ylabel("requests")
 
     ax = axes[1][1]
-    for window in label_values(scrapes, "llama_proxy_rate_limited_total", "window"):
-        xs, ys = rates(scrapes, "llama_proxy_rate_limited_total", window=window)
-        ax.plot(xs, ys, label=window)
+    plot_rates_by(ax, scrapes, "llama_proxy_rate_limited_total", "window")
     ax.set_title("429s/s by window")
     ax.set_ylabel("refusals/s")
 
     ax = axes[1][2]
-    for reason in label_values(scrapes, "llama_proxy_auth_failures_total", "reason"):
-        xs, ys = rates(scrapes, "llama_proxy_auth_failures_total", reason=reason)
-        ax.plot(xs, ys, label=reason)
+    plot_rates_by(ax, scrapes, "llama_proxy_auth_failures_total", "reason")
     ax.set_title("Auth failures/s by reason")
     ax.set_ylabel("refusals/s")
 
