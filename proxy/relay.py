@@ -24,6 +24,7 @@ from aiohttp import (
     ClientResponse,
     ClientSession,
     ClientTimeout,
+    DummyCookieJar,
     ServerDisconnectedError,
     TCPConnector,
     web,
@@ -296,7 +297,10 @@ async def _client(timeouts: Timeouts, max_connections: int, app: web.Application
     connector = TCPConnector(limit=max_connections, limit_per_host=0)
     # No total/read timeout here: the relay sets connect, first-byte and idle deadlines itself.
     timeout = ClientTimeout(total=None, connect=timeouts.connect, sock_read=None)
-    async with ClientSession(connector=connector, timeout=timeout) as client:
+    # No cookie jar: this one client speaks for every user, so a cookie a model server set
+    # would otherwise go back with everyone's requests.
+    async with ClientSession(connector=connector, timeout=timeout,
+                             cookie_jar=DummyCookieJar()) as client:
         app[CLIENT] = client
         app[RELAY] = Relay(client, timeouts, unreachable=_mark_down)
         yield

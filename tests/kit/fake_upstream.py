@@ -4,7 +4,8 @@
 Each request steers the fake through a "fake" object in its JSON body, which the appliance
 forwards untouched:
   {"fake": {"chunks": 5, "gap": 0.01, "ttfb": 0.0, "status": 200, "raw": "text",
-            "raw_size": 1000000, "content_type": "text/html", "stall_after": 2}}
+            "raw_size": 1000000, "content_type": "text/html", "stall_after": 2,
+            "set_cookie": "session=abc"}}
 It records what it saw so tests can check what reached the upstream.
 """
 
@@ -82,7 +83,10 @@ async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
         return web.Response(status=fake.get("status", 200), text=text,
                             content_type=fake.get("content_type", "text/plain"))
     if not body.get("stream"):
-        return web.json_response(completion("hello"), status=fake.get("status", 200))
+        response = web.json_response(completion("hello"), status=fake.get("status", 200))
+        if "set_cookie" in fake:
+            response.headers["Set-Cookie"] = fake["set_cookie"]
+        return response
     return await _stream(request, record, fake, usage=_wants_usage(body))
 
 

@@ -166,6 +166,22 @@ async def test_request_id_is_kept_forwarded_or_made(fake_proxy: Running, fake: F
             assert len(r.headers["X-Request-Id"]) == 32
 
 
+async def test_a_cookie_set_by_the_upstream_goes_to_no_one(make_proxy: ProxyFactory,
+                                                          fake: Fake) -> None:
+    """The relay is one client to the model server for every user: a cookie it was given
+    must not be sent back on anyone's later request, nor handed to the caller. (By a host
+    name: a cookie jar ignores cookies from a bare IP address anyway.)"""
+    proxy = await make_proxy(upstreams=[fake.url.replace("127.0.0.1", "localhost")],
+                             auth="disabled")
+    async with aiohttp.ClientSession() as client:
+        async with client.post(proxy.base_url + CHAT,
+                               json=chat({"set_cookie": "session=alice"}, stream=False)) as r:
+            assert r.status == 200 and "Set-Cookie" not in r.headers
+        async with client.post(proxy.base_url + CHAT, json=chat(stream=False)) as r:
+            assert r.status == 200
+    assert len(fake.record.headers) == 2 and "Cookie" not in fake.record.headers[-1]
+
+
 async def test_upstream_key_is_sent_and_models_are_listed(
     make_proxy: ProxyFactory, fake: Fake
 ) -> None:
