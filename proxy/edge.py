@@ -58,6 +58,7 @@ LINGER = 2.0
 MAX_HEAD_BYTES = 64 * 1024
 # Answers larger than this are watched for progress while they are written out.
 BIG_ANSWER = 256 * 1024
+SMALL_ANSWER = 16 * 1024  # well under the socket's send buffer and the transport's high water
 
 
 class Progress:
@@ -331,23 +332,34 @@ class EdgeHandler(RequestHandler):
         stalled one."""
         server = self._manager
         limit = server.edge.write_timeout if isinstance(server, EdgeServer) else None
-        try:
-            async with asyncio.timeout(limit) as deadline:
-                watch = None
-                if limit is not None and (resp.content_length or 0) > BIG_ANSWER:
-                    watch = Progress(self.transport, deadline, limit)
-                try:
-                    answered = await super().finish_response(request, resp, start_time)
-                finally:
-                    if watch is not None:
-                        watch.stop()
-        except TimeoutError:
-            STOPPED_READING()
-            reset(self.transport)
-            return resp, True
+        if limit is None or self._goes_out_at_once(resp):
+            answered = await super().finish_response(request, resp, start_time)
+        else:
+            try:
+                async with asyncio.timeout(limit) as deadline:
+                    watch = None
+                    if (resp.content_length or 0) > BIG_ANSWER:
+                        watch = Progress(self.transport, deadline, limit)
+                    try:
+                        answered = await super().finish_response(request, resp, start_time)
+                    finally:
+                        if watch is not None:
+                            watch.stop()
+            except TimeoutError:
+                STOPPED_READING()
+                reset(self.transport)
+                return resp, True
         if self._linger_after:
             await self._linger()
         return answered
+
+    def _goes_out_at_once(self, resp: web.StreamResponse) -> bool:
+        """A short answer to a client that has taken everything sent before: the socket takes
+        it without waiting, so it needs no deadline (a timer each is a cost at thousands of
+        requests a second). A client that stopped reading has bytes left in the buffer."""
+        size = resp.content_length
+        return (size is not None and size <= SMALL_ANSWER and self.transport is not None
+                and self.transport.get_write_buffer_size() == 0)
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None

@@ -142,8 +142,11 @@ class Relay:
         raise AssertionError("unreachable")
 
     async def read_whole(self, upstream: ClientResponse) -> bytes:
-        """All of a non-streamed answer, within the idle deadline."""
+        """All of a non-streamed answer, within the idle deadline (none needed when it all
+        came with the headers, as a short answer does)."""
         try:
+            if upstream.content.is_eof():
+                return await upstream.read()
             async with asyncio.timeout(self.timeouts.idle):
                 return await upstream.read()
         except TimeoutError:

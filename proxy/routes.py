@@ -41,6 +41,8 @@ async def read_json(request: web.Request) -> tuple[bytes, dict[str, Any]]:
     if request.content_length is not None and request.content_length > limit:
         raise OpenAIError(413, f"Request body is larger than the limit of {limit} bytes",
                           code="request_too_large", close=True)  # said up front: no wait
+    if request.content.is_eof():  # all of it came with the headers: no deadline to set
+        return (raw := await request.read()), parse_body(raw)
     try:
         async with asyncio.timeout(request.app[BODY_TIMEOUT]):
             raw = await request.read()  # raises 413 past the configured limit

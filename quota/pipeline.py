@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from typing import Any
 
 from redis.asyncio import Redis
@@ -21,6 +22,7 @@ try:
 except ImportError:  # hiredis is optional to redis-py: its Python packer does the same
     _pack_command = None
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Call = tuple[tuple[Any, ...], asyncio.Future[Any]]
 DEFER_FOR = 0.2  # seconds a deferred call may wait for company
@@ -107,20 +109,30 @@ class AutoPipeline:
         if conn is None:
             conn = self._conn = await self.redis.connection_pool.get_connection()
         try:
-            await conn.send_packed_command(pack(conn, commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
+            # One deadline (the client's socket timeout) for the whole batch, not one per
+            # reply: each asyncio deadline costs a timer, and a batch is answered at once.
+            async with asyncio.timeout(conn.socket_timeout):
+                await conn.send_packed_command(pack(conn, commands), check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await conn.read_response(timeout=math.inf))
+                    except ResponseError as exc:
+                        replies.append(exc)
             return replies
+        except TimeoutError:
+            self._conn = None
+            await self._discard(conn)
+            raise RedisTimeoutError("Timeout reading from Redis") from None
         except BaseException:
             # Where the replies stand is unknown: this connection is never used again.
             self._conn = None
-            await conn.disconnect()
-            await self.redis.connection_pool.release(conn)
+            await self._discard(conn)
             raise
+
+    async def _discard(self, conn: Any) -> None:
+        await conn.disconnect()
+        await self.redis.connection_pool.release(conn)
 
     async def release(self) -> None:
         """Give the connection back to the client's pool (before the client closes)."""
