@@ -207,7 +207,9 @@ async def test_chat_streams_and_conversations_can_be_reopened(
     await expect(page.locator(".message.user .message-text")).to_have_text([COUNTING])
     first = await answered(page, 1)
     lengths = await page.evaluate("window.__lengths")
-    assert len(set(lengths)) > 5, lengths  # it grew piece by piece, not in one go
+    # It grew piece by piece, not in one go (which shows at most two lengths: empty, then
+    # all). The sampled model sometimes answers in three short pieces, so three will do.
+    assert len({n for n in lengths if n > 0}) >= 3, lengths
     listed = (await conversation(model_proxy, token))["data"]
     assert len(listed) == 1
     kept = await conversation(model_proxy, token, listed[0]["id"])
