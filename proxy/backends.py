@@ -69,6 +69,10 @@ class Backend:
     state: State = State.STARTING
     reason: str | None = None
     supervised: bool = False  # the child's state belongs to its supervisor, not to the relay
+    # llama-server closes its connection after a stream although it says keep-alive, so a
+    # stream to it asks for the close; one that does not identify as llama.cpp, learned from
+    # its answers, keeps the connection (a new one per stream costs a third of a stream's time).
+    streams_keep_alive: bool = False
     changed: float = field(default_factory=time.monotonic)
     _urls: dict[str, tuple[str, URL]] = field(default_factory=dict, repr=False)
 

@@ -38,6 +38,7 @@ from proxy.backends import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.deadline import Deadline
 from proxy.edge import reset
 from proxy.errors import ERROR_TYPES, error_body, to_openai
 from proxy.heartbeat import Heartbeat
@@ -118,7 +119,7 @@ class Relay:
         """POST to the backend and wait for its response headers (the first byte)."""
         headers = {"Content-Type": "application/json", "Accept-Encoding": "identity",
                    "X-Request-Id": request_id, **backend.auth_headers()}
-        if stream:
+        if stream and not backend.streams_keep_alive:
             # llama-server closes the connection after a stream although it said keep-alive;
             # never pool such a connection, or the next request would find it dead.
             headers["Connection"] = "close"
@@ -127,8 +128,11 @@ class Relay:
         for attempt in (1, 2):
             try:
                 async with asyncio.timeout(self.timeouts.first_byte):
-                    return await self.client.post(backend.url(path), data=raw, headers=headers,
-                                                  timeout=self._client_timeout)
+                    upstream = await self.client.post(backend.url(path), data=raw,
+                                                      headers=headers,
+                                                      timeout=self._client_timeout)
+                backend.streams_keep_alive = not is_llama_cpp(upstream)
+                return upstream
             except TimeoutError:
                 raise UpstreamTimeout("The model server did not answer in time") from None
             except ClientConnectorError as exc:  # nothing listening: no retry here
@@ -176,26 +180,26 @@ class Relay:
                       ) -> web.StreamResponse:
         """Pass SSE chunks through as they arrive; end with an error event if upstream fails.
         The heartbeat goes on until the first chunk (the model may read a long prompt)."""
-        loop = asyncio.get_running_loop()
         outcome = outcome_of(request)
         response: web.StreamResponse | None = None
-        try:
-            # A client that stops reading must not hold the model: writes block once its
-            # buffers are full (that is the backpressure), and a write that waits past
-            # client_write cuts it; the error event and the end of the stream too.
-            async with asyncio.timeout(None) as stalled:
+        limit = self.timeouts.client_write
+        # A client that stops reading must not hold the model: writes block once its buffers
+        # are full (that is the backpressure), and a write that waits past client_write cuts
+        # it; the error event and the end of the stream too. A write the socket takes at once
+        # needs no deadline.
+        with Deadline() as stalled:
 
-                async def write(data: bytes) -> None:
-                    await beat.stop()
-                    stalled.reschedule(loop.time() + self.timeouts.client_write)
+            async def write(data: bytes) -> None:
+                await beat.stop()
+                if goes_out_at_once(request, len(data)):
                     await stream.write(data)
-                    stalled.reschedule(None)
+                else:
+                    await stalled.wait(limit, stream.write(data))
 
+            try:
                 try:
-                    stalled.reschedule(loop.time() + self.timeouts.client_write)
                     # Set as OPEN_STREAM: a shutdown past its grace ends it with an error event.
-                    response = stream = await beat.start()
-                    stalled.reschedule(None)
+                    response = stream = await stalled.wait(limit, beat.start())
                     async for chunk in self.chunks(upstream, meter):
                         if outcome.first_token is None:
                             outcome.first_token = time.perf_counter() - outcome.started
@@ -212,29 +216,25 @@ class Relay:
                     # Closing (not releasing) drops the connection: a half-read stream is
                     # abandoned at once, and llama-server closes finished streams itself.
                     upstream.close()
-                stalled.reschedule(loop.time() + self.timeouts.client_write)
-                await stream.write_eof()
-        except TimeoutError:  # only `stalled` raises it here: the others are converted
-            outcome.disconnect = "write_timeout"
-            log.warning("%s: the client stopped reading for %.0fs; stream cut, model freed",
-                        request_id, self.timeouts.client_write)
-            reset(request.transport)
-        except ConnectionResetError:
-            outcome.disconnect = "gone"
-            log.info("%s: client went away mid-stream; closing upstream", request_id)
+                await stalled.wait(limit, stream.write_eof())
+            except TimeoutError:  # only `stalled` raises it here: the others are converted
+                outcome.disconnect = "write_timeout"
+                log.warning("%s: the client stopped reading for %.0fs; stream cut, model freed",
+                            request_id, limit)
+                reset(request.transport)
+            except ConnectionResetError:
+                outcome.disconnect = "gone"
+                log.info("%s: client went away mid-stream; closing upstream", request_id)
         return response or web.StreamResponse()  # not started: the client left before it
 
     async def chunks(self, upstream: ClientResponse, meter: UsageMeter | None
                      ) -> AsyncIterator[bytes]:
-        """The upstream's bytes as they come (through the usage meter), within the idle
-        deadline; one deadline, moved per chunk, is cheaper than a new timeout for each."""
-        loop = asyncio.get_running_loop()
+        """The upstream's bytes as they come (through the usage meter), each within the idle
+        deadline."""
         try:
-            async with asyncio.timeout(None) as idle:
+            with Deadline() as idle:
                 while True:
-                    idle.reschedule(loop.time() + self.timeouts.idle)
-                    chunk = await upstream.content.readany()
-                    idle.reschedule(None)
+                    chunk = await idle.wait(self.timeouts.idle, upstream.content.readany())
                     if not chunk:
                         if meter is not None and (rest := meter.flush()):
                             yield rest
@@ -247,6 +247,21 @@ class Relay:
             raise UpstreamTimeout("The model server went silent") from None
         except ClientError as exc:
             raise UpstreamBroke("The model server broke off the stream") from exc
+
+
+# A write is taken at once while the writer is not paused and the transport's buffer stays well
+# under its high-water mark (64 KiB): nothing can then make the write wait.
+AT_ONCE = 16 * 1024
+
+
+def goes_out_at_once(request: web.Request, size: int) -> bool:
+    transport = request.transport
+    return (transport is not None and not request.protocol.writing_paused
+            and transport.get_write_buffer_size() + size <= AT_ONCE)
+
+
+def is_llama_cpp(upstream: ClientResponse) -> bool:
+    return "llama.cpp" in upstream.headers.get("Server", "")
 
 
 def failure_kind(exc: Exception) -> str:

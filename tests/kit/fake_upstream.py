@@ -5,7 +5,7 @@ Each request steers the fake through a "fake" object in its JSON body, which the
 forwards untouched:
   {"fake": {"chunks": 5, "gap": 0.01, "ttfb": 0.0, "status": 200, "raw": "text",
             "raw_size": 1000000, "content_type": "text/html", "stall_after": 2,
-            "set_cookie": "session=abc"}}
+            "set_cookie": "session=abc", "server": "llama.cpp"}}
 It records what it saw so tests can check what reached the upstream.
 """
 
@@ -86,6 +86,8 @@ async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
         response = web.json_response(completion("hello"), status=fake.get("status", 200))
         if "set_cookie" in fake:
             response.headers["Set-Cookie"] = fake["set_cookie"]
+        if "server" in fake:
+            response.headers["Server"] = fake["server"]
         return response
     return await _stream(request, record, fake, usage=_wants_usage(body))
 
