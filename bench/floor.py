@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 import uvloop
 from aiohttp import ClientSession, DummyCookieJar, TCPConnector, web
 
+from proxy.server import tune_gc
+
 CLIENT = web.AppKey("client", ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 
@@ -44,6 +46,10 @@ async def client(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _tuned() -> None:
+    tune_gc()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--upstream", required=True)
@@ -53,6 +59,7 @@ def main() -> None:
     app[UPSTREAM] = args.upstream
     app.cleanup_ctx.append(client)
     app.router.add_route("*", "/{tail:.*}", relay)
+    app.on_startup.append(lambda _: _tuned())  # the appliance's GC settings: like for like
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
                 loop=uvloop.new_event_loop())
 

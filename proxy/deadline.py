@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 T = TypeVar("T")
+EARLY = 0.001  # seconds
 
 
 class Deadline:
@@ -40,13 +41,17 @@ class Deadline:
         try:
             return await awaitable
         except asyncio.CancelledError:
-            # Ours only if nobody else cancelled the task too (asyncio.timeout's rule).
-            if self._expired and self._task.uncancel() <= cancelling:
+            if self._expired:
                 self._expired = False
-                raise TimeoutError from None
+                # Ours only if nobody else cancelled the task too (asyncio.timeout's rule).
+                if self._task.uncancel() <= cancelling:
+                    raise TimeoutError from None
             raise
         finally:
             self._since = None
+            if self._expired:  # it expired, but the wait ended otherwise: take the cancel back
+                self._expired = False
+                self._task.uncancel()
 
     def close(self) -> None:
         """No more waits: the timer goes (it would keep the task alive until it fired)."""
@@ -71,7 +76,9 @@ class Deadline:
         if self._since is None:
             return  # between waits: the next wait arms the timer again
         due = self._since + self._limit
-        if self._loop.time() >= due:
+        # uvloop fires timers on whole milliseconds, so up to one early: that is the deadline
+        # (re-arming for the rest would spin until the clock caught up).
+        if self._loop.time() + EARLY >= due:
             self._expired = True
             self._task.cancel()
         else:

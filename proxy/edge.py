@@ -359,7 +359,7 @@ class EdgeHandler(RequestHandler):
         requests a second). A client that stopped reading has bytes left in the buffer."""
         size = resp.content_length
         return (size is not None and size <= SMALL_ANSWER and self.transport is not None
-                and self.transport.get_write_buffer_size() == 0)
+                and not self.writing_paused and self.transport.get_write_buffer_size() == 0)
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None

@@ -21,6 +21,7 @@ try:
     from hiredis import pack_command as _pack_command
 except ImportError:  # hiredis is optional to redis-py: its Python packer does the same
     _pack_command = None
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -29,6 +30,9 @@ DEFER_FOR = 0.2  # seconds a deferred call may wait for company
 
 
 class AutoPipeline:
+    """For calls that never answer nil (the limits' scripts answer arrays or 1): a nil reply is
+    taken for what redis-py turns a failed read into when no timeout of its own is set."""
+
     def __init__(self, redis: Redis, defer_for: float = DEFER_FOR) -> None:
         self.redis = redis
         self.defer_for = defer_for
@@ -116,9 +120,13 @@ class AutoPipeline:
                 replies: list[Any] = []
                 for _ in commands:
                     try:
-                        replies.append(await conn.read_response(timeout=math.inf))
+                        reply = await conn.read_response(timeout=math.inf)
                     except ResponseError as exc:
                         replies.append(exc)
+                        continue
+                    if reply is None:  # how redis-py reports a read that failed underneath
+                        raise RedisConnectionError("Redis's reply was lost")
+                    replies.append(reply)
             return replies
         except TimeoutError:
             self._conn = None

@@ -85,3 +85,42 @@ async def test_a_cancel_at_the_moment_it_expires_is_still_a_cancel() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert task.cancelled()
+
+
+async def test_an_expiry_the_wait_swallowed_leaves_no_cancel_behind() -> None:
+    async def swallows() -> str:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return "swallowed"
+        return "slept"
+
+    with Deadline() as deadline:
+        assert await deadline.wait(0.05, swallows()) == "swallowed"
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    await asyncio.sleep(0.01)  # no cancellation is delivered later either
+
+
+def test_under_uvloop_an_expiry_costs_one_check_or_two() -> None:
+    """uvloop fires timers on whole milliseconds, a little early: the deadline must not spin
+    re-arming itself until its clock catches up."""
+    import uvloop
+
+    checks = 0
+
+    class Counted(Deadline):
+        def _check(self) -> None:
+            nonlocal checks
+            checks += 1
+            super()._check()
+
+    async def main() -> None:
+        with Counted() as deadline:
+            for _ in range(5):
+                await deadline.wait(0.1234567, asyncio.sleep(0.01))
+            with pytest.raises(TimeoutError):
+                await deadline.wait(0.1234567, asyncio.sleep(5))
+
+    uvloop.run(main())
+    assert checks <= 3, checks

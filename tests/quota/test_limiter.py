@@ -120,3 +120,29 @@ async def test_a_settlement_outlives_a_redis_blip(own_redis: KillableRedis) -> N
     assert redis_number(own_redis.url, "ZCARD", "llp:rl:{user:blip}:conc") == 0
     await limiter.aclose()
     await redis.aclose()
+
+
+async def test_a_lost_reply_drops_the_connection_and_fails_the_batch(redis_url: str) -> None:
+    """redis-py answers nil for a read that failed underneath when it set no timeout itself
+    (the batch has one deadline of its own): that must fail the batch and drop the
+    connection, not pass as an answer on a connection whose replies are out of step."""
+    from quota.pipeline import AutoPipeline
+
+    redis = make_client(redis_url, 0.25)
+    pipeline = AutoPipeline(redis)
+    assert await pipeline.call("PING") in (b"PONG", "PONG", True)
+    conn = pipeline._conn
+    real = conn.read_response
+
+    async def lost(*args: object, **kwargs: object) -> None:
+        await real(*args, **kwargs)
+        return None
+
+    conn.read_response = lost
+    with pytest.raises(redis_sync.exceptions.ConnectionError):
+        await pipeline.call("PING")
+    assert pipeline._conn is None and not conn.is_connected  # dropped, never used as it was
+    del conn.read_response  # (the pool may hand the object out again, reconnected)
+    assert await pipeline.call("PING") in (b"PONG", "PONG", True)
+    await pipeline.release()
+    await redis.aclose()
