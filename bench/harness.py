@@ -20,7 +20,6 @@ import platform
 import secrets
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from typing import Any
 
 from bench.llm_benchmark import one as model_request
 from bench.loadgen import Target, closed_loop, hold_streams, open_loop
-from bench.stack import Processes, appliance, credential, start_fake, start_redis
+from bench.stack import Processes, appliance, credential, stack
 from config.paths import bundled_llama_server, bundled_model
 from proxy.server import raise_open_files_limit
 from tests.kit.helpers import REPO, free_port, http_status, wait_until
@@ -201,36 +200,30 @@ def main(argv: list[str] | None = None) -> int:
     seconds = 0.7 if args.quick else 1.5
     started = time.monotonic()
     report: dict[str, Any] = {"machine": machine()}
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = Processes(Path(tmp))
-        try:
-            _, redis_url = start_redis(procs)
-            fake_port, fake = start_fake(procs)
-            nginx = start_nginx(procs, fake_port)
-            floor = start_floor(procs, fake)
-            data = Path(tmp) / "data"
-            one_worker, one_pid = appliance(procs, "appliance", fake, redis_url, data, *LIMITS)
-            two_workers, _ = appliance(procs, "appliance-2w", fake, redis_url, data, *LIMITS,
-                                       "--workers", "2")
-            time.sleep(1.5)  # the second worker's first upstream check
-            token = credential(data, redis_url, "bench", "2")
-            bearer = {"Authorization": f"Bearer {token}"}
-            targets = {"direct": Target(fake + CHAT), "nginx": Target(nginx + CHAT),
-                       "aiohttp floor": Target(floor + CHAT),
-                       "appliance": Target(one_worker + CHAT, bearer),
-                       "appliance x2": Target(two_workers + CHAT, bearer)}
-            print("proxy mechanics against the fake upstream:", file=sys.stderr)
-            report["scenarios"] = proxy_scenarios(targets, seconds)
-            report["method"] = (f"{ROUNDS} interleaved rounds of {seconds} s per scenario and "
-                                "system; medians")
-            print("  1000 open streams -> appliance", file=sys.stderr, flush=True)
-            report["streams_1000"] = thousand_streams(targets["appliance"], one_pid)
-            if not args.skip_model:
-                print("the real model (SmolLM2-135M, 96 tokens, ignore_eos):", file=sys.stderr)
-                report["model"] = model_scenarios(procs, redis_url, data, token,
-                                                  1 if args.quick else 3)
-        finally:
-            procs.stop()
+    with stack() as run:
+        procs, redis_url, fake, data = run.procs, run.redis_url, run.fake, run.data
+        nginx = start_nginx(procs, run.fake_port)
+        floor = start_floor(procs, fake)
+        one_worker, one_pid = appliance(procs, "appliance", fake, redis_url, data, *LIMITS)
+        two_workers, _ = appliance(procs, "appliance-2w", fake, redis_url, data, *LIMITS,
+                                   "--workers", "2")
+        time.sleep(1.5)  # the second worker's first upstream check
+        token = credential(data, redis_url, "bench", "2")
+        bearer = {"Authorization": f"Bearer {token}"}
+        targets = {"direct": Target(fake + CHAT), "nginx": Target(nginx + CHAT),
+                   "aiohttp floor": Target(floor + CHAT),
+                   "appliance": Target(one_worker + CHAT, bearer),
+                   "appliance x2": Target(two_workers + CHAT, bearer)}
+        print("proxy mechanics against the fake upstream:", file=sys.stderr)
+        report["scenarios"] = proxy_scenarios(targets, seconds)
+        report["method"] = (f"{ROUNDS} interleaved rounds of {seconds} s per scenario and "
+                            "system; medians")
+        print("  1000 open streams -> appliance", file=sys.stderr, flush=True)
+        report["streams_1000"] = thousand_streams(targets["appliance"], one_pid)
+        if not args.skip_model:
+            print("the real model (SmolLM2-135M, 96 tokens, ignore_eos):", file=sys.stderr)
+            report["model"] = model_scenarios(procs, redis_url, data, token,
+                                              1 if args.quick else 3)
     report["bench_seconds"] = time.monotonic() - started
     write_outputs(report)
     print((RESULTS / "latest.md").read_text())

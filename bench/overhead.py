@@ -15,7 +15,6 @@ import json
 import re
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.llm_benchmark import percentile
-from bench.stack import Processes, appliance, credential, start_fake, start_redis
+from bench.stack import appliance, credential, stack
 
 BODY = json.dumps({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]})
 
@@ -76,42 +75,37 @@ def main(argv: list[str] | None = None) -> int:
                         "each round, so drift on a busy machine does not favour one path")
     args = parser.parse_args(argv)
     per_round = max(args.requests // args.rounds, 50)
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = Processes(Path(tmp))
-        try:
-            sock, redis_url = start_redis(procs)
-            _, fake = start_fake(procs)
-            open_base, _ = appliance(procs, "open", fake, redis_url, procs.work / "open",
-                                     "--auth", "disabled")
-            data = procs.work / "data"  # one data dir: one signing secret for both below
-            auth_base, _ = appliance(procs, "auth", fake, redis_url, data)
-            limits = ["--limit-rpm", "1000000", "--limit-tpm", "1000000000",
-                      "--limit-ip-rpm", "1000000", "--limit-concurrency", "1000"]
-            limited_base, _ = appliance(procs, "limited", fake, redis_url, data, *limits)
-            token = credential(data, redis_url, "bench", "1")
-            key = credential(data, redis_url, "bench", "--api-key")
-            bearer = {"Authorization": f"Bearer {token}"}
-            runs = [("upstream directly", fake, {}), ("appliance, auth off", open_base, {}),
-                    ("appliance, JWT", auth_base, bearer),
-                    ("appliance, API key", auth_base, {"X-API-Key": key}),
-                    ("JWT + rate limits", limited_base, bearer)]
-            results: dict[str, list[float]] = {name: [] for name, _, _ in runs}
-            medians: dict[str, list[float]] = {name: [] for name, _, _ in runs}
-            commands = dict.fromkeys(results, 0.0)
-            trips = dict.fromkeys(results, 0.0)
-            for turn in range(args.rounds):
-                shift = turn % len(runs)
-                for name, url, headers in runs[shift:] + runs[:shift]:
-                    before, trips_before = redis_commands(sock), _trips(url, fake)
-                    lat = asyncio.run(measure(url, headers, per_round))
-                    time.sleep(0.3)  # the last settlement goes out within 0.2 s
-                    sent = per_round + per_round // 10  # warm-up included
-                    commands[name] += (redis_commands(sock) - before) / sent / args.rounds
-                    trips[name] += (_trips(url, fake) - trips_before) / sent / args.rounds
-                    results[name] += lat
-                    medians[name].append(percentile(lat, 0.5))
-        finally:
-            procs.stop()
+    with stack() as run:
+        procs, sock, redis_url, fake = run.procs, run.redis_sock, run.redis_url, run.fake
+        open_base, _ = appliance(procs, "open", fake, redis_url, procs.work / "open",
+                                 "--auth", "disabled")
+        data = run.data  # one data dir: one signing secret for both below
+        auth_base, _ = appliance(procs, "auth", fake, redis_url, data)
+        limits = ["--limit-rpm", "1000000", "--limit-tpm", "1000000000",
+                  "--limit-ip-rpm", "1000000", "--limit-concurrency", "1000"]
+        limited_base, _ = appliance(procs, "limited", fake, redis_url, data, *limits)
+        token = credential(data, redis_url, "bench", "1")
+        key = credential(data, redis_url, "bench", "--api-key")
+        bearer = {"Authorization": f"Bearer {token}"}
+        runs = [("upstream directly", fake, {}), ("appliance, auth off", open_base, {}),
+                ("appliance, JWT", auth_base, bearer),
+                ("appliance, API key", auth_base, {"X-API-Key": key}),
+                ("JWT + rate limits", limited_base, bearer)]
+        results: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+        medians: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+        commands = dict.fromkeys(results, 0.0)
+        trips = dict.fromkeys(results, 0.0)
+        for turn in range(args.rounds):
+            shift = turn % len(runs)
+            for name, url, headers in runs[shift:] + runs[:shift]:
+                before, trips_before = redis_commands(sock), _trips(url, fake)
+                lat = asyncio.run(measure(url, headers, per_round))
+                time.sleep(0.3)  # the last settlement goes out within 0.2 s
+                sent = per_round + per_round // 10  # warm-up included
+                commands[name] += (redis_commands(sock) - before) / sent / args.rounds
+                trips[name] += (_trips(url, fake) - trips_before) / sent / args.rounds
+                results[name] += lat
+                medians[name].append(percentile(lat, 0.5))
     report(results, medians, commands, trips, args.rounds)
     return 0
 

@@ -20,7 +20,6 @@ import random
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.stack import Processes, appliance, credential, start_fake, start_redis
+from bench.stack import appliance, credential, stack
 from tests.kit.helpers import REPO
 
 RESULTS = REPO / "bench" / "results"
@@ -175,33 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=24)
     args = parser.parse_args(argv)
     seconds = args.minutes * 60
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = Processes(Path(tmp))
-        try:
-            _, redis_url = start_redis(procs)
-            _, fake = start_fake(procs)
-            data = Path(tmp) / "data"
-            # All traffic comes from one address, so the failed-login block is lifted; the
-            # deadlines are short so the hostile clients are cut within the run.
-            base, pid = appliance(procs, "appliance", fake, redis_url, data,
-                                  "--auth-fail-limit", "1000000000", "--header-timeout", "2",
-                                  "--client-write-timeout", "3", "--limit-rpm", "100000")
-            token = credential(data, redis_url, "soak", "2")
-            limited = credential(data, redis_url, "small", "--api-key", "--rpm", "30")
-            soak = Soak(base, token, limited)
-            samples: list[tuple[float, float, int]] = []
-            print(f"soak: {args.minutes:g} min at concurrency {args.concurrency} against "
-                  f"{base}", file=sys.stderr, flush=True)
+    with stack() as run:
+        procs, redis_url, fake, data = run.procs, run.redis_url, run.fake, run.data
+        # All traffic comes from one address, so the failed-login block is lifted; the
+        # deadlines are short so the hostile clients are cut within the run.
+        base, pid = appliance(procs, "appliance", fake, redis_url, data,
+                              "--auth-fail-limit", "1000000000", "--header-timeout", "2",
+                              "--client-write-timeout", "3", "--limit-rpm", "100000")
+        token = credential(data, redis_url, "soak", "2")
+        limited = credential(data, redis_url, "small", "--api-key", "--rpm", "30")
+        soak = Soak(base, token, limited)
+        samples: list[tuple[float, float, int]] = []
+        print(f"soak: {args.minutes:g} min at concurrency {args.concurrency} against "
+              f"{base}", file=sys.stderr, flush=True)
 
-            async def both() -> None:
-                await asyncio.gather(soak.run(seconds, args.concurrency),
-                                     sample(pid, seconds, samples))
+        async def both() -> None:
+            await asyncio.gather(soak.run(seconds, args.concurrency),
+                                 sample(pid, seconds, samples))
 
-            asyncio.run(both())
-            time.sleep(3)  # the last cut connections close
-            samples.append((seconds + 3, rss_mb(pid), open_fds(pid)))
-        finally:
-            procs.stop()
+        asyncio.run(both())
+        time.sleep(3)  # the last cut connections close
+        samples.append((seconds + 3, rss_mb(pid), open_fds(pid)))
     return report(soak, samples, args, seconds)
 
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.kit.helpers import REPO, free_port, http_status, wait_until
@@ -30,6 +34,30 @@ class Processes:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@dataclass(frozen=True)
+class Stack:
+    procs: Processes
+    redis_sock: Path
+    redis_url: str
+    fake_port: int
+    fake: str  # the fake upstream's base URL
+    data: Path  # a data dir for the appliances: one signing secret for all of them
+
+
+@contextmanager
+def stack() -> Iterator[Stack]:
+    """A work dir with Redis and the fake upstream running; whatever is started in it with
+    stack.procs is stopped at the end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = Processes(Path(tmp))
+        try:
+            sock, redis_url = start_redis(procs)
+            fake_port, fake = start_fake(procs)
+            yield Stack(procs, sock, redis_url, fake_port, fake, Path(tmp) / "data")
+        finally:
+            procs.stop()
 
 
 def start_redis(procs: Processes) -> tuple[Path, str]:

@@ -15,13 +15,11 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from bench.harness import CHAT, LIMITS, MESSAGES
 from bench.loadgen import Target, closed_loop
-from bench.stack import Processes, appliance, credential, start_fake, start_redis
+from bench.stack import appliance, credential, stack
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,31 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     load_cpus = parse_cpus(args.load_cpus)
     os.sched_setaffinity(0, load_cpus)  # this process (the load) and what it starts next
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = Processes(Path(tmp))
-        try:
-            _, redis_url = start_redis(procs)
-            _, fake = start_fake(procs)
-            data = Path(tmp) / "data"
-            systems = {}
-            for workers in (1, 2):
-                base, _ = appliance(procs, f"w{workers}", fake, redis_url, data, *LIMITS,
-                                    "--workers", str(workers), cpus=args.appliance_cpus)
-                systems[workers] = base
-            time.sleep(1.5)  # the second worker's first upstream check
-            token = credential(data, redis_url, "bench", "1")
-            headers = {"Authorization": f"Bearer {token}"}
-            payload = {"model": "fake-model", "messages": MESSAGES}
-            rates: dict[int, list[float]] = {1: [], 2: []}
-            for turn in range(args.rounds):
-                for workers in ((1, 2) if turn % 2 == 0 else (2, 1)):
-                    stats = asyncio.run(closed_loop(Target(systems[workers] + CHAT, headers),
-                                                    payload, args.concurrency, args.seconds))
-                    if stats.errors:
-                        raise SystemExit(f"{stats.errors} errors: {stats.error_samples[:3]}")
-                    rates[workers].append(len(stats.latencies) / stats.wall)
-        finally:
-            procs.stop()
+    with stack() as run:
+        procs, redis_url, fake, data = run.procs, run.redis_url, run.fake, run.data
+        systems = {}
+        for workers in (1, 2):
+            base, _ = appliance(procs, f"w{workers}", fake, redis_url, data, *LIMITS,
+                                "--workers", str(workers), cpus=args.appliance_cpus)
+            systems[workers] = base
+        time.sleep(1.5)  # the second worker's first upstream check
+        token = credential(data, redis_url, "bench", "1")
+        headers = {"Authorization": f"Bearer {token}"}
+        payload = {"model": "fake-model", "messages": MESSAGES}
+        rates: dict[int, list[float]] = {1: [], 2: []}
+        for turn in range(args.rounds):
+            for workers in ((1, 2) if turn % 2 == 0 else (2, 1)):
+                stats = asyncio.run(closed_loop(Target(systems[workers] + CHAT, headers),
+                                                payload, args.concurrency, args.seconds))
+                if stats.errors:
+                    raise SystemExit(f"{stats.errors} errors: {stats.error_samples[:3]}")
+                rates[workers].append(len(stats.latencies) / stats.wall)
     one, two = (statistics.median(rates[w]) for w in (1, 2))
     print(f"load on CPUs {args.load_cpus}, the appliance on CPUs {args.appliance_cpus}; "
           f"closed loop c={args.concurrency}, whole answers, JWT and rate limits on; medians "
