@@ -58,7 +58,17 @@ LINGER = 2.0
 MAX_HEAD_BYTES = 64 * 1024
 # Answers larger than this are watched for progress while they are written out.
 BIG_ANSWER = 256 * 1024
-SMALL_ANSWER = 16 * 1024  # well under the socket's send buffer and the transport's high water
+# Bytes a write may add and still never wait: well under the transport's high-water mark (64
+# KiB), past which the writer pauses and a write waits for the client.
+AT_ONCE = 16 * 1024
+
+
+def goes_out_at_once(protocol: RequestHandler, size: int) -> bool:
+    """Whether writing `size` more bytes cannot wait: the writer is not paused, and the
+    transport's buffer stays under AT_ONCE (such a write needs no deadline)."""
+    transport = protocol.transport
+    return (transport is not None and not protocol.writing_paused
+            and transport.get_write_buffer_size() + size <= AT_ONCE)
 
 
 class Progress:
@@ -358,8 +368,8 @@ class EdgeHandler(RequestHandler):
         it without waiting, so it needs no deadline (a timer each is a cost at thousands of
         requests a second). A client that stopped reading has bytes left in the buffer."""
         size = resp.content_length
-        return (size is not None and size <= SMALL_ANSWER and self.transport is not None
-                and not self.writing_paused and self.transport.get_write_buffer_size() == 0)
+        return (size is not None and self.transport is not None
+                and self.transport.get_write_buffer_size() == 0 and goes_out_at_once(self, size))
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None

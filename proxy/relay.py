@@ -39,7 +39,7 @@ from proxy.backends import (
     UpstreamUnreachable,
 )
 from proxy.deadline import Deadline
-from proxy.edge import reset
+from proxy.edge import goes_out_at_once, reset
 from proxy.errors import ERROR_TYPES, error_body, to_openai
 from proxy.heartbeat import Heartbeat
 from proxy.outcome import Outcome, outcome_of
@@ -191,7 +191,7 @@ class Relay:
 
             async def write(data: bytes) -> None:
                 await beat.stop()
-                if goes_out_at_once(request, len(data)):
+                if goes_out_at_once(request.protocol, len(data)):
                     await stream.write(data)
                 else:
                     await stalled.wait(limit, stream.write(data))
@@ -247,17 +247,6 @@ class Relay:
             raise UpstreamTimeout("The model server went silent") from None
         except ClientError as exc:
             raise UpstreamBroke("The model server broke off the stream") from exc
-
-
-# A write is taken at once while the writer is not paused and the transport's buffer stays well
-# under its high-water mark (64 KiB): nothing can then make the write wait.
-AT_ONCE = 16 * 1024
-
-
-def goes_out_at_once(request: web.Request, size: int) -> bool:
-    transport = request.transport
-    return (transport is not None and not request.protocol.writing_paused
-            and transport.get_write_buffer_size() + size <= AT_ONCE)
 
 
 def is_llama_cpp(upstream: ClientResponse) -> bool:
