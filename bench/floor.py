@@ -46,8 +46,8 @@ async def client(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def _tuned() -> None:
-    tune_gc()
+async def _tune_gc(app: web.Application) -> None:
+    tune_gc()  # the appliance's GC settings: like for like
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
     app[UPSTREAM] = args.upstream
     app.cleanup_ctx.append(client)
     app.router.add_route("*", "/{tail:.*}", relay)
-    app.on_startup.append(lambda _: _tuned())  # the appliance's GC settings: like for like
+    app.on_startup.append(_tune_gc)
     web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
                 loop=uvloop.new_event_loop())
 

@@ -273,10 +273,16 @@ def table(report: dict[str, Any]) -> str:
 
 def targets(report: dict[str, Any]) -> list[str]:
     s = report["scenarios"]
-    whole = s["whole c=32"]["appliance"]["req_per_s"] / s["whole c=32"]["nginx"]["req_per_s"]
-    added = s["whole c=1"]["appliance"]["p50_ms"] - s["whole c=1"]["direct"]["p50_ms"]
-    chunks = (s["stream c=16"]["appliance"]["chunks_per_s"]
-              / s["stream c=16"]["nginx"]["chunks_per_s"])
+
+    def of_nginx(system: str, scenario: str, metric: str) -> float:
+        return s[scenario][system][metric] / s[scenario]["nginx"][metric]
+
+    def added_p50(system: str) -> float:
+        return s["whole c=1"][system]["p50_ms"] - s["whole c=1"]["direct"]["p50_ms"]
+
+    whole = of_nginx("appliance", "whole c=32", "req_per_s")
+    added = added_p50("appliance")
+    chunks = of_nginx("appliance", "stream c=16", "chunks_per_s")
     ttft = s["ttft c=1"]["appliance"]["ttft_p50_ms"] - s["ttft c=1"]["direct"]["ttft_p50_ms"]
     streams = report["streams_1000"]
     checks = [
@@ -292,14 +298,13 @@ def targets(report: dict[str, Any]) -> list[str]:
         share = v["appliance"] / v["direct"]
         checks.append((f"model tokens/s vs direct, {c} (target >= 97%)", f"{share:.1%}",
                        share >= 0.97))
-    floor = {x: s[k]["aiohttp floor"][m] / s[k]["nginx"][m]
-             for x, k, m in (("req", "whole c=32", "req_per_s"),
-                             ("chunks", "stream c=16", "chunks_per_s"))}
-    floor_added = s["whole c=1"]["aiohttp floor"]["p50_ms"] - s["whole c=1"]["direct"]["p50_ms"]
+    floor = "aiohttp floor"
     return (["Targets:"] + [f"- {'met' if ok else 'NOT MET'}: {label}: {shown}"
                             for label, shown, ok in checks]
-            + [f"(The aiohttp floor in the same run: {floor['req']:.0%} of nginx's req/s, "
-               f"+{floor_added:.3f} ms p50 at c=1, {floor['chunks']:.0%} of its chunks/s.)"])
+            + [f"(The aiohttp floor in the same run: "
+               f"{of_nginx(floor, 'whole c=32', 'req_per_s'):.0%} of nginx's req/s, "
+               f"+{added_p50(floor):.3f} ms p50 at c=1, "
+               f"{of_nginx(floor, 'stream c=16', 'chunks_per_s'):.0%} of its chunks/s.)"])
 
 
 def write_outputs(report: dict[str, Any]) -> None:
