@@ -42,13 +42,20 @@ class Heartbeat:
         self.interval = interval
         self.write_timeout = write_timeout
         self.response: web.StreamResponse | None = None
+        # Most streams get their first token before the first beat is due: until then a timer
+        # stands in for the beat's task (a task per stream cost a wake-up and a cancellation).
+        self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one of the beat or the relay starts the response
 
     async def __aenter__(self) -> Heartbeat:
         if self.interval > 0:
-            self._task = asyncio.create_task(self._beat())
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._wake)
         return self
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._task = asyncio.create_task(self._beat())
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
@@ -62,9 +69,17 @@ class Heartbeat:
                 self.response = self.request[OPEN_STREAM] = response
             return self.response
 
+    @property
+    def beating(self) -> bool:
+        """Whether stop() has anything to stop (a stream checks before each chunk)."""
+        return self._timer is not None or self._task is not None
+
     async def stop(self) -> None:
         """No more comments (before the first real chunk is written). A comment being written
         is whole in the transport's buffer already: cancelling only stops waiting on it."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -73,11 +88,11 @@ class Heartbeat:
 
     async def _beat(self) -> None:
         try:
-            while True:
-                await asyncio.sleep(self.interval)
+            while True:  # the first beat is due now
                 async with asyncio.timeout(self.write_timeout):
                     response = await self.start()
                     await response.write(KEEP_ALIVE)
+                await asyncio.sleep(self.interval)
         except TimeoutError:  # the client stopped reading while it waited
             log.warning("the client of a waiting stream stopped reading; connection cut")
             reset(self.request.transport)

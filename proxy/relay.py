@@ -190,7 +190,8 @@ class Relay:
         with Deadline() as stalled:
 
             async def write(data: bytes) -> None:
-                await beat.stop()
+                if beat.beating:
+                    await beat.stop()
                 if goes_out_at_once(request.protocol, len(data)):
                     await stream.write(data)
                 else:
@@ -230,11 +231,14 @@ class Relay:
     async def chunks(self, upstream: ClientResponse, meter: UsageMeter | None
                      ) -> AsyncIterator[bytes]:
         """The upstream's bytes as they come (through the usage meter), each within the idle
-        deadline."""
+        deadline (none needed for bytes that are here already)."""
+        content = upstream.content
         try:
             with Deadline() as idle:
                 while True:
-                    chunk = await idle.wait(self.timeouts.idle, upstream.content.readany())
+                    chunk = content.read_nowait()
+                    if not chunk:
+                        chunk = await idle.wait(self.timeouts.idle, content.readany())
                     if not chunk:
                         if meter is not None and (rest := meter.flush()):
                             yield rest
