@@ -13,7 +13,6 @@ SSE error event (front middleware: proxy/middlewares.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from aiohttp import web
@@ -83,8 +82,13 @@ class Heartbeat:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                # The beat's own end; a cancel aimed at the caller (a shutdown) goes on.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
 
     async def _beat(self) -> None:
         try:
