@@ -135,8 +135,10 @@ async def _in_openai_shape(request: web.Request, handler: Handler) -> web.Stream
             raise
         error_log.exception("unhandled error in %s %s (request %s)", request.method,
                             request.rel_url.raw_path, request[REQUEST_ID])
-        return OpenAIError(500, f"Internal error; request id {request[REQUEST_ID]}",
-                           code="internal_error").response()
+        # A stream already under way ends with the error event (a second response on it
+        # would leave the client waiting for an end that never comes).
+        return await _answer(request, OpenAIError(
+            500, f"Internal error; request id {request[REQUEST_ID]}", code="internal_error"))
 
 
 async def _answer(request: web.Request, error: OpenAIError) -> web.StreamResponse:

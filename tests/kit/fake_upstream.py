@@ -115,6 +115,10 @@ async def _stream(request: web.Request, record: Record, fake: dict[str, Any],
         for i in range(fake.get("chunks", 3)):
             if i == fake.get("stall_after"):
                 await asyncio.sleep(3600)
+            if i == fake.get("break_after"):  # the server dies mid-answer: no chunked end
+                assert request.transport is not None
+                request.transport.abort()
+                return response
             await response.write(chunk(i))
             await asyncio.sleep(fake.get("gap", 0))
         if usage:

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from proxy.server import Running
+from proxy.usage import UsageMeter
 from tests.conftest import Fake, ProxyFactory
 from tests.kit.helpers import eventually
 
@@ -66,6 +67,48 @@ async def test_idle_gap_ends_stream_with_error_event(make_proxy: ProxyFactory, f
     assert error["code"] == "upstream_timeout" and error["type"] == "server_error"
     # The stalled upstream request was abandoned, not left running.
     await eventually(lambda: fake.record.cancelled == 1, 1, "the upstream request to be dropped")
+
+
+async def test_a_stream_broken_off_upstream_ends_with_an_error_event(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    """What came before the break is relayed whole, then an OpenAI error event, then the end."""
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+        async with client.post(proxy.base_url + CHAT,
+                               json=chat({"chunks": 5, "break_after": 3})) as resp:
+            assert resp.status == 200
+            events = await read_events(resp)
+    assert len(events) == 4
+    assert [orjson.loads(e.removeprefix(b"data: "))["choices"][0]["delta"]["content"]
+            for e in events[:3]] == ["tok0 ", "tok1 ", "tok2 "]
+    error = orjson.loads(events[-1].removeprefix(b"data: "))["error"]
+    assert error["code"] == "upstream_error" and error["type"] == "server_error"
+
+
+async def test_an_internal_error_mid_stream_ends_it_with_an_error_event(
+    make_proxy: ProxyFactory, fake: Fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect of ours after a stream has started must still end it, not leave the client
+    waiting (the response can no longer be a 500)."""
+    seen = []
+
+    def failing(self: UsageMeter, chunk: bytes) -> bytes:
+        seen.append(chunk)
+        if len(seen) == 2:
+            raise RuntimeError("a defect")
+        return chunk
+
+    monkeypatch.setattr(UsageMeter, "filter", failing)
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
+        async with client.post(proxy.base_url + CHAT,
+                               json=chat({"chunks": 5, "gap": 0.05})) as resp:
+            assert resp.status == 200
+            events = await read_events(resp)
+    assert len(events) == 2
+    error = orjson.loads(events[-1].removeprefix(b"data: "))["error"]
+    assert error["code"] == "internal_error" and "a defect" not in events[-1].decode()
 
 
 async def test_first_byte_timeout_is_504(make_proxy: ProxyFactory, fake: Fake) -> None:
