@@ -109,7 +109,9 @@ class Conversations:
                 pipe.hsetnx(meta_key, "created_at", now)
                 pipe.hset(meta_key, mapping={"updated_at": now, "model": model})
                 pipe.rpush(msgs_key, *(orjson.dumps(m).decode() for m in messages))
-                pipe.zadd(index_key, {cid: now})
+                # Ranked by the microsecond (exact in a double until the year 2255): exchanges
+                # within one second keep their order.
+                pipe.zadd(index_key, {cid: time.time_ns() // 1000})
                 for key in (meta_key, msgs_key, index_key):
                     pipe.expire(key, self.ttl)
                 pipe.zcard(index_key)
