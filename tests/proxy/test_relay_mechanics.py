@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import orjson
@@ -74,15 +75,10 @@ async def test_a_stream_broken_off_upstream_ends_with_an_error_event(
 ) -> None:
     """What came before the break is relayed whole, then an OpenAI error event, then the end."""
     proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
-        async with client.post(proxy.base_url + CHAT,
-                               json=chat({"chunks": 5, "break_after": 3})) as resp:
-            assert resp.status == 200
-            events = await read_events(resp)
+    events, error = await stream_ending_in_error(proxy, {"chunks": 5, "break_after": 3})
     assert len(events) == 4
     assert [orjson.loads(e.removeprefix(b"data: "))["choices"][0]["delta"]["content"]
             for e in events[:3]] == ["tok0 ", "tok1 ", "tok2 "]
-    error = orjson.loads(events[-1].removeprefix(b"data: "))["error"]
     assert error["code"] == "upstream_error" and error["type"] == "server_error"
 
 
@@ -101,14 +97,20 @@ async def test_an_internal_error_mid_stream_ends_it_with_an_error_event(
 
     monkeypatch.setattr(UsageMeter, "filter", failing)
     proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+    events, error = await stream_ending_in_error(proxy, {"chunks": 5, "gap": 0.05})
+    assert len(events) == 2
+    assert error["code"] == "internal_error" and "a defect" not in events[-1].decode()
+
+
+async def stream_ending_in_error(proxy: Running, fake_options: dict[str, Any]
+                                 ) -> tuple[list[bytes], dict[str, Any]]:
+    """A stream's events and the error its last one carries; a client that is never answered
+    fails the test within 10 s instead of hanging it."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
-        async with client.post(proxy.base_url + CHAT,
-                               json=chat({"chunks": 5, "gap": 0.05})) as resp:
+        async with client.post(proxy.base_url + CHAT, json=chat(fake_options)) as resp:
             assert resp.status == 200
             events = await read_events(resp)
-    assert len(events) == 2
-    error = orjson.loads(events[-1].removeprefix(b"data: "))["error"]
-    assert error["code"] == "internal_error" and "a defect" not in events[-1].decode()
+    return events, orjson.loads(events[-1].removeprefix(b"data: "))["error"]
 
 
 async def test_first_byte_timeout_is_504(make_proxy: ProxyFactory, fake: Fake) -> None:
