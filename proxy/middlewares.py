@@ -129,21 +129,19 @@ async def _in_openai_shape(request: web.Request, handler: Handler) -> web.Stream
         raise
     except Exception as exc:
         error = to_openai(exc, request)
-        if error is not None:
-            return await _answer(request, error)
-        if isinstance(exc, web.HTTPException):  # below 400: a redirect, not an error
-            raise
-        error_log.exception("unhandled error in %s %s (request %s)", request.method,
-                            request.rel_url.raw_path, request[REQUEST_ID])
-        # A stream already under way ends with the error event (a second response on it
-        # would leave the client waiting for an end that never comes).
-        return await _answer(request, OpenAIError(
-            500, f"Internal error; request id {request[REQUEST_ID]}", code="internal_error"))
+        if error is None:
+            if isinstance(exc, web.HTTPException):  # below 400: a redirect, not an error
+                raise
+            error_log.exception("unhandled error in %s %s (request %s)", request.method,
+                                request.rel_url.raw_path, request[REQUEST_ID])
+            error = OpenAIError(500, f"Internal error; request id {request[REQUEST_ID]}",
+                                code="internal_error")
+        return await _answer(request, error)
 
 
 async def _answer(request: web.Request, error: OpenAIError) -> web.StreamResponse:
-    """On a stream that has already started (a heartbeat kept it open while it waited), an
-    error can only be the SSE event that ends it."""
+    """On a stream that has already started, any error, ours included, can only be the SSE
+    event that ends it (a second response would leave the client waiting for an end)."""
     return await answer(error, request.get(OPEN_STREAM))
 
 
