@@ -128,19 +128,14 @@ class AutoPipeline:
                         raise RedisConnectionError("Redis's reply was lost")
                     replies.append(reply)
             return replies
-        except TimeoutError:
-            self._conn = None
-            await self._discard(conn)
-            raise RedisTimeoutError("Timeout reading from Redis") from None
-        except BaseException:
+        except BaseException as exc:
             # Where the replies stand is unknown: this connection is never used again.
             self._conn = None
-            await self._discard(conn)
+            await conn.disconnect()
+            await self.redis.connection_pool.release(conn)
+            if isinstance(exc, TimeoutError):  # ours: in redis-py's terms, as callers expect
+                raise RedisTimeoutError("Timeout reading from Redis") from None
             raise
-
-    async def _discard(self, conn: Any) -> None:
-        await conn.disconnect()
-        await self.redis.connection_pool.release(conn)
 
     async def release(self) -> None:
         """Give the connection back to the client's pool (before the client closes)."""

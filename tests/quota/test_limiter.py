@@ -146,3 +146,29 @@ async def test_a_lost_reply_drops_the_connection_and_fails_the_batch(redis_url: 
     assert await pipeline.call("PING") in (b"PONG", "PONG", True)
     await pipeline.release()
     await redis.aclose()
+
+
+async def test_a_batch_past_the_socket_timeout_fails_as_redis_timeout_and_drops_it(
+    redis_url: str
+) -> None:
+    """Redis that does not answer within the client's socket timeout: the batch fails with
+    redis-py's TimeoutError (what the limiter's callers expect) and its connection, whose
+    replies would come late and out of step, is dropped."""
+    from quota.pipeline import AutoPipeline
+
+    redis = make_client(redis_url, 0.25)
+    pipeline = AutoPipeline(redis)
+    assert await pipeline.call("PING") in (b"PONG", "PONG", True)
+    conn = pipeline._conn
+    slow = make_client(redis_url, 5)
+    await slow.execute_command("CLIENT", "PAUSE", "800", "ALL")  # Redis silent for 0.8 s
+    try:
+        with pytest.raises(redis_sync.exceptions.TimeoutError):
+            await pipeline.call("PING")
+        assert pipeline._conn is None and not conn.is_connected
+    finally:
+        await slow.execute_command("CLIENT", "UNPAUSE")
+    assert await pipeline.call("PING") in (b"PONG", "PONG", True)
+    await pipeline.release()
+    await redis.aclose()
+    await slow.aclose()
