@@ -129,7 +129,7 @@ class TokenVerifier:
                                      kind="malformed")
         try:
             key = self._key if self._jwks is None else await self._jwks_key(token)
-            return jwt.decode(
+            claims = jwt.decode(
                 token, key, algorithms=self.algorithms, audience=self.settings.jwt_audience,
                 issuer=self.settings.jwt_issuer, leeway=self.settings.jwt_leeway,
                 options={"require": self._required, "verify_aud": bool(self.settings.jwt_audience)},
@@ -138,6 +138,8 @@ class TokenVerifier:
             raise CredentialRejected("JWT expired", "Token expired", kind="expired") from None
         except jwt.PyJWTError as exc:
             raise CredentialRejected(f"JWT rejected: {type(exc).__name__}: {exc}") from None
+        _numeric_dates(claims)
+        return claims
 
     async def _jwks_key(self, token: str) -> Any:
         if isinstance(self._jwks, LocalJwks):
@@ -157,6 +159,16 @@ class TokenVerifier:
             rpm=positive_int(claims.get("rpm")), tpm=positive_int(claims.get("tpm")),
             credential=str(claims.get("jti", "")),
         )
+
+
+def _numeric_dates(claims: dict[str, Any]) -> None:
+    """RFC 7519's NumericDate claims are JSON numbers; PyJWT also takes numeric strings
+    ("exp": "1796310000"), which no issuer of ours writes: refused."""
+    for name in ("exp", "nbf", "iat"):
+        value = claims.get(name)
+        if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)
+                               or not math.isfinite(value)):
+            raise CredentialRejected(f"JWT rejected: `{name}` is not a number")
 
 
 def issue_token(settings: Settings, subject: str, hours: float, *, scopes: list[str] | None = None,

@@ -186,6 +186,8 @@ def _resolve(s: Settings, serving: bool) -> Settings:
                  "chat_context_tokens"):
         if getattr(s, name) < 0:
             raise ConfigError(name, "must not be negative")
+    if not 1 <= s.ipv6_prefix <= 128:
+        raise ConfigError("ipv6_prefix", f"{s.ipv6_prefix} is outside 1-128")
     _check_auth(s)
     _check_edge(s)
     upstreams = [_normalise_upstream(url) for url in s.upstreams]

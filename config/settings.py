@@ -116,6 +116,17 @@ class Settings:
         65536, "int", "kernel send buffer per client connection in bytes (0 = the OS default, "
         "which lets a client that stops reading absorb megabytes first)"
     )
+    client_half_close: str = _opt(
+        "abort", "choice", "a client that closes its side of the connection while its request "
+        "runs has left (abort: stop the request, free its slot, 499) or still waits for its "
+        "answer (answer: rare HTTP/1.1 clients that shut down writing)",
+        choices=("abort", "answer"),
+    )
+    ipv6_prefix: int = _opt(
+        64, "int", "IPv6 clients are counted by their /N network in the per-address limits, "
+        "connection caps and failed-login block (a subscriber gets a whole /64 and can rotate "
+        "through it; 128: each address apart). Logs keep the full address"
+    )
     max_connections: int = _opt(2048, "int", "open client connections at once (0 = no cap)")
     max_connections_per_client: int = _opt(
         64, "int", "open connections from one client address (0 = no cap; loopback: total only)"

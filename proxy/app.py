@@ -59,7 +59,7 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     setup_edge(app, max_body_bytes=s.max_body_bytes, shutdown_grace=s.shutdown_grace)
     setup_metrics(app, Metrics(per_principal=s.metrics_per_principal))
     app.on_shutdown.extend(on_shutdown)
-    setup_forwarded(app, trusted_proxies(s), s.forwarded_header)
+    setup_forwarded(app, trusted_proxies(s), s.forwarded_header, s.ipv6_prefix)
     setup_cors(app, s.cors_origins)
     # The store comes up before the model, so a bad Redis fails fast.
     setup_store(app, url=s.redis_url, data_dir=s.data_dir, binary=s.redis_server,

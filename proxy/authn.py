@@ -22,8 +22,9 @@ from auth.errors import (
 from auth.guard import FailureGuard
 from auth.principal import ADMIN, INFERENCE, Principal
 from auth.tokens import TokenVerifier
+from proxy.edge import Throttled
 from proxy.errors import to_openai
-from proxy.forwarded import client_address
+from proxy.forwarded import client_address, client_group
 from proxy.outcome import outcome_of
 from proxy.store import REDIS
 
@@ -35,6 +36,7 @@ AUTH = web.AppKey("auth", Authenticator)
 KEYS = web.AppKey("keys", KeyStore)
 GUARD = web.AppKey("guard", FailureGuard)
 PRINCIPAL = web.RequestKey("principal", Principal)  # set here, for every protected request
+REFUSED = web.AppKey("refused_log", Throttled)
 
 
 def setup_auth(app: web.Application, *, tokens: TokenVerifier, required: bool, dev_mode: bool,
@@ -42,6 +44,9 @@ def setup_auth(app: web.Application, *, tokens: TokenVerifier, required: bool, d
                fail_window: float) -> None:
     """Call after setup_edge (its middleware must run first) and setup_store."""
     app[GUARD] = FailureGuard(fail_limit, fail_window)
+    # One line per few seconds: bad credentials from many addresses must not flood the log
+    # (the metrics count every failure).
+    app[REFUSED] = Throttled(logging.WARNING, "auth %d for %s %s from %s: %s", log)
     app.middlewares.append(authenticate)
     app.cleanup_ctx.append(functools.partial(
         _credentials, tokens, key_cache_ttl,
@@ -72,10 +77,10 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
 async def authorize(request: web.Request, needed: str) -> Principal:
     """The caller's principal, if its credential is good and has the `needed` scope; else an
     AuthError (its reason logged, its kind noted for the metrics)."""
-    ip = client_address(request)
+    ip, group = client_address(request), client_group(request)
     guard = request.app[GUARD]
     outcome = outcome_of(request)
-    if wait := guard.blocked_for(ip):
+    if wait := guard.blocked_for(group):
         outcome.auth_failure = "blocked"
         raise TooManyFailures(wait)  # not logged: an attack must not flood the log
     try:
@@ -87,11 +92,11 @@ async def authorize(request: web.Request, needed: str) -> Principal:
     except AuthError as exc:
         outcome.auth_failure = _failure_kind(exc)
         if isinstance(exc, CredentialRejected):
-            guard.record(ip)
+            guard.record(group)
         # The reason names a key prefix or jti at most; the secret itself is never logged.
         answer = to_openai(exc, request)
-        log.warning("auth %d for %s %s from %s: %s", answer.status if answer else 500,
-                    request.method, request.rel_url.raw_path, ip, exc.reason)
+        request.app[REFUSED](answer.status if answer else 500, request.method,
+                             request.rel_url.raw_path, ip, exc.reason)
         raise
     outcome.principal, outcome.credential = principal.id, principal.kind
     return principal

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -69,12 +70,20 @@ class Backend:
     state: State = State.STARTING
     reason: str | None = None
     supervised: bool = False  # the child's state belongs to its supervisor, not to the relay
-    # llama-server closes its connection after a stream although it says keep-alive, so a
-    # stream to it asks for the close; one that does not identify as llama.cpp, learned from
-    # its answers, keeps the connection (a new one per stream costs a third of a stream's time).
-    streams_keep_alive: bool = False
+    # Whether it is llama-server (its Server header says; None until it has answered).
+    llama_cpp: bool | None = None
     changed: float = field(default_factory=time.monotonic)
     _urls: dict[str, tuple[str, URL]] = field(default_factory=dict, repr=False)
+
+    @property
+    def streams_keep_alive(self) -> bool:
+        """llama-server closes its connection after a stream although it says keep-alive, so a
+        stream to it (or to a server not yet known) asks for the close; others keep it (a new
+        connection per stream costs a third of a stream's time)."""
+        return self.llama_cpp is False
+
+    def learn(self, headers: Mapping[str, str]) -> None:
+        self.llama_cpp = "llama.cpp" in headers.get("Server", "")
 
     def set_state(self, state: State, reason: str | None = None) -> None:
         if state is not self.state:
@@ -171,6 +180,7 @@ async def check_upstream(client: ClientSession, backend: Backend, limit: float,
                               timeout=ClientTimeout(total=limit)) as resp:
             if resp.status != 200:
                 raise ValueError(f"/v1/models answered {resp.status}")
+            backend.learn(resp.headers)
             data = await resp.json(content_type=None)
         ids = tuple(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and "id" in m)
         backend.models = ids or backend.models

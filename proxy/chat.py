@@ -269,12 +269,11 @@ class Turn:
     async def whole(self, sent: bytes, meter: Any) -> web.Response:
         relay = self.request.app[RELAY]
         async with model_slot(self.request, self.principal):
-            upstream = await relay.fetch(self.backends, PATH, sent, False,
-                                         self.request[REQUEST_ID], outcome_of(self.request))
-            body = await relay.read_whole(upstream)
-        if upstream.status != 200:
-            raise ModelRefused(upstream.status, body)
-        meter.from_body(body)
+            whole = await relay.whole(self.backends, PATH, sent, self.request[REQUEST_ID],
+                                      outcome_of(self.request), meter)
+        body = whole.body if isinstance(whole.body, bytes) else b""
+        if whole.status != 200:
+            raise ModelRefused(whole.status, body)
         answer = from_whole(body)
         await self.keep(answer)
         return json_response({"response": answer.text, "conversation_id": self.cid,
@@ -323,7 +322,7 @@ class Turn:
         outcome = outcome_of(self.request)
         async with model_slot(self.request, self.principal):
             upstream = await relay.fetch(self.backends, PATH, sent, True,
-                                         self.request[REQUEST_ID], outcome)
+                                         self.request[REQUEST_ID], outcome, meter)
             try:
                 if not is_stream(upstream):
                     raise ModelRefused(upstream.status, await relay.read_whole(upstream))

@@ -9,6 +9,10 @@
 - Requests aiohttp's parser refuses (a bad request line, an oversized header, too many headers)
   answered in OpenAI's shape with the right status (400, 414, 431), never echoing the request,
   logged as one WARNING line without a traceback; a client that leaves is an INFO line.
+- A client that closes its side of the connection while its request runs has left (what every
+  HTTP client does on a timeout or a cancel): the connection closes, the request's handler is
+  cancelled at once (its queue place, slot and upstream connection go with it) and the access
+  line says 499, as nginx does by default. `answer_half_close` keeps answering such a client.
 
 aiohttp builds its protocol objects itself, so this module depends on aiohttp's request handler
 and server internals (aiohttp is pinned in requirements.txt).
@@ -36,7 +40,7 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.errors import error_body
-from proxy.forwarded import TrustedProxies
+from proxy.forwarded import TrustedProxies, address_group
 from proxy.ids import new_id
 
 log = logging.getLogger("proxy.edge")
@@ -108,8 +112,12 @@ class EdgeLimits:
     # deadline starts, so it bounds how long such a client keeps the model.
     send_buffer: int = 65536
     max_body: int = 8 * 1024 * 1024  # a body larger than this is not asked for (Expect)
+    # A client that shuts down writing still waits for its answer (rare), rather than having
+    # left (every client that times out or is cancelled; the default).
+    answer_half_close: bool = False
     # Trusted proxies and tunnels carry many clients each: like loopback, total cap only.
     proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
+    ipv6_prefix: int = 64  # IPv6 peers are counted by their /64 (one subscriber's network)
 
 
 def _refusal(status: int, reason: str, message: str, code: str,
@@ -143,8 +151,8 @@ class Throttled:
     """Log a kind of event at most once per QUIET_FOR seconds, saying how many were not
     logged: a flood of refusals must not flood the log too."""
 
-    def __init__(self, level: int, message: str) -> None:
-        self.level, self.message = level, message
+    def __init__(self, level: int, message: str, logger: logging.Logger = log) -> None:
+        self.level, self.message, self.log = level, message, logger
         self._next = 0.0
         self._quiet = 0
 
@@ -154,7 +162,7 @@ class Throttled:
             self._quiet += 1
             return
         more = f" (and {self._quiet} more in the last {QUIET_FOR:.0f}s)" if self._quiet else ""
-        log.log(self.level, self.message + more, *args)
+        self.log.log(self.level, self.message + more, *args)
         self._next, self._quiet = now + QUIET_FOR, 0
 
 
@@ -188,16 +196,24 @@ class EdgeServer(web.Server):
     def __call__(self) -> RequestHandler:
         return EdgeHandler(self, loop=self._loop, **self._kwargs)
 
-    def admit(self, peer: str) -> bool:
+    def key_of(self, peer: str) -> str | None:
+        """What a connection from `peer` counts under: its address (an IPv6 one's network),
+        or None (loopback, a trusted proxy, no per-client cap: the total cap only)."""
+        edge = self.edge
+        if (not peer or not edge.max_connections_per_client or _is_loopback(peer)
+                or peer in edge.proxies):
+            return None
+        return address_group(peer, edge.ipv6_prefix)
+
+    def admit(self, key: str | None) -> bool:
         """Count a new connection in, or say it is one too many."""
         edge = self.edge
         if edge.max_connections and len(self._connections) >= edge.max_connections:
             return False
-        if (peer and edge.max_connections_per_client and not _is_loopback(peer)
-                and peer not in edge.proxies):
-            if self.by_peer.get(peer, 0) >= edge.max_connections_per_client:
+        if key is not None:
+            if self.by_peer.get(key, 0) >= edge.max_connections_per_client:
                 return False
-            self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+            self.by_peer[key] = self.by_peer.get(key, 0) + 1
         return True
 
     def forget(self, peer: str) -> None:
@@ -238,7 +254,8 @@ class EdgeHandler(RequestHandler):
         assert isinstance(server, EdgeServer)
         peername = transport.get_extra_info("peername")
         peer = peername[0] if isinstance(peername, tuple) else ""
-        admitted = server.admit(peer)  # before this one is counted among the connections
+        key = server.key_of(peer)
+        admitted = server.admit(key)  # before this one is counted among the connections
         sock = transport.get_extra_info("socket")
         if server.edge.send_buffer and sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, server.edge.send_buffer)
@@ -247,7 +264,7 @@ class EdgeHandler(RequestHandler):
             REFUSED_CONNECTION(peer)
             self._refuse(too_many())
             return
-        self._counted_peer = peer
+        self._counted_peer = key
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self._gone.done():
@@ -317,16 +334,22 @@ class EdgeHandler(RequestHandler):
             request.writer.output_size = 0  # the answer's own size starts after this
 
     def eof_received(self) -> bool:
-        """A client that half-closes after its request still gets the answer, then the
-        connection closes (the default would drop the connection, answer unsent). One that
-        half-closes with nothing under way is simply closed. (uvloop may say it twice.)"""
+        """The client closed its side. With nothing under way, or an answer lingering, the
+        connection simply closes. A request under way (its body being read, queued, waiting
+        for the model, streaming) is abandoned: closing cancels its handler at once. Only with
+        answer_half_close does the client still get its answer, then the connection closes.
+        (uvloop may say it twice.)"""
         if self._answering_eof:
             return True
-        if self._idle() or self._close:  # nothing under way, or answered and lingering
-            return False
+        if self._idle() or self._close or not self._answers_half_close():
+            return False  # the transport closes; connection_lost cancels the handler
         self._answering_eof = True
         self.close()
         return True
+
+    def _answers_half_close(self) -> bool:
+        server = self._manager
+        return isinstance(server, EdgeServer) and server.edge.answer_half_close
 
     def _idle(self) -> bool:
         """Waiting for the next request, none of it here yet (between taking a request off

@@ -14,6 +14,7 @@ never see.)
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -26,6 +27,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 CLIENT = web.RequestKey("client", str)  # set only when a trusted proxy named the client
+IPV6_PREFIX = web.AppKey("ipv6_prefix", int)  # IPv6 clients are counted by this network
 SCHEME = web.RequestKey("scheme", str)
 MAX_HOPS = 32  # a longer chain is junk or an attack; only its rightmost hops are read
 UNKNOWN = "unknown"  # the client a proxy would not name: all such share one window
@@ -122,14 +124,30 @@ def client_address(request: web.BaseRequest) -> str:
     return request.get(CLIENT) or request.remote or "unknown"
 
 
+def client_group(request: web.BaseRequest) -> str:
+    """Whom per-address limits and the failed-login block count the client as."""
+    return address_group(client_address(request), request.app.get(IPV6_PREFIX, 128))
+
+
+@functools.lru_cache(maxsize=4096)
+def address_group(address: str, ipv6_prefix: int) -> str:
+    """An IPv4 address itself; an IPv6 one as its /ipv6_prefix network, since one subscriber
+    gets a whole /64 and could rotate through it to escape a per-address limit."""
+    ip = parse_address(address)
+    if not isinstance(ip, ipaddress.IPv6Address) or ipv6_prefix >= 128:
+        return address if ip is None else str(ip)
+    return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+
+
 def client_scheme(request: web.BaseRequest) -> str:
     return request.get(SCHEME) or request.scheme
 
 
 def setup_forwarded(app: web.Application, trusted: TrustedProxies,
-                    header: str = "x-forwarded-for") -> None:
+                    header: str = "x-forwarded-for", ipv6_prefix: int = 64) -> None:
     """Call right after setup_edge: its refusals are shaped and logged like any other, and the
     access line (written when the request ends) names the client decided here."""
+    app[IPV6_PREFIX] = ipv6_prefix
     if not trusted:
         return  # nothing believed: the client is the peer, as aiohttp sees it
 

@@ -4,6 +4,7 @@ and OpenAI's x-ratelimit-* headers. The rules themselves live in quota/."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import signal
@@ -17,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from auth.principal import Principal
-from proxy.forwarded import client_address
+from proxy.forwarded import client_group
 from proxy.ids import new_id
 from proxy.middlewares import DRAIN
 from proxy.outcome import outcome_of
@@ -133,20 +134,20 @@ async def limited(request: web.Request, principal: Principal, path: str, raw: by
     limiter = request.app[LIMITER]
     outcome = outcome_of(request)
     prompt = prompt_tokens(raw)
-    tokens = prompt + completion_budget(body, path, request.app[DEFAULT_MAX_TOKENS])
-    admission = await limiter.admit(new_id(), principal.id, client_address(request),
-                                    tokens, rpm=principal.rpm, tpm=principal.tpm)
+    completion = completion_budget(body, path, request.app[DEFAULT_MAX_TOKENS])
+    admission = await limiter.admit(new_id(), principal.id, client_group(request),
+                                    prompt + completion, rpm=principal.rpm, tpm=principal.tpm)
     changes: dict[str, Any] = {}
     if admission is not None:
         request[ADMISSION] = admission  # headers go out with the response, streamed or not
-        admission.prompt_estimate = prompt
         if not admission.allowed:
             outcome.limit = next((w.name for w in admission.denied()), "rpm")
             raise RateLimited(admission)
         outcome.limit = "ok" if admission.in_store else "local"
         window = admission.token_window
         if window is not None and not path.endswith("/embeddings"):
-            changes.update(capped(body, max(window.cost - prompt, 1)))
+            completion = min(completion, max(window.cost - prompt, 1))
+            changes.update(capped(body, completion))
     # Streams are asked for their usage (and the event is removed again if the client did not
     # ask): the limits, the metrics and the usage ledger all count what the model reports.
     strip = stream and not wants_usage_in_stream(body) and request.app[STREAM_USAGE]
@@ -154,13 +155,19 @@ async def limited(request: web.Request, principal: Principal, path: str, raw: by
         changes["stream_options"] = usage_requested(body)
     if changes:
         raw = orjson.dumps({**body, **changes})
-    meter = UsageMeter(admission, strip)
+    meter = UsageMeter(strip, prompt, completion)
     try:
         yield raw, meter
+    except asyncio.CancelledError:  # the client left (its connection closed or was reset)
+        meter.left()
+        raise
     finally:
+        if outcome.disconnect:  # it left while a stream was being written
+            meter.left()
         if outcome.backend:  # it went to a model server (not refused by the queue first)
-            outcome.prompt_tokens, outcome.completion_tokens = meter.spent(prompt)
+            outcome.prompt_tokens, outcome.completion_tokens = meter.spent()
         if admission is not None:
+            admission.usage = meter.total()
             limiter.settle(admission)  # queued, not awaited: off the latency path
 
 

@@ -63,8 +63,9 @@ class Metrics:
         self.open_streams = Gauge(p + "open_streams", "Event streams open to clients now "
                                   "(waiting for a slot or a first token, or being sent)",
                                   registry=r, multiprocess_mode="livesum")
-        self.disconnects = Counter(p + "client_disconnects", "Streams that ended because the "
-                                   "client left (gone) or stopped reading (write_timeout)",
+        self.disconnects = Counter(p + "client_disconnects", "Requests that ended because the"
+                                   " client left (gone: it closed or reset the connection) or "
+                                   "stopped reading a stream (write_timeout)",
                                    ["reason"], registry=r)
         self.queue_waiting = Gauge(p + "queue_waiting", "Requests waiting for a model slot",
                                    registry=r, multiprocess_mode="livemax")

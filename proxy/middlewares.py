@@ -60,8 +60,7 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response = await _in_openai_shape(request, handler)
             except asyncio.CancelledError:
                 if not drain.aborting:  # the client left: nobody to answer
-                    if outcome.stream and not outcome.disconnect:
-                        outcome.disconnect = "gone"
+                    outcome.disconnect = outcome.disconnect or "gone"
                     raise
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 response = await cut_short(request, request.get(OPEN_STREAM))

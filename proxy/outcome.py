@@ -30,7 +30,7 @@ class Outcome:
     auth_failure: str = ""  # why the credential was refused (missing, invalid, expired, ...)
     queue_refused: str = ""  # full, timeout, closed
     upstream_errors: list[tuple[str, str]] = field(default_factory=list)  # (backend, kind)
-    disconnect: str = ""  # gone, write_timeout: how a stream ended early
+    disconnect: str = ""  # gone (the client left), write_timeout (it stopped reading)
     status: int = 0
     duration: float = 0.0
 

@@ -36,7 +36,8 @@ async def _backends(child: Settings | None, urls: list[str], upstream_key: str |
     pool: list[Backend] = []
     supervisor = None
     if child is not None:
-        backend = Backend("llama-server", "", models=(str(child.model_alias),), supervised=True)
+        backend = Backend("llama-server", "", models=(str(child.model_alias),), supervised=True,
+                          llama_cpp=True)
         supervisor = LlamaSupervisor(child, client, backend)
         await supervisor.start()
         pool.append(backend)

@@ -30,6 +30,7 @@ from aiohttp import (
     web,
 )
 
+from proxy.assemble import ASSEMBLED, Assembly, stream_request
 from proxy.backends import (
     Backend,
     ModelLoading,
@@ -82,27 +83,70 @@ class Relay:
         have started its response already."""
         beat = heartbeat or Heartbeat(request, 0, self.timeouts.client_write)
         outcome = outcome_of(request)
-        upstream = await self.fetch(backends, path, raw, stream, request_id, outcome)
-        if is_stream(upstream):
-            return await self._stream(request, upstream, meter, request_id, beat)
-        try:
-            answer = await self._whole(upstream, meter)
-        except (UpstreamTimeout, UpstreamBroke) as exc:
-            outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
-            raise
+        if not stream:
+            answer = await self.whole(backends, path, raw, request_id, outcome, meter)
+        else:
+            upstream = await self.fetch(backends, path, raw, True, request_id, outcome, meter)
+            if is_stream(upstream):
+                return await self._stream(request, upstream, meter, request_id, beat)
+            answer = await self._read(upstream, meter, outcome)  # an error, mostly
         await beat.stop()
         if beat.response is not None:  # the stream started while it waited
             return await as_events(answer, beat.response)
         return answer
 
+    async def whole(self, backends: list[Backend], path: str, raw: bytes, request_id: str = "",
+                    outcome: Outcome | None = None, meter: UsageMeter | None = None
+                    ) -> web.Response:
+        """A whole answer, errors in OpenAI's shape. llama-server is asked for a stream that
+        is assembled here (proxy/assemble.py): it stops a stream whose reader left, not a
+        whole answer."""
+        outcome = outcome if outcome is not None else Outcome()
+        assemble = path in ASSEMBLED and bool(backends) and backends[0].llama_cpp is True
+        sent = stream_request(raw) if assemble else raw
+        upstream = await self.fetch(backends, path, sent, assemble, request_id, outcome, meter)
+        if assemble and is_stream(upstream):
+            return await self._assembled(upstream, meter, outcome, path)
+        return await self._read(upstream, meter, outcome)
+
+    async def _read(self, upstream: ClientResponse, meter: UsageMeter | None,
+                    outcome: Outcome) -> web.Response:
+        try:
+            return await self._whole(upstream, meter)
+        except (UpstreamTimeout, UpstreamBroke) as exc:
+            outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
+            raise
+
+    async def _assembled(self, upstream: ClientResponse, meter: UsageMeter | None,
+                         outcome: Outcome, path: str) -> web.Response:
+        """A whole answer from a stream. Closing (not releasing) the stream at the end, or when
+        the client leaves, drops the connection: llama-server frees the slot at once."""
+        assembly = Assembly(chat=path.endswith("/chat/completions"))
+        try:
+            async for events in self.chunks(upstream, meter):
+                assembly.feed(events)
+        except (UpstreamTimeout, UpstreamBroke) as exc:
+            outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
+            raise
+        finally:
+            upstream.close()
+        if assembly.error is not None:  # the model server failed mid-answer
+            code = assembly.error["error"].get("code")
+            status = code if isinstance(code, int) and 400 <= code < 600 else 500
+            return error_response(status, orjson.dumps(assembly.error))
+        return web.Response(body=orjson.dumps(assembly.answer()), content_type="application/json")
+
     async def fetch(self, backends: list[Backend], path: str, raw: bytes, stream: bool,
-                    request_id: str = "", outcome: Outcome | None = None) -> ClientResponse:
+                    request_id: str = "", outcome: Outcome | None = None,
+                    meter: UsageMeter | None = None) -> ClientResponse:
         """The first backend's response to raw, its headers read; the caller reads the body
         (read_whole or chunks) and closes it. outcome: told which backend answered, and which
-        failed how."""
+        failed how; meter: told whether the model server was asked for a stream."""
         outcome = outcome if outcome is not None else Outcome()
         for backend in backends:
             outcome.backend = backend.name
+            if meter is not None:
+                meter.sent(stream)
             try:
                 return await self._open(backend, path, raw, stream, request_id)
             except UpstreamUnreachable as exc:
@@ -131,7 +175,7 @@ class Relay:
                     upstream = await self.client.post(backend.url(path), data=raw,
                                                       headers=headers,
                                                       timeout=self._client_timeout)
-                backend.streams_keep_alive = not is_llama_cpp(upstream)
+                backend.learn(upstream.headers)
                 return upstream
             except TimeoutError:
                 raise UpstreamTimeout("The model server did not answer in time") from None
@@ -166,14 +210,10 @@ class Relay:
         status = upstream.status
         if meter is not None and status == 200:
             meter.from_body(body)
-        headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json")}
         if status >= 400:
-            body = as_openai_error(status, body)
-            headers["Content-Type"] = "application/json"
-            if status == 503:
-                headers["Retry-After"] = upstream.headers.get("Retry-After",
-                                                              str(ModelLoading.retry_after))
-        return web.Response(status=status, body=body, headers=headers)
+            return error_response(status, body, upstream.headers.get("Retry-After"))
+        return web.Response(status=status, body=body, headers={
+            "Content-Type": upstream.headers.get("Content-Type", "application/json")})
 
     async def _stream(self, request: web.Request, upstream: ClientResponse,
                       meter: UsageMeter | None, request_id: str, beat: Heartbeat
@@ -253,8 +293,12 @@ class Relay:
             raise UpstreamBroke("The model server broke off the stream") from exc
 
 
-def is_llama_cpp(upstream: ClientResponse) -> bool:
-    return "llama.cpp" in upstream.headers.get("Server", "")
+def error_response(status: int, body: bytes, retry_after: str | None = None) -> web.Response:
+    """A model server's error, in OpenAI's shape (503: with when to retry)."""
+    headers = {"Content-Type": "application/json"}
+    if status == 503:
+        headers["Retry-After"] = retry_after or str(ModelLoading.retry_after)
+    return web.Response(status=status, body=as_openai_error(status, body), headers=headers)
 
 
 def failure_kind(exc: Exception) -> str:

@@ -104,7 +104,9 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
                           send_buffer=settings.client_send_buffer,
                           write_timeout=settings.client_write_timeout,
                           proxies=trusted_proxies(settings),
-                          max_body=settings.max_body_bytes)
+                          max_body=settings.max_body_bytes,
+                          answer_half_close=settings.client_half_close == "answer",
+                          ipv6_prefix=settings.ipv6_prefix)
         runner = EdgeRunner(app, edge=edge, handler_cancellation=True, access_log=None,
                             shutdown_timeout=ABORT_WAIT,
                             keepalive_timeout=settings.keepalive_timeout)

@@ -5,6 +5,10 @@ Whole answers carry `usage` in their JSON. Streams are asked for it (stream_opti
 and it comes in a last event with empty `choices`; when the client did not ask for that event it
 is removed again. Only complete SSE events are examined; bytes still pass through unparsed unless
 they contain a usage object.
+
+A request whose client left before its usage came is charged what the model did up to the cut:
+its prompt, and about a token for each event read from the model, relayed or not (whole answers
+from llama-server are streamed from it too: proxy/assemble.py).
 """
 
 from __future__ import annotations
@@ -13,8 +17,6 @@ import re
 from typing import Any
 
 import orjson
-
-from quota.windows import Admission
 
 _USAGE = b'"usage"'
 # Where an SSE event ends: a blank line, with LF or CRLF line ends.
@@ -39,42 +41,68 @@ def total_tokens(usage: Any) -> int | None:
 
 
 class UsageMeter:
-    """admission: the rate-limit reservation to settle with what is read (None: no limits)."""
+    """The usage of one model request: as the model server reported it, or (its client left
+    first) what the model did up to the cut. prompt_estimate and completion_cap: what was
+    reserved for it."""
 
-    def __init__(self, admission: Admission | None, strip: bool) -> None:
-        self.admission = admission
+    def __init__(self, strip: bool, prompt_estimate: int = 0, completion_cap: int = 0) -> None:
         self.strip = strip
+        self.prompt_estimate, self.completion_cap = prompt_estimate, completion_cap
         self._pending = b""
-        self.prompt: int | None = None  # as the model server reported them
+        self.reported: int | None = None  # the total, as the model server reported it
+        self.prompt: int | None = None
         self.completion: int | None = None
-        self.chunks = 0  # streamed events seen, the fallback measure when usage never came
+        self.chunks = 0  # streamed events read from the model
+        self.asked_stream: bool | None = None  # how the model server was asked (None: never)
+        self.cut: int | None = None  # completion tokens before the client left (None: it stayed)
 
-    def spent(self, prompt_estimate: int) -> tuple[int, int]:
-        """(prompt, completion) tokens: as reported, else (a client that left mid-stream) the
-        estimate and about a token an event, as the limiter charges them; (0, 0) if nothing
-        was generated."""
-        if self.prompt is not None or self.completion is not None:
+    def sent(self, stream: bool) -> None:
+        """The request goes to a model server now, asked for a stream or a whole answer."""
+        self.asked_stream = stream
+
+    def left(self) -> None:
+        """The client left before the end: what the model did so far is what it costs. From a
+        stream that is the events read; a whole answer's progress is unknown, so its
+        reservation stands."""
+        if self.asked_stream is None or self.cut is not None or self.reported is not None:
+            return
+        self.cut = 0 if self.asked_stream else self.completion_cap
+
+    def spent(self) -> tuple[int, int]:
+        """(prompt, completion) tokens: as reported; else (a client that left) the prompt
+        estimate and about a token an event read, or the reservation of a whole answer; (0, 0)
+        if the model did nothing for it."""
+        if self.reported is not None:
             return self.prompt or 0, self.completion or 0
-        return (prompt_estimate, self.chunks) if self.chunks else (0, 0)
+        if self.chunks or self.cut is not None:
+            return self.prompt_estimate, self.chunks + (self.cut or 0)
+        return 0, 0
+
+    def total(self) -> int:
+        """What the request costs the caller's token budget."""
+        return self.reported if self.reported is not None else sum(self.spent())
 
     def from_body(self, body: bytes) -> None:
         if _USAGE not in body:
             return
         try:
-            self._note(orjson.loads(body).get("usage"))
-        except (orjson.JSONDecodeError, AttributeError):
+            self._note(orjson.loads(body))
+        except orjson.JSONDecodeError:
             pass
 
-    def _note(self, usage: Any) -> None:
+    def _note(self, answer: Any) -> None:
+        """An answer (or its last event) that may carry usage."""
+        if not isinstance(answer, dict):
+            return
+        usage = answer.get("usage")
         total = total_tokens(usage)
         if total is None:  # some servers send "usage": null in every chunk
             return
+        self.reported = total
         self.prompt = _count(usage.get("prompt_tokens"))
         self.completion = _count(usage.get("completion_tokens"))
         if self.prompt is None and self.completion is None:
             self.prompt = total  # embeddings may report a total alone
-        if self.admission is not None:
-            self.admission.usage = total
 
     def filter(self, chunk: bytes) -> bytes:
         """Pass complete events on, noting usage; hold a trailing partial event back."""
@@ -100,8 +128,6 @@ class UsageMeter:
 
     def _count_events(self, events: int) -> None:
         self.chunks += events
-        if self.admission is not None:
-            self.admission.chunks += events
 
     def flush(self) -> bytes:
         rest, self._pending = self._pending, b""
@@ -116,7 +142,7 @@ class UsageMeter:
             return True
         if not isinstance(data, dict):
             return True
-        self._note(data.get("usage"))
+        self._note(data)
         # The usage-only event (no choices) exists because we asked for it, not the client.
         return not (self.strip and not data.get("choices"))
 

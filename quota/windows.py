@@ -61,9 +61,7 @@ class Admission:
     windows: list[Window]
     counts: Counts
     in_store: bool  # recorded in the shared store, or (store unreachable) in process
-    usage: int | None = None  # real tokens, once the response reports them
-    chunks: int = 0  # streamed events seen, the fallback measure when usage never came
-    prompt_estimate: int = 0
+    usage: int | None = None  # tokens the request cost, once it has ended
     settled: bool = field(default=False, repr=False)
 
     @property
@@ -75,11 +73,8 @@ class Admission:
         return self.counts.retry_ms
 
     def spent(self) -> int:
-        """Real usage if the answer said; else, if the client left mid-stream, the prompt plus
-        what was streamed (about a token an event); nothing if nothing was generated."""
-        if self.usage is not None:
-            return self.usage
-        return self.prompt_estimate + self.chunks if self.chunks else 0
+        """What it cost, as the caller measured it (nothing if it never said)."""
+        return self.usage or 0
 
     @property
     def token_window(self) -> Window | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -25,6 +26,20 @@ from tests.kit.helpers import free_port, http_status, wait_until
 hypothesis_settings.register_profile("appliance", derandomize=True, deadline=None,
                                      database=None)
 hypothesis_settings.load_profile("appliance")
+
+# The connection layer's tests run on uvloop, the loop the appliance ships with (its transports
+# report a client's end of stream their own way); the rest on asyncio's.
+ON_UVLOOP = ("test_edge.py", "test_disconnect.py")
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in ON_UVLOOP:
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
 
 MODEL_ID = "smollm2"
 ADMIN_KEY = "test-admin-key-0123456789abcdefghijklmnopqrstuvwxyz"

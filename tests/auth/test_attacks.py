@@ -114,6 +114,16 @@ async def test_missing_exp(proxy: Running, fake: Fake) -> None:
     await assert_refused(proxy, fake, bearer(jwt.encode(no_exp, secret_of(proxy), "HS256")))
 
 
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+async def test_dates_that_are_not_json_numbers(proxy: Running, fake: Fake, claim: str) -> None:
+    """NumericDate claims are numbers: PyJWT would take "1796310000" as one."""
+    good = claims(nbf=int(time.time()) - 10)
+    for value in (str(good[claim]), True, [good[claim]]):
+        token = jwt.encode({**good, claim: value}, secret_of(proxy), "HS256")
+        await assert_refused(proxy, fake, bearer(token))
+    assert (await call(proxy, bearer(jwt.encode(good, secret_of(proxy), "HS256"))))[0] == 200
+
+
 async def test_wrong_audience_and_issuer(make_proxy: ProxyFactory, fake: Fake) -> None:
     proxy = await make_proxy(upstreams=[fake.url], jwt_audience="llama-proxy",
                              jwt_issuer="https://issuer.example")
@@ -242,11 +252,13 @@ async def test_failures_are_logged_without_secrets(
     caplog.set_level(logging.INFO)
     expired = jwt.encode(claims(exp=int(time.time()) - 999), secret_of(proxy), "HS256")
     wrong_key = "sk-abcdef12_" + "s" * 43
-    await assert_refused(proxy, fake, bearer(expired))
     await assert_refused(proxy, fake, {"X-API-Key": wrong_key})
+    for _ in range(15):  # under auth_fail_limit (20): refused, not yet blocked
+        await assert_refused(proxy, fake, bearer(expired))
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "auth 401" in text and "abcdef12" in text  # the prefix identifies the key
     assert expired not in text and wrong_key not in text and "s" * 43 not in text
+    assert text.count("auth 401") == 1  # a flood is one line, the rest counted in the next
 
 
 async def test_a_key_store_outage_refuses_unknown_keys_with_503(

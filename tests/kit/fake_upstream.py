@@ -6,7 +6,8 @@ forwards untouched:
   {"fake": {"chunks": 5, "gap": 0.01, "ttfb": 0.0, "status": 200, "raw": "text",
             "raw_size": 1000000, "content_type": "text/html", "stall_after": 2,
             "set_cookie": "session=abc", "server": "llama.cpp"}}
-It records what it saw so tests can check what reached the upstream.
+It records what it saw so tests can check what reached the upstream, and each request its
+client (the appliance) gave up on, streamed or not.
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     record.max_in_flight = max(record.max_in_flight, record.in_flight)
     try:
         return await _answer(request, record)
+    except (asyncio.CancelledError, ConnectionResetError):
+        record.cancelled += 1
+        record.cancelled_at.append(time.monotonic())
+        raise
     finally:
         record.in_flight -= 1
 
@@ -108,6 +113,8 @@ def usage_event(chunks: int) -> bytes:
 async def _stream(request: web.Request, record: Record, fake: dict[str, Any],
                   usage: bool = False) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    if "server" in fake:
+        response.headers["Server"] = fake["server"]
     await response.prepare(request)
     record.open_streams += 1
     record.max_open_streams = max(record.max_open_streams, record.open_streams)
@@ -124,10 +131,6 @@ async def _stream(request: web.Request, record: Record, fake: dict[str, Any],
         if usage:
             await response.write(usage_event(fake.get("chunks", 3)))
         await response.write(b"data: [DONE]\n\n")
-    except (asyncio.CancelledError, ConnectionResetError):
-        record.cancelled += 1
-        record.cancelled_at.append(time.monotonic())
-        raise
     finally:
         record.open_streams -= 1
     return response

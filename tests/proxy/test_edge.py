@@ -204,13 +204,23 @@ def test_the_per_client_cap_counts_addresses_and_spares_loopback() -> None:
     server = EdgeServer.__new__(EdgeServer)  # only the counting, without a loop
     server._connections = {}  # type: ignore[attr-defined]
     server.edge, server.by_peer = EdgeLimits(max_connections_per_client=2), {}
-    assert [server.admit("203.0.113.5") for _ in range(3)] == [True, True, False]
-    assert server.admit("198.51.100.7")  # another client is not affected
+
+    def admit(peer: str) -> bool:
+        return server.admit(server.key_of(peer))
+
+    assert [admit("203.0.113.5") for _ in range(3)] == [True, True, False]
+    assert admit("198.51.100.7")  # another client is not affected
     server.forget("203.0.113.5")
-    assert server.admit("203.0.113.5")  # one left, one may come
-    assert all(server.admit("127.0.0.1") for _ in range(10))  # a local tunnel: total cap only
-    assert all(server.admit("::1") for _ in range(10))
-    assert all(server.admit("::ffff:127.0.0.1") for _ in range(10))  # dual-stack listener
+    assert admit("203.0.113.5")  # one left, one may come
+    assert all(admit("127.0.0.1") for _ in range(10))  # a local tunnel: total cap only
+    assert all(admit("::1") for _ in range(10))
+    assert all(admit("::ffff:127.0.0.1") for _ in range(10))  # dual-stack listener
+    # An IPv6 client is its /64: rotating through its own network escapes nothing.
+    assert [admit(f"2001:db8:1:2::{n:x}") for n in range(1, 4)] == [True, True, False]
+    assert server.key_of("2001:db8:1:2::99") == "2001:db8:1:2::/64"
+    assert admit("2001:db8:1:3::1")  # the next /64 is someone else
+    server.edge = EdgeLimits(max_connections_per_client=2, ipv6_prefix=128)
+    assert server.key_of("2001:db8:1:2::99") == "2001:db8:1:2::99"
 
 
 def _first_non_loopback_ipv4() -> str | None:
@@ -304,9 +314,10 @@ async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
     writer.close()
 
 
-async def test_a_client_that_half_closes_still_gets_its_answer(make_proxy: ProxyFactory,
-                                                                fake: Fake) -> None:
-    proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+async def test_with_answer_half_close_a_client_that_half_closes_gets_its_answer(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", client_half_close="answer")
     port = int(proxy.base_url.rsplit(":", 1)[1])
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -391,10 +402,10 @@ async def test_an_unread_body_does_not_start_the_header_deadline(make_proxy: Pro
     writer.close()
 
 
-async def test_a_client_half_closing_right_after_its_body_gets_the_answer(
+async def test_with_answer_half_close_a_client_closing_right_after_its_body_gets_the_answer(
     make_proxy: ProxyFactory, fake: Fake
 ) -> None:
-    proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", client_half_close="answer")
     port = int(proxy.base_url.rsplit(":", 1)[1])
     body = json.dumps({"model": "fake-model", "messages": []}).encode()
     for _ in range(5):

@@ -90,6 +90,38 @@ async def test_clients_behind_the_tunnel_get_their_own_per_address_window(
     assert await statuses(bob, tunnel.url, auth, 2) == [200, 200]
 
 
+@pytest.mark.parametrize("prefix", [64, 128])
+async def test_an_ipv6_client_is_counted_as_its_network(
+    make_proxy: ProxyFactory, fake: Fake, caplog: pytest.LogCaptureFixture, prefix: int
+) -> None:
+    """A subscriber gets a whole /64: rotating through it escapes neither the per-address
+    limit nor the failed-login block (unless ipv6_prefix says to count each address)."""
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    proxy = await make_proxy(upstreams=[fake.url], trusted_proxies=["127.0.0.1"],
+                             limit_ip_rpm=3, auth_fail_limit=3, ipv6_prefix=prefix)
+    good = {"Authorization": f"Bearer {token_for(proxy)}"}
+    bad = {"Authorization": "Bearer sk-00000000_" + "x" * 43}
+
+    async def status(client: str, headers: dict[str, str]) -> int:
+        return (await statuses(http, proxy.base_url, {**headers, "X-Forwarded-For": client},
+                               1))[0]
+
+    async with aiohttp.ClientSession() as http:
+        rotating = [await status(f"2001:db8:1:2::{n:x}", good) for n in range(1, 5)]
+        neighbour = await status("2001:db8:1:3::1", good)  # the next /64: someone else
+        for n in range(1, 4):
+            assert await status(f"2001:db8:9:9::{n:x}", bad) == 401
+        after_failures = await status("2001:db8:9:9::77", good)
+        elsewhere = await status("2001:db8:9:a::1", good)
+    if prefix == 64:
+        assert rotating == [200, 200, 200, 429] and after_failures == 429
+    else:
+        assert rotating == [200] * 4 and after_failures == 200
+    assert neighbour == 200 and elsewhere == 200
+    access = [r.getMessage() for r in caplog.records if r.name == "proxy.access"]
+    assert any(" 2001:db8:1:2::4 " in line for line in access)  # logs keep the address
+
+
 async def test_one_clients_failed_logins_do_not_block_another(
     make_proxy: ProxyFactory, fake: Fake, nginx_for, client_at, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -26,7 +26,7 @@ def feed(meter: UsageMeter, data: bytes, cuts: list[int]) -> bytes:
 @pytest.mark.parametrize("cuts", [[], [7], [7, 60, 61], list(range(1, 200, 13))])
 def test_usage_is_read_and_its_event_removed_when_we_asked(end: bytes, cuts: list[int]) -> None:
     stream = DELTA + end + DELTA + end + USAGE + end + DONE + end
-    meter = UsageMeter(None, strip=True)
+    meter = UsageMeter(strip=True)
     assert feed(meter, stream, cuts) == DELTA + end + DELTA + end + DONE + end
     assert (meter.prompt, meter.completion, meter.chunks) == (3, 2, 4)
 
@@ -34,14 +34,43 @@ def test_usage_is_read_and_its_event_removed_when_we_asked(end: bytes, cuts: lis
 @pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n"])
 def test_a_client_that_asked_for_usage_gets_it_untouched(end: bytes) -> None:
     stream = DELTA + end + USAGE + end + DONE + end
-    meter = UsageMeter(None, strip=False)
+    meter = UsageMeter(strip=False)
     assert feed(meter, stream, [5, 50]) == stream
     assert (meter.prompt, meter.completion) == (3, 2)
 
 
 def test_bytes_that_never_end_an_event_are_passed_on() -> None:
-    meter = UsageMeter(None, strip=True)
+    meter = UsageMeter(strip=True)
     blob = b"x" * (MAX_PENDING + 10)
     assert meter.filter(blob[:100]) == b""  # may still become an event
     assert meter.filter(blob[100:]) == blob  # past the bound: not held back any longer
     assert meter.flush() == b""
+
+
+def test_a_client_that_left_is_charged_what_the_model_did() -> None:
+    never_sent = UsageMeter(strip=False, prompt_estimate=30, completion_cap=200)
+    never_sent.left()
+    assert never_sent.spent() == (0, 0) and never_sent.total() == 0  # cut while queued
+
+    before_first_token = UsageMeter(strip=False, prompt_estimate=30, completion_cap=200)
+    before_first_token.sent(stream=True)
+    before_first_token.left()
+    assert before_first_token.total() == 30  # its prompt, nothing more
+
+    mid_stream = UsageMeter(strip=False, prompt_estimate=30, completion_cap=200)
+    mid_stream.sent(stream=True)
+    mid_stream.filter(DELTA + b"\n\n" + DELTA + b"\n\n")
+    mid_stream.left()
+    assert mid_stream.spent() == (30, 2)
+
+    whole = UsageMeter(strip=False, prompt_estimate=30, completion_cap=200)
+    whole.sent(stream=False)
+    whole.left()
+    assert whole.spent() == (30, 200)  # its progress is unknown: the reservation stands
+
+    answered = UsageMeter(strip=False, prompt_estimate=30, completion_cap=200)
+    answered.sent(stream=False)
+    answered.from_body(b'{"usage": {"prompt_tokens": 7, "completion_tokens": 3, '
+                       b'"total_tokens": 10}}')
+    answered.left()  # it left while its answer was written: the real usage
+    assert answered.spent() == (7, 3) and answered.total() == 10

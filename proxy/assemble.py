@@ -1,0 +1,147 @@
+"""A whole answer put together from a stream of OpenAI chunks.
+
+llama-server notices that its client has gone only between the events of a stream: a
+non-streamed request whose client left is generated to its end (llama.cpp issues 9273, 24496),
+holding a slot that nobody waits for. So the relay asks llama-server for a stream and answers
+the client with the whole answer assembled here; when the client leaves, closing the stream
+frees the slot at once, and the events read so far say what the model produced.
+
+The assembly follows OpenAI's rules for streamed deltas: text is concatenated, a tool call's
+arguments are concatenated per call index, the last finish_reason wins, and the usage (and
+llama.cpp's timings) come from the last event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+# The paths whose whole answers are assembled (others are asked for whole answers).
+ASSEMBLED = ("/v1/chat/completions", "/v1/completions")
+_TOP = ("id", "created", "model", "system_fingerprint")
+_LAST = ("usage", "timings")
+
+
+def stream_request(raw: bytes) -> bytes:
+    """The request, asking for a stream with usage in its last event."""
+    body = orjson.loads(raw)
+    options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+    return orjson.dumps({**body, "stream": True,
+                         "stream_options": {**options, "include_usage": True}})
+
+
+class Assembly:
+    """The whole answer of one chat or text completion, from its streamed events."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.top: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+        self.error: dict[str, Any] | None = None  # an error event ends the stream
+        self._rest = b""  # a line not yet whole
+
+    def feed(self, data: bytes) -> None:
+        """The stream's bytes, as they come."""
+        data = self._rest + data
+        cut = data.rfind(b"\n") + 1
+        self._rest = data[cut:]
+        for line in data[:cut].splitlines():
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if not data or data == b"[DONE]":
+                continue
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                self._event(event)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        if isinstance(event.get("error"), dict):
+            self.error = event
+            return
+        for name in _TOP:
+            if name in event and name not in self.top:
+                self.top[name] = event[name]
+        for name in _LAST:
+            if event.get(name) is not None:
+                self.top[name] = event[name]
+        for delta in event.get("choices") or ():
+            if isinstance(delta, dict):
+                self._choice(delta)
+
+    def _choice(self, delta: dict[str, Any]) -> None:
+        index = delta.get("index", 0)
+        choice = self.choices.setdefault(index if isinstance(index, int) else 0, {})
+        if delta.get("finish_reason") is not None:
+            choice["finish_reason"] = delta["finish_reason"]
+        _logprobs(choice, delta.get("logprobs"))
+        if not self.chat:
+            choice["text"] = choice.get("text", "") + str(delta.get("text") or "")
+            return
+        part = delta.get("delta")
+        if not isinstance(part, dict):
+            return
+        message = choice.setdefault("message", {"role": "assistant"})
+        if isinstance(part.get("role"), str):
+            message["role"] = part["role"]
+        for name in ("content", "reasoning_content"):
+            if isinstance(part.get(name), str):
+                message[name] = (message.get(name) or "") + part[name]
+        for call in part.get("tool_calls") or ():
+            if isinstance(call, dict):
+                _tool_call(message, call)
+
+    def answer(self) -> dict[str, Any]:
+        """The whole answer, as the model server would have sent it."""
+        choices = []
+        for index in sorted(self.choices):
+            choice = self.choices[index]
+            out: dict[str, Any] = {"index": index}
+            if self.chat:
+                message = choice.get("message", {"role": "assistant"})
+                message.setdefault("content", None)
+                if "tool_calls" in message:
+                    message["tool_calls"] = [message["tool_calls"][i]
+                                             for i in sorted(message["tool_calls"])]
+                out["message"] = message
+            else:
+                out["text"] = choice.get("text", "")
+            out["logprobs"] = choice.get("logprobs")
+            out["finish_reason"] = choice.get("finish_reason")
+            choices.append(out)
+        top = {name: self.top[name] for name in _TOP if name in self.top}
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**top, "object": kind, "choices": choices,
+                **{name: self.top[name] for name in _LAST if name in self.top}}
+
+
+def _tool_call(message: dict[str, Any], call: dict[str, Any]) -> None:
+    calls: dict[int, dict[str, Any]] = message.setdefault("tool_calls", {})
+    index = call.get("index", len(calls))
+    whole = calls.setdefault(index if isinstance(index, int) else len(calls),
+                             {"type": "function", "function": {"name": "", "arguments": ""}})
+    if call.get("id"):
+        whole["id"] = call["id"]
+    if call.get("type"):
+        whole["type"] = call["type"]
+    function = call.get("function")
+    if isinstance(function, dict):
+        for name in ("name", "arguments"):
+            if isinstance(function.get(name), str):
+                whole["function"][name] += function[name]
+
+
+def _logprobs(choice: dict[str, Any], logprobs: Any) -> None:
+    """Chat logprobs come as {"content": [...]} per event: the lists are joined."""
+    if not isinstance(logprobs, dict):
+        return
+    whole = choice.setdefault("logprobs", {})
+    for name, value in logprobs.items():
+        if isinstance(value, list):
+            whole[name] = [*whole.get(name, []), *value]
+        else:
+            whole[name] = value
