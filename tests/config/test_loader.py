@@ -9,6 +9,7 @@ import pytest
 
 from config import ConfigError, load_settings
 from config.paths import bundled_model
+from config.settings import schema
 
 UPSTREAM = ["http://127.0.0.1:9/v1/"]
 
@@ -113,3 +114,14 @@ def test_a_relative_data_dir_is_made_absolute(tmp_path: Path, monkeypatch) -> No
     monkeypatch.chdir(tmp_path)  # the embedded Redis's unix:// URL would read it as a host
     s = load_settings({"data_dir": "reldata"}, env={}, serving=False)
     assert s.data_dir == tmp_path / "reldata" and s.data_dir.is_absolute()
+
+
+def test_the_configuration_reference_is_current() -> None:
+    """docs/configuration.md is made from the schema: a new or changed setting without
+    `make docs` fails here."""
+    from config.reference import render
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+    assert page.read_text() == render(), "docs/configuration.md is stale: run `make docs`"
+    for f in schema():
+        assert f"| `{f.name}` |" in page.read_text()
