@@ -276,12 +276,16 @@ def _check_edge(s: Settings) -> None:
 
 
 def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8, ::1, and an IPv4 loopback client on a dual-stack socket
+    (::ffff:127.0.0.1)."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
 
 
 def _normalise_upstream(url: str) -> str:

@@ -21,7 +21,6 @@ and server internals (aiohttp is pinned in requirements.txt).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import struct
@@ -39,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from config.loader import is_loopback
 from proxy.errors import error_body
 from proxy.forwarded import TrustedProxies, address_group
 from proxy.ids import new_id
@@ -200,7 +200,7 @@ class EdgeServer(web.Server):
         """What a connection from `peer` counts under: its address (an IPv6 one's network),
         or None (loopback, a trusted proxy, no per-client cap: the total cap only)."""
         edge = self.edge
-        if (not peer or not edge.max_connections_per_client or _is_loopback(peer)
+        if (not peer or not edge.max_connections_per_client or is_loopback(peer)
                 or peer in edge.proxies):
             return None
         return address_group(peer, edge.ipv6_prefix)
@@ -223,15 +223,6 @@ class EdgeServer(web.Server):
                 del self.by_peer[peer]
             else:
                 self.by_peer[peer] = count - 1
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)  # an IPv4 client on a dual-stack socket
-    return (mapped or ip).is_loopback
 
 
 class EdgeHandler(RequestHandler):

@@ -215,6 +215,17 @@ async def test_behind_a_declared_proxy_loopback_is_not_enough(make_proxy: ProxyF
             assert resp.status == 200
 
 
+async def test_a_local_scrape_on_a_dual_stack_listener_needs_no_credential(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    """Listening on "::", an IPv4 scrape from this host arrives as ::ffff:127.0.0.1."""
+    proxy = await make_proxy(upstreams=[fake.url], host="::")
+    port = proxy.base_url.rsplit(":", 1)[1]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            assert resp.status == 200, await resp.text()
+
+
 async def test_an_inference_credential_may_not_scrape(make_proxy: ProxyFactory,
                                                       fake: Fake) -> None:
     proxy = await make_proxy(upstreams=[fake.url])
