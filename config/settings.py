@@ -117,9 +117,9 @@ class Settings:
         "which lets a client that stops reading absorb megabytes first)"
     )
     client_half_close: str = _opt(
-        "abort", "choice", "a client that closes its side of the connection while its request "
+        "abort", "choice", "a client that closes its side of the connection while its POST "
         "runs has left (abort: stop the request, free its slot, 499) or still waits for its "
-        "answer (answer: rare HTTP/1.1 clients that shut down writing)",
+        "answer (answer: rare HTTP/1.1 clients that shut down writing; plain HTTP only)",
         choices=("abort", "answer"),
     )
     ipv6_prefix: int = _opt(

@@ -39,6 +39,7 @@ class Assembly:
         self.top: dict[str, Any] = {}
         self.choices: dict[int, dict[str, Any]] = {}
         self.error: dict[str, Any] | None = None  # an error event ends the stream
+        self.done = False  # the stream said it was complete ([DONE] or a finish_reason)
         self._rest = b""  # a line not yet whole
 
     def feed(self, data: bytes) -> None:
@@ -47,21 +48,34 @@ class Assembly:
         cut = data.rfind(b"\n") + 1
         self._rest = data[cut:]
         for line in data[:cut].splitlines():
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if not data or data == b"[DONE]":
-                continue
-            try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                self._event(event)
+            self._line(line)
+
+    def end(self) -> None:
+        """The stream ended: a last line without its newline counts too."""
+        rest, self._rest = self._rest, b""
+        self._line(rest)
+
+    def _line(self, line: bytes) -> None:
+        field, _, value = line.partition(b":")
+        value = value.strip()
+        if field not in (b"data", b"error") or not value:
+            return
+        if value == b"[DONE]":
+            self.done = True
+            return
+        try:
+            event = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return
+        if field == b"error":  # older llama.cpp: `error: {...}` lines
+            event = {"error": event}
+        if isinstance(event, dict):
+            self._event(event)
 
     def _event(self, event: dict[str, Any]) -> None:
-        if isinstance(event.get("error"), dict):
-            self.error = event
+        if event.get("error") is not None:
+            error = event["error"]
+            self.error = error if isinstance(error, dict) else {"message": str(error)}
             return
         for name in _TOP:
             if name in event and name not in self.top:
@@ -78,6 +92,7 @@ class Assembly:
         choice = self.choices.setdefault(index if isinstance(index, int) else 0, {})
         if delta.get("finish_reason") is not None:
             choice["finish_reason"] = delta["finish_reason"]
+            self.done = True
         _logprobs(choice, delta.get("logprobs"))
         if not self.chat:
             choice["text"] = choice.get("text", "") + str(delta.get("text") or "")
@@ -103,7 +118,8 @@ class Assembly:
             out: dict[str, Any] = {"index": index}
             if self.chat:
                 message = choice.get("message", {"role": "assistant"})
-                message.setdefault("content", None)
+                # As llama-server writes a whole answer: text, even empty; null beside calls.
+                message.setdefault("content", None if "tool_calls" in message else "")
                 if "tool_calls" in message:
                     message["tool_calls"] = [message["tool_calls"][i]
                                              for i in sorted(message["tool_calls"])]

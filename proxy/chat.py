@@ -275,7 +275,11 @@ class Turn:
         if whole.status != 200:
             raise ModelRefused(whole.status, body)
         answer = from_whole(body)
-        await self.keep(answer)
+        try:
+            await self.keep(answer)
+        except asyncio.CancelledError:  # the client left as it was stored: it was paid for
+            self._keep_later(answer)
+            raise
         return json_response({"response": answer.text, "conversation_id": self.cid,
                               "model": self.model, "usage": answer.public_usage()})
 

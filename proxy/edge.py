@@ -9,10 +9,11 @@
 - Requests aiohttp's parser refuses (a bad request line, an oversized header, too many headers)
   answered in OpenAI's shape with the right status (400, 414, 431), never echoing the request,
   logged as one WARNING line without a traceback; a client that leaves is an INFO line.
-- A client that closes its side of the connection while its request runs has left (what every
+- A client that closes its side of the connection while its POST runs has left (what every
   HTTP client does on a timeout or a cancel): the connection closes, the request's handler is
   cancelled at once (its queue place, slot and upstream connection go with it) and the access
-  line says 499, as nginx does by default. `answer_half_close` keeps answering such a client.
+  line says 499, as nginx does by default. Cheap requests (GET, HEAD, ...) are still answered,
+  and `answer_half_close` answers every one.
 
 aiohttp builds its protocol objects itself, so this module depends on aiohttp's request handler
 and server internals (aiohttp is pinned in requirements.txt).
@@ -62,6 +63,8 @@ LINGER = 2.0
 MAX_HEAD_BYTES = 64 * 1024
 # Answers larger than this are watched for progress while they are written out.
 BIG_ANSWER = 256 * 1024
+# Requests whose client is taken to have left when it half-closes (the others are answered).
+MAKES_WORK = frozenset({"POST", "PUT", "PATCH"})
 # Bytes a write may add and still never wait: well under the transport's high-water mark (64
 # KiB), past which the writer pauses and a write waits for the client.
 AT_ONCE = 16 * 1024
@@ -216,18 +219,18 @@ class EdgeServer(web.Server):
             self.by_peer[key] = self.by_peer.get(key, 0) + 1
         return True
 
-    def forget(self, peer: str) -> None:
-        count = self.by_peer.get(peer)
+    def forget(self, key: str) -> None:
+        count = self.by_peer.get(key)
         if count is not None:
             if count <= 1:
-                del self.by_peer[peer]
+                del self.by_peer[key]
             else:
-                self.by_peer[peer] = count - 1
+                self.by_peer[key] = count - 1
 
 
 class EdgeHandler(RequestHandler):
     __slots__ = ("_answering_eof", "_body", "_counted_peer", "_gone", "_head_bytes",
-                 "_header_deadline", "_linger_after")
+                 "_header_deadline", "_linger_after", "_parsed_method")
 
     def __init__(self, manager: EdgeServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -239,6 +242,7 @@ class EdgeHandler(RequestHandler):
         self._body: StreamReader | None = None  # the body of the request being handled
         self._head_bytes = 0  # of a request not yet whole
         self._answering_eof = False
+        self._parsed_method = ""  # of the latest request parsed on this connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._manager
@@ -274,7 +278,8 @@ class EdgeHandler(RequestHandler):
             self._disarm()  # a whole request is in: its headers made it in time
             self._head_bytes = 0
             if self._messages:
-                self._body = self._messages[-1][1]  # what follows is its body
+                message, self._body = self._messages[-1]  # what follows is its body
+                self._parsed_method = getattr(message, "method", "")  # a parse error has none
         elif data and not body:  # the start of a request's headers
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
@@ -326,10 +331,12 @@ class EdgeHandler(RequestHandler):
 
     def eof_received(self) -> bool:
         """The client closed its side. With nothing under way, or an answer lingering, the
-        connection simply closes. A request under way (its body being read, queued, waiting
-        for the model, streaming) is abandoned: closing cancels its handler at once. Only with
-        answer_half_close does the client still get its answer, then the connection closes.
-        (uvloop may say it twice.)"""
+        connection simply closes. A request that makes work (a POST: a model call, its body
+        being read, queued, waiting for the model, streaming) is abandoned: closing cancels
+        its handler at once. A cheap one (a health check, say, whose client sent its request
+        and half-closed) and an error answer being written still go out, then the connection
+        closes; every request does with answer_half_close. TLS transports close on their own
+        whatever this returns. (uvloop may say it twice.)"""
         if self._answering_eof:
             return True
         if self._idle() or self._close or not self._answers_half_close():
@@ -339,8 +346,18 @@ class EdgeHandler(RequestHandler):
         return True
 
     def _answers_half_close(self) -> bool:
+        if self.transport is None or self.transport.get_extra_info("sslcontext") is not None:
+            return False  # returning True would only make asyncio log a warning
         server = self._manager
-        return isinstance(server, EdgeServer) and server.edge.answer_half_close
+        if isinstance(server, EdgeServer) and server.edge.answer_half_close:
+            return True
+        return self._linger_after or self._method() not in MAKES_WORK
+
+    def _method(self) -> str:
+        """The method of the request under way: being handled, or parsed and on its way to
+        its handler (off the queue, its task not yet started)."""
+        request = self._current_request
+        return request.method if request is not None else self._parsed_method
 
     def _idle(self) -> bool:
         """Waiting for the next request, none of it here yet (between taking a request off

@@ -29,6 +29,7 @@ LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
 CLIENT = web.RequestKey("client", str)  # set only when a trusted proxy named the client
 IPV6_PREFIX = web.AppKey("ipv6_prefix", int)  # IPv6 clients are counted by this network
 SCHEME = web.RequestKey("scheme", str)
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: IPv4 clients behind a NAT64 gateway
 MAX_HOPS = 32  # a longer chain is junk or an attack; only its rightmost hops are read
 UNKNOWN = "unknown"  # the client a proxy would not name: all such share one window
 
@@ -126,7 +127,7 @@ def client_address(request: web.BaseRequest) -> str:
 
 def client_group(request: web.BaseRequest) -> str:
     """Whom per-address limits and the failed-login block count the client as."""
-    return address_group(client_address(request), request.app.get(IPV6_PREFIX, 128))
+    return address_group(client_address(request), request.app.get(IPV6_PREFIX, 64))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -134,6 +135,8 @@ def address_group(address: str, ipv6_prefix: int) -> str:
     """An IPv4 address itself; an IPv6 one as its /ipv6_prefix network, since one subscriber
     gets a whole /64 and could rotate through it to escape a per-address limit."""
     ip = parse_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip in NAT64:  # an IPv4 client, translated
+        ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if not isinstance(ip, ipaddress.IPv6Address) or ipv6_prefix >= 128:
         return address if ip is None else str(ip)
     return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))

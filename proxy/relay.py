@@ -1,9 +1,11 @@
 """Forward one OpenAI request to a backend and send its answer back, streamed or whole.
 
-Bytes pass through untouched (no per-chunk JSON parsing). Streamed answers are written chunk by
-chunk as they arrive; when the client leaves, the upstream connection is closed at once so
-llama-server frees its slot. The relay gets everything it uses explicitly (the HTTP client, the
-timeouts, what to do with an unreachable backend), so it can be tested on its own.
+Streamed bytes pass through untouched (no per-chunk JSON parsing), written chunk by chunk as they
+arrive; when the client leaves, the upstream connection is closed at once so llama-server frees
+its slot. Whole answers from llama-server are streamed from it and assembled
+(proxy/assemble.py), so that a client that leaves frees the slot too. The relay gets everything
+it uses explicitly (the HTTP client, the timeouts, what to do with an unreachable backend), so
+it can be tested on its own.
 """
 
 from __future__ import annotations
@@ -104,9 +106,16 @@ class Relay:
         outcome = outcome if outcome is not None else Outcome()
         assemble = path in ASSEMBLED and bool(backends) and backends[0].llama_cpp is True
         sent = stream_request(raw) if assemble else raw
+        # first_byte covers a whole answer, as it does when the server sends it whole.
+        deadline = asyncio.get_running_loop().time() + self.timeouts.first_byte
         upstream = await self.fetch(backends, path, sent, assemble, request_id, outcome, meter)
-        if assemble and is_stream(upstream):
-            return await self._assembled(upstream, meter, outcome, path)
+        if path in ASSEMBLED and is_stream(upstream):  # asked for, or sent unasked
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._assembled(upstream, meter, outcome, path)
+            except TimeoutError:
+                outcome.upstream_errors.append((outcome.backend, "timeout"))
+                raise UpstreamTimeout("The model server did not answer in time") from None
         return await self._read(upstream, meter, outcome)
 
     async def _read(self, upstream: ClientResponse, meter: UsageMeter | None,
@@ -125,15 +134,18 @@ class Relay:
         try:
             async for events in self.chunks(upstream, meter):
                 assembly.feed(events)
+            assembly.end()
+            if assembly.error is None and not assembly.done:  # ended without saying so
+                raise UpstreamBroke("The model server broke off its answer")
         except (UpstreamTimeout, UpstreamBroke) as exc:
             outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
             raise
         finally:
             upstream.close()
         if assembly.error is not None:  # the model server failed mid-answer
-            code = assembly.error["error"].get("code")
+            code = assembly.error.get("code")
             status = code if isinstance(code, int) and 400 <= code < 600 else 500
-            return error_response(status, orjson.dumps(assembly.error))
+            return error_response(status, orjson.dumps({"error": assembly.error}))
         return web.Response(body=orjson.dumps(assembly.answer()), content_type="application/json")
 
     async def fetch(self, backends: list[Backend], path: str, raw: bytes, stream: bool,

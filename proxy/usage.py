@@ -70,12 +70,14 @@ class UsageMeter:
 
     def spent(self) -> tuple[int, int]:
         """(prompt, completion) tokens: as reported; else (a client that left) the prompt
-        estimate and about a token an event read, or the reservation of a whole answer; (0, 0)
-        if the model did nothing for it."""
+        estimate and about a token an event read, or the reservation of a whole answer, never
+        more than was reserved; (0, 0) if the model did nothing for it."""
         if self.reported is not None:
             return self.prompt or 0, self.completion or 0
         if self.chunks or self.cut is not None:
-            return self.prompt_estimate, self.chunks + (self.cut or 0)
+            made = self.chunks + (self.cut or 0)  # events beside the tokens count too
+            return self.prompt_estimate, min(made, self.completion_cap) if self.completion_cap \
+                else made
         return 0, 0
 
     def total(self) -> int:

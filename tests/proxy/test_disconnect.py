@@ -19,6 +19,7 @@ import pytest
 import redis as redis_sync
 
 from proxy.limits import QUEUE, prompt_tokens
+from proxy.pool import POOL
 from proxy.server import Running
 from tests.conftest import Fake, Llama, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body
@@ -234,10 +235,12 @@ async def test_a_cut_request_is_charged_what_the_model_did_before_the_cut(
     data, raw = request_bytes(chat_body(True, chunks=1000, gap=0.02), token)
     sock = await send(proxy, data)
     await eventually(lambda: fake.record.open_streams == 1, 5, "the stream to start")
+    began = time.monotonic()
     await asyncio.sleep(0.5)
     leave(sock, "fin")
+    ran = time.monotonic() - began + NOTICED  # an event each 20 ms at most, while it ran
     cost = await settled(redis_url, who) - paid
-    assert prompt_tokens(raw) + 5 < cost < prompt_tokens(raw) + 60
+    assert prompt_tokens(raw) + 5 < cost <= prompt_tokens(raw) + 3 + ran / 0.02
     await all_back_to_zero(proxy, redis_url, who)
 
 
@@ -275,24 +278,30 @@ async def test_a_whole_answer_from_llama_cpp_is_streamed_from_it_so_a_cut_stops_
                               token)
     sock = await send(proxy, data)
     await eventually(lambda: fake.record.open_streams == 1, 5, "the model's stream to start")
+    began = time.monotonic()
     await asyncio.sleep(0.5)
     left = leave(sock, "fin")
     await eventually(lambda: fake.record.cancelled == 2, 5, "the model's stream closed")
     assert fake.record.cancelled_at[-1] - left < NOTICED
+    ran = time.monotonic() - began + NOTICED
     cost = await settled(redis_url, who) - paid
-    assert prompt_tokens(raw) + 5 < cost < prompt_tokens(raw) + 60
+    assert prompt_tokens(raw) + 5 < cost <= prompt_tokens(raw) + 3 + ran / 0.02
 
 
 # -- through the real model
 
 
-def busy_slots(llama: Llama) -> int:
-    import urllib.request
+async def busy_slots(llama: Llama) -> int:
+    """llama-server's own count of slots at work (asked without blocking the loop the
+    in-process appliance runs on)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{llama.url}/slots",
+                            headers={"Authorization": f"Bearer {llama.key}"}) as answer:
+            return sum(1 for slot in await answer.json() if slot.get("is_processing"))
 
-    ask = urllib.request.Request(f"{llama.url}/slots",
-                                 headers={"Authorization": f"Bearer {llama.key}"})
-    with urllib.request.urlopen(ask, timeout=5) as answer:
-        return sum(1 for slot in json.load(answer) if slot.get("is_processing"))
+
+async def slots_busy(llama: Llama, count: int) -> bool:
+    return await busy_slots(llama) == count
 
 
 LONG = {"messages": [{"role": "user", "content": "Tell me a very long story about a dragon."}],
@@ -312,12 +321,12 @@ async def test_the_real_model_stops_when_its_client_leaves(
     data, raw = request_bytes({**LONG, "model": llama.model, "stream": stream}, token)
     sock = await send(proxy, data)
     await asyncio.sleep(1.0)
-    assert busy_slots(llama) == 1
+    assert await busy_slots(llama) == 1
     left = leave(sock, how)
-    await eventually(lambda: busy_slots(llama) == 0, 3, "llama-server to free the slot")
+    await eventually(lambda: slots_busy(llama, 0), 3, "llama-server to free the slot")
     freed = time.monotonic() - left
     line = await gone_line(caplog)
-    assert 10 < line["completion_tokens"] < 400  # what it made in a second, not the 500 asked
+    assert 0 < line["completion_tokens"] < 400  # what it made in a second, not the 500 asked
     await eventually(lambda: charged(redis_url, who) == prompt_tokens(raw)
                      + line["completion_tokens"], 3, "the cut request charged what it made")
     assert freed < NOTICED + 0.5
@@ -334,7 +343,7 @@ async def test_a_client_queued_for_the_real_model_that_leaves_costs_nothing(
     who = f"queued-{how}"
     token = token_for(proxy, who)
     holder = await send(proxy, request_bytes({**LONG, "model": llama.model}, token)[0])
-    await eventually(lambda: busy_slots(llama) == 1, 5, "the slot to be taken")
+    await eventually(lambda: slots_busy(llama, 1), 5, "the slot to be taken")
     with_holder = charged(redis_url, who)
     waiter = await send(proxy, request_bytes({**LONG, "model": llama.model, "stream": True},
                                              token)[0])
@@ -345,7 +354,7 @@ async def test_a_client_queued_for_the_real_model_that_leaves_costs_nothing(
     await eventually(lambda: leases(redis_url, who) == 1, 3, "its lease given back")
     assert charged(redis_url, who) == with_holder  # its reservation returned whole
     leave(holder, how)
-    await eventually(lambda: busy_slots(llama) == 0, 3, "llama-server to free the slot")
+    await eventually(lambda: slots_busy(llama, 0), 3, "llama-server to free the slot")
     await all_back_to_zero(proxy, redis_url, who)
 
 
@@ -365,16 +374,17 @@ async def test_an_sdk_timeout_and_its_retries_each_free_the_slot_at_once(
     cut = await gone_line(caplog, count=3)
     attempts = [a for a in access_lines(caplog) if a["status"] == 499]
     assert len(attempts) == 3  # the first try and the SDK's two retries
-    for attempt in attempts:
-        assert 1.4 < attempt["duration_ms"] / 1000 < 1.5 + NOTICED, attempt
+    for attempt in attempts:  # cut when the SDK gave up on it, not when the model finished
+        assert 1.4 < attempt["duration_ms"] / 1000 < 1.5 + 2 * NOTICED, attempt
     assert cut["queue_ms"] < 500  # each retry found the slot free
     started = time.monotonic()
     answer = await client.chat.completions.create(
         model=llama.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
     assert answer.choices[0].message.content is not None
-    assert time.monotonic() - started < 1.5  # the next caller did not wait for the cut ones
+    # The next caller did not wait behind the cut ones (700 tokens each: several seconds).
+    assert time.monotonic() - started < 3.0
     await client.close()
-    await eventually(lambda: busy_slots(llama) == 0, 3, "llama-server's slots to be free")
+    await eventually(lambda: slots_busy(llama, 0), 3, "llama-server's slots to be free")
     await all_back_to_zero(proxy)
 
 
@@ -388,6 +398,7 @@ async def test_a_whole_answer_assembled_from_the_stream_is_llama_servers_own(
     """What the appliance assembles from llama-server's stream is the answer llama-server would
     have sent whole: same text, finish reason, usage and fields."""
     proxy = await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key, auth="disabled")
+    assert proxy.app[POOL].backends[0].llama_cpp is True  # so its answers are assembled
     ask = {"model": llama.model, "max_tokens": 24, "temperature": 0, "seed": 7,
            "messages": [{"role": "user", "content": "Name three colours."}]}
     async with aiohttp.ClientSession() as http:

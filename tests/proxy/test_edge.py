@@ -215,6 +215,7 @@ def test_the_per_client_cap_counts_addresses_and_spares_loopback() -> None:
     assert all(admit("127.0.0.1") for _ in range(10))  # a local tunnel: total cap only
     assert all(admit("::1") for _ in range(10))
     assert all(admit("::ffff:127.0.0.1") for _ in range(10))  # dual-stack listener
+    assert server.key_of("64:ff9b::cb00:7105") == "203.0.113.5"  # IPv4 behind NAT64
     # An IPv6 client is its /64: rotating through its own network escapes nothing.
     assert [admit(f"2001:db8:1:2::{n:x}") for n in range(1, 4)] == [True, True, False]
     assert server.key_of("2001:db8:1:2::99") == "2001:db8:1:2::/64"
@@ -312,6 +313,23 @@ async def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert time.monotonic() - started < 1.0 + LINGER
     writer.close()
+
+
+async def test_a_half_closing_client_of_a_cheap_request_or_an_error_gets_its_answer(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    """A health check that sends its request and shuts down writing is answered; so is a
+    malformed request. Only a POST (work for the model) is taken for a client that left."""
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
+    port = int(proxy.base_url.rsplit(":", 1)[1])
+    answer = await _exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", half_close=True)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"status"' in answer
+    answer = await _exchange(port, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", half_close=True)
+    assert answer.split(b" ", 2)[1] == b"400", answer[:100]
+    body = json.dumps({"model": "fake-model", "messages": [], "fake": {"ttfb": 0.5}}).encode()
+    assert await _exchange(port, _post(CHAT, body), half_close=True) == b""  # it left
+    await eventually(lambda: fake.record.cancelled == 1 or fake.record.requests == 0, 5,
+                     "the abandoned request to stop")
 
 
 async def test_with_answer_half_close_a_client_that_half_closes_gets_its_answer(

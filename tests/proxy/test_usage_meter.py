@@ -68,6 +68,12 @@ def test_a_client_that_left_is_charged_what_the_model_did() -> None:
     whole.left()
     assert whole.spent() == (30, 200)  # its progress is unknown: the reservation stands
 
+    chatty = UsageMeter(strip=False, prompt_estimate=30, completion_cap=2)
+    chatty.sent(stream=True)
+    chatty.filter((DELTA + b"\n\n") * 5)  # role, finish and usage events count as well
+    chatty.left()
+    assert chatty.spent() == (30, 2)  # never more than it reserved
+
     answered = UsageMeter(strip=False, prompt_estimate=30, completion_cap=200)
     answered.sent(stream=False)
     answered.from_body(b'{"usage": {"prompt_tokens": 7, "completion_tokens": 3, '

@@ -1,0 +1,127 @@
+"""A whole answer put together from a stream, as OpenAI's streaming rules say (the relay asks
+llama-server for streams so that a client that leaves frees the slot: proxy/assemble.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from proxy.assemble import Assembly, stream_request
+
+
+def sse(*events: dict[str, Any] | str, end: bytes = b"\n\n") -> bytes:
+    return b"".join(b"data: " + (e.encode() if isinstance(e, str) else json.dumps(e).encode())
+                    + end for e in events)
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, index: int = 0,
+          **extra: Any) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+            "choices": [{"index": index, "delta": delta or {}, "finish_reason": finish,
+                         **extra}]}
+
+
+USAGE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+         "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3,
+                                  "total_tokens": 8}, "timings": {"predicted_n": 3}}
+
+
+def assembled(data: bytes, chat: bool = True, pieces: int = 7) -> Assembly:
+    """Fed in awkward pieces: events and lines cut anywhere."""
+    whole = Assembly(chat)
+    for at in range(0, len(data), pieces):
+        whole.feed(data[at:at + pieces])
+    whole.end()
+    return whole
+
+
+@pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n"])
+def test_text_and_reasoning_are_joined_and_usage_comes_from_the_last_event(end: bytes) -> None:
+    data = sse(chunk({"role": "assistant", "content": None}),
+               chunk({"reasoning_content": "Think"}), chunk({"reasoning_content": "ing."}),
+               chunk({"content": "Hel"}), chunk({"content": "lo"}), chunk({}, "stop"),
+               USAGE, "[DONE]", end=end)
+    whole = assembled(data)
+    assert whole.done and whole.error is None
+    assert whole.answer() == {
+        "id": "chatcmpl-1", "created": 7, "model": "m", "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello",
+                                             "reasoning_content": "Thinking."},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": USAGE["usage"], "timings": USAGE["timings"]}
+
+
+def test_tool_calls_are_joined_per_index() -> None:
+    data = sse(chunk({"role": "assistant", "content": None, "tool_calls": [
+                   {"index": 0, "id": "call_a", "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}]}),
+               chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]}),
+               chunk({"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                                      "function": {"name": "now", "arguments": "{}"}}]}),
+               chunk({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}),
+               chunk({}, "tool_calls"), "[DONE]")
+    message = assembled(data).answer()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}},
+        {"id": "call_b", "type": "function", "function": {"name": "now", "arguments": "{}"}}]}
+
+
+def test_logprobs_are_joined_and_choices_kept_apart() -> None:
+    def probs(token: str) -> dict[str, Any]:
+        return {"content": [{"token": token, "logprob": -0.5}]}
+
+    data = sse(chunk({"content": "a"}, logprobs=probs("a")),
+               chunk({"content": "x"}, index=1), chunk({"content": "b"}, logprobs=probs("b")),
+               chunk({}, "length", index=1), chunk({}, "stop"), "[DONE]")
+    choices = assembled(data).answer()["choices"]
+    assert [c["message"]["content"] for c in choices] == ["ab", "x"]
+    assert [c["finish_reason"] for c in choices] == ["stop", "length"]
+    assert choices[0]["logprobs"] == {"content": [{"token": "a", "logprob": -0.5},
+                                                  {"token": "b", "logprob": -0.5}]}
+    assert choices[1]["logprobs"] is None
+
+
+def test_an_answer_with_no_text_has_empty_content_as_llama_server_writes_it() -> None:
+    data = sse(chunk({"role": "assistant"}), chunk({}, "length"), "[DONE]")
+    assert assembled(data).answer()["choices"][0]["message"] == {"role": "assistant",
+                                                                 "content": ""}
+
+
+def test_text_completions() -> None:
+    def piece(text: str, finish: str | None = None) -> dict[str, Any]:
+        return {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": finish}]}
+
+    answer = assembled(sse(piece("Once"), piece(" upon"), piece("", "length"),
+                           "[DONE]"), chat=False).answer()
+    assert answer["object"] == "text_completion"
+    assert answer["choices"] == [{"index": 0, "text": "Once upon", "logprobs": None,
+                                  "finish_reason": "length"}]
+
+
+@pytest.mark.parametrize("error", [
+    b'data: {"error": {"code": 500, "message": "boom", "type": "server_error"}}\n\n',
+    b'error: {"code": 500, "message": "boom", "type": "server_error"}\n\n',  # older llama.cpp
+])
+def test_an_error_event_is_the_answer(error: bytes) -> None:
+    whole = assembled(sse(chunk({"content": "Hel"})) + error)
+    assert whole.error == {"code": 500, "message": "boom", "type": "server_error"}
+
+
+def test_a_stream_that_stops_without_saying_so_is_not_done() -> None:
+    assert not assembled(sse(chunk({"content": "Hel"}))).done
+    # A last line without its newline still counts.
+    whole = assembled(sse(chunk({"content": "Hel"})) + b"data: [DONE]")
+    assert whole.done
+
+
+def test_the_request_asks_for_a_stream_with_usage_and_keeps_the_rest() -> None:
+    raw = json.dumps({"model": "m", "messages": [], "stream": False, "seed": 3,
+                      "stream_options": {"x": 1}}).encode()
+    assert json.loads(stream_request(raw)) == {
+        "model": "m", "messages": [], "stream": True, "seed": 3,
+        "stream_options": {"x": 1, "include_usage": True}}
