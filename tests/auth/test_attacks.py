@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from auth.tokens import load_or_create_secret
 from proxy.server import Running
 from tests.conftest import ADMIN_HEADERS, Fake, KillableRedis, ProxyFactory, token_for
+from tests.kit.helpers import eventually
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -197,6 +198,32 @@ async def test_revoked_token(proxy: Running, fake: Fake) -> None:
                                  headers=ADMIN_HEADERS) as r:
             assert r.status == 200
     await assert_refused(proxy, fake, bearer(token), message="Token revoked")
+
+
+async def test_a_token_revoked_after_use_is_refused_at_once_and_on_another_appliance(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    """Revoked while it is cached as good: refused at once where it was revoked, and within
+    key_cache_ttl on a second appliance sharing the Redis (and the signing secret)."""
+    one = await make_proxy(upstreams=[fake.url], key_cache_ttl=1.0)
+    two = await make_proxy(upstreams=[fake.url], key_cache_ttl=1.0)
+    token = token_for(one, "eve")
+    assert (await call(one, bearer(token)))[0] == 200
+    assert (await call(two, bearer(token)))[0] == 200
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    async with aiohttp.ClientSession() as client:
+        async with client.delete(f"{one.base_url}/admin/tokens/{jti}",
+                                 headers=ADMIN_HEADERS) as r:
+            assert r.status == 200
+    revoked = time.monotonic()
+    status, body, _ = await call(one, bearer(token))
+    assert status == 401 and body["error"]["message"] == "Token revoked"
+
+    async def refused_on_two() -> bool:
+        return (await call(two, bearer(token)))[0] == 401
+
+    await eventually(refused_on_two, 3.0, "the second appliance to refuse it")
+    assert time.monotonic() - revoked < 1.0 + 1.0  # its cache's ttl, and a busy machine
 
 
 async def test_oversized_token_and_garbage_headers(proxy: Running, fake: Fake) -> None:

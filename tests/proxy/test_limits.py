@@ -148,6 +148,18 @@ async def test_concurrency_leases_are_released_on_disconnect(
     await eventually(lambda: leases(redis_url, key) == 0, 2, "every lease released")
 
 
+async def test_a_daily_limit_refuses_past_its_count(make_proxy: ProxyFactory,
+                                                    fake: Fake) -> None:
+    proxy = await make_proxy(upstreams=[fake.url], limit_rpd=3)
+    token = token_for(proxy, "dana")
+    results = [await post(proxy, token) for _ in range(4)]
+    assert [status for status, _, _ in results] == [200, 200, 200, 429]
+    _, data, headers = results[-1]
+    assert "requests per day" in data["error"]["message"]
+    assert headers["x-ratelimit-limit-requests"] == "3"
+    assert int(headers["Retry-After"]) > 3600  # the day's window, not a minute's
+
+
 async def test_two_appliances_share_one_limit(make_proxy: ProxyFactory, fake: Fake) -> None:
     one = await make_proxy(upstreams=[fake.url], limit_rpm=10)
     two = await make_proxy(upstreams=[fake.url], limit_rpm=10)

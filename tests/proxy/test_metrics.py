@@ -31,11 +31,15 @@ class Scrape:
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.samples = [s for family in text_string_to_metric_families(text)
-                        for s in family.samples]
+        families = list(text_string_to_metric_families(text))
+        self.families = {family.name for family in families}
+        self.samples = [s for family in families for s in family.samples]
 
     def value(self, name: str, **labels: str) -> float:
-        """The sum of the samples of `name` whose labels include `labels` (0 if none)."""
+        """The sum of the samples of `name` whose labels include `labels` (0 if none, but the
+        metric itself must exist: a renamed one is an error, not a zero)."""
+        family = re.sub(r"_(total|count|sum|bucket|created)$", "", name)
+        assert name in self.families or family in self.families, f"no metric {name}"
         return sum(s.value for s in self.samples if s.name == name
                    and all(s.labels.get(k) == v for k, v in labels.items()))
 
