@@ -23,7 +23,6 @@ from auth.guard import FailureGuard
 from auth.principal import ADMIN, INFERENCE, Principal
 from auth.tokens import TokenVerifier
 from proxy.edge import Throttled
-from proxy.errors import to_openai
 from proxy.forwarded import client_address, client_group
 from proxy.outcome import outcome_of
 from proxy.store import REDIS
@@ -46,7 +45,7 @@ def setup_auth(app: web.Application, *, tokens: TokenVerifier, required: bool, d
     app[GUARD] = FailureGuard(fail_limit, fail_window)
     # One line per few seconds: bad credentials from many addresses must not flood the log
     # (the metrics count every failure).
-    app[REFUSED] = Throttled(logging.WARNING, "auth %d for %s %s from %s: %s", log)
+    app[REFUSED] = Throttled(logging.WARNING, "auth refused (%s) for %s %s from %s: %s", log)
     app.middlewares.append(authenticate)
     app.cleanup_ctx.append(functools.partial(
         _credentials, tokens, key_cache_ttl,
@@ -94,9 +93,8 @@ async def authorize(request: web.Request, needed: str) -> Principal:
         if isinstance(exc, CredentialRejected):
             guard.record(group)
         # The reason names a key prefix or jti at most; the secret itself is never logged.
-        answer = to_openai(exc, request)
-        request.app[REFUSED](answer.status if answer else 500, request.method,
-                             request.rel_url.raw_path, ip, exc.reason)
+        request.app[REFUSED](outcome.auth_failure, request.method, request.rel_url.raw_path,
+                             ip, exc.reason)
         raise
     outcome.principal, outcome.credential = principal.id, principal.kind
     return principal

@@ -18,6 +18,8 @@ from enum import StrEnum
 from aiohttp import ClientError, ClientSession, ClientTimeout
 from yarl import URL
 
+from proxy.errors import OpenAIError
+
 log = logging.getLogger("proxy.backends")
 
 
@@ -51,6 +53,13 @@ class UpstreamTimeout(Exception):
 
 class UpstreamBroke(Exception):
     """The model server broke off its answer."""
+
+
+def upstream_error(exc: UpstreamTimeout | UpstreamBroke) -> OpenAIError:
+    """A model server that failed mid-answer, as the client sees it (a stream's last event)."""
+    if isinstance(exc, UpstreamTimeout):
+        return OpenAIError(504, str(exc), code="upstream_timeout")
+    return OpenAIError(502, str(exc), code="upstream_error")
 
 
 class State(StrEnum):

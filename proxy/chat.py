@@ -25,9 +25,10 @@ from proxy.authn import PRINCIPAL
 from proxy.backends import Backend, UpstreamBroke
 from proxy.conversations import ID, Conversations, new_id
 from proxy.drain import OPEN_STREAM
-from proxy.errors import OpenAIError, to_openai
+from proxy.errors import OpenAIError
+from proxy.failures import to_openai
+from proxy.ids import REQUEST_ID
 from proxy.limits import limited, model_slot
-from proxy.middlewares import REQUEST_ID
 from proxy.outcome import outcome_of
 from proxy.pool import POOL
 from proxy.relay import CLIENT, RELAY, as_openai_error, is_stream

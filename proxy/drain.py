@@ -3,7 +3,8 @@
 On SIGTERM the listening socket closes first (aiohttp), then requests in flight get up to
 `shutdown_grace` to finish. Past that deadline none is simply cut: the slot queue is closed, so
 every queued request gets a 503 with Retry-After, and every request still running is cancelled
-and answers for itself: an open stream ends with an SSE error event, anything else with a 503.
+and answers for itself (proxy/front.py): an open stream ends with an SSE error event, anything
+else with a 503.
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
-from proxy.errors import OpenAIError, to_openai
-from quota.slots import SHUTTING_DOWN, QueueClosed
-
 log = logging.getLogger("proxy")
 
 ABORT_WAIT = 5.0  # seconds the cancelled requests get to write their last words
 OPEN_STREAM = web.RequestKey("open_stream", web.StreamResponse)  # set once a stream starts
+DRAIN: web.AppKey[Drain] = web.AppKey("drain")
 
 
 class Drain:
@@ -64,23 +63,3 @@ class Drain:
             task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), ABORT_WAIT)
-
-
-async def cut_short(request: web.Request, stream: web.StreamResponse | None
-                    ) -> web.StreamResponse:
-    """The answer of a request cancelled by shutdown: an SSE error event on a stream already
-    under way, a 503 otherwise."""
-    error = to_openai(QueueClosed(SHUTTING_DOWN), request)
-    assert error is not None
-    return await answer(error, stream)
-
-
-async def answer(error: OpenAIError, stream: web.StreamResponse | None) -> web.StreamResponse:
-    """The error's own response; or, on a stream already under way, the SSE error event
-    that ends it."""
-    if stream is None or not stream.prepared:
-        return error.response()
-    with contextlib.suppress(ConnectionResetError):
-        await stream.write(error.sse_event())
-        await stream.write_eof()
-    return stream

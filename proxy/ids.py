@@ -9,6 +9,9 @@ from __future__ import annotations
 import itertools
 import os
 
+from aiohttp import web
+
+REQUEST_ID = web.RequestKey("request_id", str)  # set by the front middleware, for every request
 _prefix = os.urandom(8).hex()
 _counter = itertools.count()
 

@@ -18,9 +18,9 @@ import orjson
 from aiohttp import web
 
 from auth.principal import Principal
+from proxy.drain import DRAIN
 from proxy.forwarded import client_group
 from proxy.ids import new_id
-from proxy.middlewares import DRAIN
 from proxy.outcome import outcome_of
 from proxy.shared_slots import SlotBorrower
 from proxy.store import REDIS

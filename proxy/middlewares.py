@@ -8,6 +8,7 @@ like any error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -16,18 +17,18 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.drain import OPEN_STREAM, Drain, answer, cut_short
+from proxy.drain import DRAIN, OPEN_STREAM, Drain
 from proxy.edge import SECURITY_HEADERS
-from proxy.errors import MAX_BODY, OpenAIError, to_openai
+from proxy.errors import MAX_BODY, OpenAIError
+from proxy.failures import to_openai
 from proxy.forwarded import client_address, client_scheme
-from proxy.ids import new_id
+from proxy.ids import REQUEST_ID, new_id
 from proxy.outcome import OUTCOME, Outcome, finished
+from quota.slots import SHUTTING_DOWN, QueueClosed
 
 log = logging.getLogger("proxy.access")
 error_log = logging.getLogger("proxy.errors")
 
-REQUEST_ID = web.RequestKey("request_id", str)
-DRAIN = web.AppKey("drain", Drain)
 # A client's own id is kept only if it is short and plain (no header or log injection).
 HSTS = "max-age=31536000"  # a year; no includeSubDomains: the domain may host other things
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
@@ -152,3 +153,23 @@ async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> 
         response.headers.setdefault(name, value)
     if client_scheme(request) == "https":  # browsers heed HSTS only when it came over TLS
         response.headers.setdefault("Strict-Transport-Security", HSTS)
+
+
+async def cut_short(request: web.Request, stream: web.StreamResponse | None
+                    ) -> web.StreamResponse:
+    """The answer of a request cancelled by shutdown: an SSE error event on a stream already
+    under way, a 503 otherwise."""
+    error = to_openai(QueueClosed(SHUTTING_DOWN), request)
+    assert error is not None
+    return await answer(error, stream)
+
+
+async def answer(error: OpenAIError, stream: web.StreamResponse | None) -> web.StreamResponse:
+    """The error's own response; or, on a stream already under way, the SSE error event
+    that ends it."""
+    if stream is None or not stream.prepared:
+        return error.response()
+    with contextlib.suppress(ConnectionResetError):
+        await stream.write(error.sse_event())
+        await stream.write_eof()
+    return stream

@@ -40,10 +40,11 @@ from proxy.backends import (
     UpstreamBroke,
     UpstreamTimeout,
     UpstreamUnreachable,
+    upstream_error,
 )
 from proxy.deadline import Deadline
 from proxy.edge import goes_out_at_once, reset
-from proxy.errors import ERROR_TYPES, error_body, to_openai
+from proxy.errors import ERROR_TYPES, error_body
 from proxy.heartbeat import Heartbeat
 from proxy.outcome import Outcome, outcome_of
 from proxy.usage import UsageMeter
@@ -261,9 +262,7 @@ class Relay:
                     outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
                     cause = type(exc.__cause__ or exc).__name__
                     log.warning("%s: %s (%s)", request_id, exc, cause)
-                    error = to_openai(exc, request)
-                    assert error is not None
-                    await write(error.sse_event())
+                    await write(upstream_error(exc).sse_event())
                 finally:
                     await beat.stop()
                     # Closing (not releasing) drops the connection: a half-read stream is

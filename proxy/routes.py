@@ -13,8 +13,8 @@ from auth.errors import NotPermitted
 from proxy.authn import PRINCIPAL
 from proxy.errors import MAX_BODY, OpenAIError
 from proxy.heartbeat import Heartbeat
+from proxy.ids import REQUEST_ID
 from proxy.limits import LIMITER, QUEUE, limited, model_slot
-from proxy.middlewares import REQUEST_ID
 from proxy.outcome import outcome_of
 from proxy.pool import POOL
 from proxy.relay import RELAY

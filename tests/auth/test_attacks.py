@@ -283,9 +283,9 @@ async def test_failures_are_logged_without_secrets(
     for _ in range(15):  # under auth_fail_limit (20): refused, not yet blocked
         await assert_refused(proxy, fake, bearer(expired))
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "auth 401" in text and "abcdef12" in text  # the prefix identifies the key
+    assert "auth refused (unknown)" in text and "abcdef12" in text  # the prefix names the key
     assert expired not in text and wrong_key not in text and "s" * 43 not in text
-    assert text.count("auth 401") == 1  # a flood is one line, the rest counted in the next
+    assert text.count("auth refused") == 1  # a flood is one line, the rest counted in the next
 
 
 async def test_a_key_store_outage_refuses_unknown_keys_with_503(

@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from proxy.backends import Backend, State
-from proxy.errors import MAX_BODY, to_openai
+from proxy.errors import MAX_BODY
+from proxy.failures import to_openai
 from proxy.relay import Relay, Timeouts
 from tests.conftest import Fake
 from tests.kit.helpers import free_port
