@@ -11,7 +11,7 @@
 import sys
 
 from auth.cli import main
-from proxy.store import store_for_a_tool
+from proxy.state.store import store_for_a_tool
 
 if __name__ == "__main__":
     sys.exit(main(store=store_for_a_tool))

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if settings.workers > 1:
             shared_metrics_dir(settings.data_dir)  # before prometheus-client is imported
-        from proxy.logs import setup_logging
+        from proxy.observe.logs import setup_logging
         from proxy.server import serve
 
         setup_logging(settings.log_level, settings.log_format)
@@ -79,7 +79,7 @@ def _run_worker(path: str) -> int:
     """An extra --workers process: settings resolved by the first process, no CLI of its own."""
     import orjson
 
-    from proxy.logs import setup_logging
+    from proxy.observe.logs import setup_logging
     from proxy.server import serve
 
     with open(path, "rb") as fh:

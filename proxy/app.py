@@ -13,24 +13,24 @@ from aiohttp import web
 from auth.tokens import TokenVerifier, issue_token
 from config import Settings
 from config.loader import is_loopback
-from proxy.admin import setup_admin
-from proxy.authn import setup_auth
-from proxy.chat import ChatLimits, setup_chat
-from proxy.cors import setup_cors
-from proxy.files import prepare_data_dir
-from proxy.forwarded import TrustedProxies, setup_forwarded
-from proxy.ledger import setup_ledger
-from proxy.limits import setup_quota
-from proxy.logs import register_secret
-from proxy.metrics import Metrics, setup_metrics
-from proxy.middlewares import setup_edge
-from proxy.openapi import setup_openapi
-from proxy.page import setup_page
-from proxy.pool import setup_backends
-from proxy.relay import Timeouts, setup_relay
-from proxy.routes import setup_routes
-from proxy.scrape import setup_scrape
-from proxy.store import setup_store
+from proxy.access.authn import setup_auth
+from proxy.access.limits import setup_quota
+from proxy.api.admin import setup_admin
+from proxy.api.chat import ChatLimits, setup_chat
+from proxy.api.ledger import setup_ledger
+from proxy.api.metrics import Metrics, setup_metrics
+from proxy.api.openapi import setup_openapi
+from proxy.api.page import setup_page
+from proxy.api.routes import setup_routes
+from proxy.api.scrape import setup_scrape
+from proxy.edge.cors import setup_cors
+from proxy.edge.forwarded import TrustedProxies, setup_forwarded
+from proxy.front import setup_edge
+from proxy.observe.logs import register_secret
+from proxy.state.files import prepare_data_dir
+from proxy.state.store import setup_store
+from proxy.upstream.pool import setup_backends
+from proxy.upstream.relay import Timeouts, setup_relay
 from quota.windows import Limits
 
 ShutdownHook = Callable[[web.Application], Awaitable[None]]

@@ -18,13 +18,19 @@ from aiohttp import web
 
 from config import ConfigError, Settings
 from config.settings import default_data_dir
+from proxy.access.limits import QUEUE, describe_limits
 from proxy.app import create_app, limits_of, trusted_proxies
-from proxy.drain import ABORT_WAIT
-from proxy.edge import EdgeLimits, EdgeRunner
-from proxy.limits import QUEUE, describe_limits
-from proxy.pool import SUPERVISOR
-from proxy.tls import CertificateError, Certificates
-from proxy.tunnel import SKIP_WARNING_HEADER, Tunnel, check_tunnel, is_free_plan, open_tunnel
+from proxy.edge.connection import EdgeLimits, EdgeRunner
+from proxy.edge.drain import ABORT_WAIT
+from proxy.edge.tls import CertificateError, Certificates
+from proxy.runtime.tunnel import (
+    SKIP_WARNING_HEADER,
+    Tunnel,
+    check_tunnel,
+    is_free_plan,
+    open_tunnel,
+)
+from proxy.upstream.pool import SUPERVISOR
 from proxy.workers import WorkerPool
 
 log = logging.getLogger("proxy")
@@ -96,7 +102,7 @@ async def start(settings: Settings, reuse_port: bool = False, slots_from: Path |
     try:
         app = create_app(settings, slots_from, on_shutdown)
         # handler_cancellation: a client that leaves cancels its handler, so upstream work
-        # stops. Requests are drained on_shutdown (proxy/drain.py); what is left after that
+        # stops. Requests are drained on_shutdown (proxy/edge/drain.py); what is left after that
         # gets aiohttp's own short wait.
         edge = EdgeLimits(header_timeout=settings.header_timeout,
                           max_connections=settings.max_connections,

@@ -2,7 +2,7 @@
 
 The first process keeps everything stateful: the llama-server child, the embedded Redis and the
 model's slot queue. Each extra worker is the same appliance fronting that child as an upstream,
-using that Redis and borrowing slots from that queue (proxy/shared_slots.py), so credentials,
+using that Redis and borrowing slots from that queue (proxy/access/shared_slots.py), so credentials,
 limits, the bound on the model and the turn-taking are all shared. Workers get their settings
 from an owner-only file, die with the first process (PR_SET_PDEATHSIG) and are restarted if they
 crash.
@@ -22,12 +22,12 @@ from typing import Any
 import orjson
 
 from config import Settings
-from proxy.backends import Backend
-from proxy.child import ChildProcess, Phase, Restart
-from proxy.files import write_private
-from proxy.metrics import forget_process
-from proxy.shared_slots import SlotLender
-from proxy.store import SOCKET
+from proxy.access.shared_slots import SlotLender
+from proxy.api.metrics import forget_process
+from proxy.runtime.child import ChildProcess, Phase, Restart
+from proxy.state.files import write_private
+from proxy.state.store import SOCKET
+from proxy.upstream.backends import Backend
 from quota.slots import FairQueue, SlotQueue
 
 log = logging.getLogger("proxy.workers")

@@ -45,7 +45,7 @@ class QueueClosed(Busy):
 
 class SlotQueue(Protocol):
     """What the edge needs of a slot queue: this process's FairQueue, or (in an extra --workers
-    process) the first process's, borrowed through proxy/shared_slots.py."""
+    process) the first process's, borrowed through proxy/access/shared_slots.py."""
 
     slots: int
 

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, expect
 
-from proxy.page import CSP, STATIC
+from proxy.api.page import CSP, STATIC
 from proxy.server import Running
 from tests.browser.conftest import ARTEFACTS, DESKTOP, PHONE, Problems
 from tests.conftest import ADMIN_HEADERS, Fake, Llama, ProxyFactory, token_for

@@ -1,5 +1,6 @@
 """A whole answer put together from a stream, as OpenAI's streaming rules say (the relay asks
-llama-server for streams so that a client that leaves frees the slot: proxy/assemble.py)."""
+llama-server for streams so that a client that leaves frees the slot:
+proxy/upstream/assemble.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.assemble import Assembly, stream_request
+from proxy.upstream.assemble import Assembly, stream_request
 
 
 def sse(*events: dict[str, Any] | str, end: bytes = b"\n\n") -> bytes:

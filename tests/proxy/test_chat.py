@@ -215,7 +215,7 @@ async def test_conversations_unavailable_is_a_clean_503(make_proxy: ProxyFactory
 
 async def test_the_context_size_comes_from_the_model_server(model_proxy: Running,
                                                             llama: Llama) -> None:
-    from proxy.chat import CONTEXTS
+    from proxy.api.chat import CONTEXTS
 
     async with aiohttp.ClientSession() as http:
         async with http.get(llama.url + "/props",

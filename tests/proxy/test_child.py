@@ -7,7 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from proxy.child import ChildProcess, LineSplitter, Phase, Restart
+from proxy.runtime.child import ChildProcess, LineSplitter, Phase, Restart
 from tests.kit.helpers import eventually, pid_alive
 
 

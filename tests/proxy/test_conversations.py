@@ -7,7 +7,7 @@ import uuid
 
 from redis.asyncio import Redis
 
-from proxy.conversations import Conversations, new_id
+from proxy.state.conversations import Conversations, new_id
 
 
 async def test_conversations_list_newest_first_within_one_second(redis_url: str) -> None:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from proxy.deadline import Deadline
+from proxy.edge.deadline import Deadline
 
 
 async def test_a_wait_in_time_returns_its_value_and_close_drops_the_timer() -> None:

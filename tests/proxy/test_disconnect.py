@@ -18,9 +18,9 @@ import openai
 import pytest
 import redis as redis_sync
 
-from proxy.limits import QUEUE, prompt_tokens
-from proxy.pool import POOL
+from proxy.access.limits import QUEUE, prompt_tokens
 from proxy.server import Running
+from proxy.upstream.pool import POOL
 from tests.conftest import Fake, Llama, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body
 from tests.kit.helpers import eventually

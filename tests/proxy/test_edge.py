@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.edge import LINGER, EdgeLimits, EdgeServer
+from proxy.edge.connection import LINGER, EdgeLimits, EdgeServer
 from tests.conftest import Fake, ProxyFactory
 from tests.kit.helpers import Appliance, eventually, wait_until
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.forwarded import TrustedProxies, client_of
+from proxy.edge.forwarded import TrustedProxies, client_of
 from proxy.server import Running
 from tests.conftest import Fake, ProxyFactory, token_for
 from tests.kit.nginx import Nginx
@@ -200,7 +200,7 @@ async def test_a_queued_stream_outlasts_the_tunnels_read_timeout(
 
 
 def test_odd_hops_unknown_clients_and_zones() -> None:
-    from proxy.forwarded import BadForwarding
+    from proxy.edge.forwarded import BadForwarding
 
     trusted = TrustedProxies([], loopback=True)
     assert client_of("127.0.0.1", ["unknown"], trusted) == ("unknown", 0)  # RFC 7239

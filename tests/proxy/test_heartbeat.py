@@ -9,8 +9,8 @@ import contextlib
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.drain import OPEN_STREAM
-from proxy.heartbeat import KEEP_ALIVE, Heartbeat
+from proxy.edge.drain import OPEN_STREAM
+from proxy.upstream.heartbeat import KEEP_ALIVE, Heartbeat
 
 INTERVAL = 0.1
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from auth.ledger import Ledger, today
-from proxy.ledger import LEDGER
+from proxy.api.ledger import LEDGER
 from proxy.server import Running
 from tests.conftest import ADMIN_HEADERS, Fake, KillableRedis, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body as body

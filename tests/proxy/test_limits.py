@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import redis as redis_sync
 
-from proxy.limits import QUEUE, prompt_tokens
+from proxy.access.limits import QUEUE, prompt_tokens
 from proxy.server import Running
 from tests.conftest import Fake, KillableRedis, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body as body

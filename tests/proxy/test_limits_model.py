@@ -6,7 +6,7 @@ import aiohttp
 import orjson
 import redis as redis_sync
 
-from proxy.limits import estimate_tokens
+from proxy.access.limits import estimate_tokens
 from tests.conftest import Llama, ProxyFactory, token_for
 from tests.kit.helpers import eventually
 

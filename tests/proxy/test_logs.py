@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
-from proxy.logs import JsonFormatter, RedactingFormatter, register_secret
+from proxy.observe.logs import JsonFormatter, RedactingFormatter, register_secret
 from tests.kit.helpers import wait_until
 
 
@@ -38,7 +38,7 @@ def test_json_lines_are_redacted_too() -> None:
 def test_a_stuck_log_writer_costs_bounded_memory_and_says_what_it_dropped() -> None:
     import threading
 
-    from proxy.logs import QUEUE_LINES, add_threaded_handler
+    from proxy.observe.logs import QUEUE_LINES, add_threaded_handler
 
     release = threading.Event()
     lines: list[str] = []

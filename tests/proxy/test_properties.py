@@ -7,10 +7,10 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.access.limits import capped, completion_budget
+from proxy.api.routes import parse_body
 from proxy.errors import OpenAIError
-from proxy.limits import capped, completion_budget
-from proxy.routes import parse_body
-from proxy.usage import UsageMeter
+from proxy.upstream.usage import UsageMeter
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)

@@ -10,10 +10,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.backends import Backend, State
+from proxy.api.failures import to_openai
 from proxy.errors import MAX_BODY
-from proxy.failures import to_openai
-from proxy.relay import Relay, Timeouts
+from proxy.upstream.backends import Backend, State
+from proxy.upstream.relay import Relay, Timeouts
 from tests.conftest import Fake
 from tests.kit.helpers import free_port
 

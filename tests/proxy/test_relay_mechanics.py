@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from proxy.server import Running
-from proxy.usage import UsageMeter
+from proxy.upstream.usage import UsageMeter
 from tests.conftest import Fake, ProxyFactory
 from tests.kit.helpers import eventually
 

@@ -49,7 +49,7 @@ def test_embedded_redis_is_restarted_and_keeps_its_keys(tmp_path: Path) -> None:
 async def test_the_appliance_takes_over_a_redis_it_only_shared(tmp_path: Path) -> None:
     """generate_token.py started Redis for itself; the appliance came up meanwhile and shared
     it; when the tool ends and stops its Redis, the appliance starts its own, with the data."""
-    from proxy.store import EmbeddedRedis, make_client
+    from proxy.state.store import EmbeddedRedis, make_client
 
     data = tmp_path / "data"
     tool = EmbeddedRedis(data, "redis-server", 0.25)

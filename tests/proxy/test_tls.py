@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from config import ConfigError, load_settings
-from proxy.tls import CertificateError, Certificates
+from proxy.edge.tls import CertificateError, Certificates
 from tests.conftest import Fake
 from tests.kit.helpers import Appliance, eventually
 

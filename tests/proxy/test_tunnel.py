@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.tunnel import forward_target
+from proxy.runtime.tunnel import forward_target
 from tests.conftest import Fake, ProxyFactory
 from tests.kit.helpers import REPO, Appliance, free_port, wait_until
 

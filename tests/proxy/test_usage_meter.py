@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.usage import MAX_PENDING, UsageMeter
+from proxy.upstream.usage import MAX_PENDING, UsageMeter
 
 DELTA = b'data: {"choices":[{"delta":{"content":"a"}}]}'
 USAGE = (b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,'

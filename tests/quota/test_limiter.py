@@ -8,7 +8,7 @@ import itertools
 import pytest
 import redis as redis_sync
 
-from proxy.store import make_client
+from proxy.state.store import make_client
 from quota.limiter import Limiter
 from quota.windows import Limits
 from tests.conftest import KillableRedis

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.store import make_client
+from proxy.state.store import make_client
 from quota.memory import MemoryStorage
 from quota.redis_storage import RedisStorage
 from quota.storage import Storage

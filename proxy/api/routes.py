@@ -10,14 +10,14 @@ import orjson
 from aiohttp import web
 
 from auth.errors import NotPermitted
-from proxy.authn import PRINCIPAL
+from proxy.access.authn import PRINCIPAL
+from proxy.access.limits import LIMITER, QUEUE, limited, model_slot
+from proxy.edge.ids import REQUEST_ID
 from proxy.errors import MAX_BODY, OpenAIError
-from proxy.heartbeat import Heartbeat
-from proxy.ids import REQUEST_ID
-from proxy.limits import LIMITER, QUEUE, limited, model_slot
-from proxy.outcome import outcome_of
-from proxy.pool import POOL
-from proxy.relay import RELAY
+from proxy.observe.outcome import outcome_of
+from proxy.upstream.heartbeat import Heartbeat
+from proxy.upstream.pool import POOL
+from proxy.upstream.relay import RELAY
 
 CAN_SERVE = ("ok", "degraded")
 BODY_TIMEOUT = web.AppKey("body_timeout", float)

@@ -7,7 +7,7 @@ nothing for a while (nginx's proxy_read_timeout, Cloudflare at ~100 s), answerin
 response is started and an SSE comment (`: keep-alive`, ignored by every SSE client) is sent
 every `interval` seconds until the first real chunk. Waits shorter than that change nothing:
 errors still get their own status. After the response has started, an error can only be an
-SSE error event (front middleware: proxy/middlewares.py).
+SSE error event (front middleware: proxy/front.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import logging
 
 from aiohttp import web
 
-from proxy.drain import OPEN_STREAM
-from proxy.edge import reset
+from proxy.edge.connection import reset
+from proxy.edge.drain import OPEN_STREAM
 
 log = logging.getLogger("proxy.relay")
 

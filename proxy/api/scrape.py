@@ -22,13 +22,13 @@ from prometheus_client.core import Metric
 
 from auth.principal import ADMIN
 from config.loader import is_loopback
-from proxy.authn import authorize
-from proxy.backends import Backend, State
-from proxy.forwarded import client_address
-from proxy.limits import LIMITER, QUEUE
-from proxy.metrics import CONTENT_TYPE, METRICS, Metrics, relabel
-from proxy.pool import POOL, SUPERVISOR
-from proxy.relay import CLIENT
+from proxy.access.authn import authorize
+from proxy.access.limits import LIMITER, QUEUE
+from proxy.api.metrics import CONTENT_TYPE, METRICS, Metrics, relabel
+from proxy.edge.forwarded import client_address
+from proxy.upstream.backends import Backend, State
+from proxy.upstream.pool import POOL, SUPERVISOR
+from proxy.upstream.relay import CLIENT
 
 log = logging.getLogger("proxy.metrics")
 

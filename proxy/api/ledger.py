@@ -11,11 +11,11 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from auth.ledger import Ledger, date_range, total
-from proxy.authn import PRINCIPAL
+from proxy.access.authn import PRINCIPAL
+from proxy.api.routes import json_response
 from proxy.errors import OpenAIError
-from proxy.outcome import Outcome, on_finished
-from proxy.routes import json_response
-from proxy.store import REDIS
+from proxy.observe.outcome import Outcome, on_finished
+from proxy.state.store import REDIS
 
 LEDGER = web.AppKey("ledger", Ledger)
 DEFAULT_DAYS = 30  # what a read without `from` covers

@@ -1,7 +1,7 @@
 """`/api/chat`: the simple endpoint, one message in and the answer out, with the conversation
-kept for the caller (proxy/conversations.py); and `/api/conversations` to list, read and delete
-them. Same authentication, rate limits, fair queue and token accounting as /v1: the request is
-built as an OpenAI chat completion and goes through the same path to the model. Streamed
+kept for the caller (proxy/state/conversations.py); and `/api/conversations` to list, read
+and delete them. Same authentication, rate limits, fair queue and token accounting as /v1: the
+request is built as an OpenAI chat completion and goes through the same path to the model. Streamed
 answers are events the appliance makes itself (aiohttp-sse): `start`, `delta`..., then `done`
 or `error`.
 """
@@ -21,19 +21,19 @@ from aiohttp import ClientError, ClientSession, web
 from aiohttp_sse import EventSourceResponse, sse_response
 
 from auth.principal import Principal
-from proxy.authn import PRINCIPAL
-from proxy.backends import Backend, UpstreamBroke
-from proxy.conversations import ID, Conversations, new_id
-from proxy.drain import OPEN_STREAM
+from proxy.access.authn import PRINCIPAL
+from proxy.access.limits import limited, model_slot
+from proxy.api.failures import to_openai
+from proxy.api.routes import check_model_allowed, json_response, read_json
+from proxy.edge.drain import OPEN_STREAM
+from proxy.edge.ids import REQUEST_ID
 from proxy.errors import OpenAIError
-from proxy.failures import to_openai
-from proxy.ids import REQUEST_ID
-from proxy.limits import limited, model_slot
-from proxy.outcome import outcome_of
-from proxy.pool import POOL
-from proxy.relay import CLIENT, RELAY, as_openai_error, is_stream
-from proxy.routes import check_model_allowed, json_response, read_json
-from proxy.store import REDIS
+from proxy.observe.outcome import outcome_of
+from proxy.state.conversations import ID, Conversations, new_id
+from proxy.state.store import REDIS
+from proxy.upstream.backends import Backend, UpstreamBroke
+from proxy.upstream.pool import POOL
+from proxy.upstream.relay import CLIENT, RELAY, as_openai_error, is_stream
 
 log = logging.getLogger("proxy.chat")
 

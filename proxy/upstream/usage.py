@@ -8,7 +8,7 @@ they contain a usage object.
 
 A request whose client left before its usage came is charged what the model did up to the cut:
 its prompt, and about a token for each event read from the model, relayed or not (whole answers
-from llama-server are streamed from it too: proxy/assemble.py).
+from llama-server are streamed from it too: proxy/upstream/assemble.py).
 """
 
 from __future__ import annotations

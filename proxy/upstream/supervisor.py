@@ -1,4 +1,4 @@
-"""llama-server as a supervised child (proxy/child.py does the supervising).
+"""llama-server as a supervised child (proxy/runtime/child.py does the supervising).
 
 It runs in its own process group on a free loopback port, protected by a random API key kept in
 an owner-only file (--api-key-file, so it is not in the process list), with its output in our
@@ -18,10 +18,10 @@ import socket
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from config import ConfigError, Settings
-from proxy.backends import Backend, State
-from proxy.child import ChildProcess, Restart
-from proxy.files import hold_lock, release_lock, write_private
-from proxy.logs import RedactingFilter, add_threaded_handler, register_secret
+from proxy.observe.logs import RedactingFilter, add_threaded_handler, register_secret
+from proxy.runtime.child import ChildProcess, Restart
+from proxy.state.files import hold_lock, release_lock, write_private
+from proxy.upstream.backends import Backend, State
 
 log = logging.getLogger("proxy.supervisor")
 child_log = logging.getLogger("llama-server")

@@ -4,7 +4,8 @@ The `ngrok` package (an optional extra) carries the agent as a library, so there
 program to install or supervise. Inside a running event loop its calls return awaitables. The
 agent connects to our own listener over loopback and names the real client in
 `X-Forwarded-For` and the scheme (https) in `X-Forwarded-Proto`; the loader turns
-`trust_loopback_proxy` on with a tunnel, so the edge believes those headers (proxy/forwarded.py).
+`trust_loopback_proxy` on with a tunnel, so the edge believes those headers
+(proxy/edge/forwarded.py).
 
 A tunnel that was asked for and cannot open stops the appliance with one line (exit status 2,
 like any setting that cannot be used): a user who asked for a public URL and did not get one
@@ -26,7 +27,7 @@ from types import ModuleType
 from urllib.parse import urlsplit
 
 from config import ConfigError, Settings
-from proxy.logs import redact, register_secret
+from proxy.observe.logs import redact, register_secret
 
 log = logging.getLogger("proxy.tunnel")
 OPEN_TIMEOUT = 30.0  # seconds ngrok may take to open the tunnel before we give up

@@ -40,9 +40,9 @@ from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from config.loader import is_loopback
+from proxy.edge.forwarded import TrustedProxies, address_group
+from proxy.edge.ids import new_id
 from proxy.errors import error_body
-from proxy.forwarded import TrustedProxies, address_group
-from proxy.ids import new_id
 
 log = logging.getLogger("proxy.edge")
 QUIET_FOR = 10.0  # seconds between two log lines about the same kind of refusal
@@ -474,7 +474,7 @@ class EdgeRunner(web.AppRunner):
     """An AppRunner whose server is an EdgeServer."""
 
     def __init__(self, app: web.Application, *, edge: EdgeLimits, **kwargs: Any) -> None:
-        # auto_decompress off: a compressed body is refused (proxy/routes.py), never inflated
+        # auto_decompress off: a compressed body is refused (proxy/api/routes.py), never inflated
         # or half-decoded by the parser (a bad one raised tracebacks and a 500).
         super().__init__(app, lingering_time=LINGER, auto_decompress=False, **kwargs)
         self.edge = edge

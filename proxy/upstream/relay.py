@@ -3,9 +3,9 @@
 Streamed bytes pass through untouched (no per-chunk JSON parsing), written chunk by chunk as they
 arrive; when the client leaves, the upstream connection is closed at once so llama-server frees
 its slot. Whole answers from llama-server are streamed from it and assembled
-(proxy/assemble.py), so that a client that leaves frees the slot too. The relay gets everything
-it uses explicitly (the HTTP client, the timeouts, what to do with an unreachable backend), so
-it can be tested on its own.
+(proxy/upstream/assemble.py), so that a client that leaves frees the slot too. The relay gets
+everything it uses explicitly (the HTTP client, the timeouts, what to do with an unreachable
+backend), so it can be tested on its own.
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ from aiohttp import (
     web,
 )
 
-from proxy.assemble import ASSEMBLED, Assembly, stream_request
-from proxy.backends import (
+from proxy.edge.connection import goes_out_at_once, reset
+from proxy.edge.deadline import Deadline
+from proxy.errors import ERROR_TYPES, error_body
+from proxy.observe.outcome import Outcome, outcome_of
+from proxy.upstream.assemble import ASSEMBLED, Assembly, stream_request
+from proxy.upstream.backends import (
     Backend,
     ModelLoading,
     State,
@@ -42,12 +46,8 @@ from proxy.backends import (
     UpstreamUnreachable,
     upstream_error,
 )
-from proxy.deadline import Deadline
-from proxy.edge import goes_out_at_once, reset
-from proxy.errors import ERROR_TYPES, error_body
-from proxy.heartbeat import Heartbeat
-from proxy.outcome import Outcome, outcome_of
-from proxy.usage import UsageMeter
+from proxy.upstream.heartbeat import Heartbeat
+from proxy.upstream.usage import UsageMeter
 
 log = logging.getLogger("proxy.relay")
 
@@ -102,7 +102,7 @@ class Relay:
                     outcome: Outcome | None = None, meter: UsageMeter | None = None
                     ) -> web.Response:
         """A whole answer, errors in OpenAI's shape. llama-server is asked for a stream that
-        is assembled here (proxy/assemble.py): it stops a stream whose reader left, not a
+        is assembled here (proxy/upstream/assemble.py): it stops a stream whose reader left, not a
         whole answer."""
         outcome = outcome if outcome is not None else Outcome()
         assemble = path in ASSEMBLED and bool(backends) and backends[0].llama_cpp is True

@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__
-from proxy.admin import MAX_COUNT, MAX_HOURS
+from proxy.api.admin import MAX_COUNT, MAX_HOURS
 
 JSON = "application/json"
 ERROR = {"$ref": "#/components/schemas/Error"}

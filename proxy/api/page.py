@@ -1,4 +1,4 @@
-"""The browser chat page at `/`: static files shipped in the package (proxy/static), no build
+"""The browser chat page at `/`: static files shipped in the package (proxy/api/static), no build
 step and nothing fetched from elsewhere, under a strict Content-Security-Policy. The page keeps
 its credential in the browser and sends it in a header; the server never sees it in a URL."""
 

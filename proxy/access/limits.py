@@ -18,13 +18,13 @@ import orjson
 from aiohttp import web
 
 from auth.principal import Principal
-from proxy.drain import DRAIN
-from proxy.forwarded import client_group
-from proxy.ids import new_id
-from proxy.outcome import outcome_of
-from proxy.shared_slots import SlotBorrower
-from proxy.store import REDIS
-from proxy.usage import UsageMeter, usage_requested, wants_usage_in_stream
+from proxy.access.shared_slots import SlotBorrower
+from proxy.edge.drain import DRAIN
+from proxy.edge.forwarded import client_group
+from proxy.edge.ids import new_id
+from proxy.observe.outcome import outcome_of
+from proxy.state.store import REDIS
+from proxy.upstream.usage import UsageMeter, usage_requested, wants_usage_in_stream
 from quota.limiter import Limiter, RateLimited
 from quota.slots import Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout, SlotQueue
 from quota.windows import REQUEST_WINDOWS, WINDOW_NAMES, Admission, Limits

@@ -14,7 +14,9 @@ from auth.errors import (
     NotPermitted,
     TooManyFailures,
 )
-from proxy.backends import (
+from proxy.errors import MAX_BODY, WWW_AUTHENTICATE, OpenAIError
+from proxy.state.conversations import ConversationsUnavailable
+from proxy.upstream.backends import (
     ModelLoading,
     ModelNotFound,
     NoBackend,
@@ -23,8 +25,6 @@ from proxy.backends import (
     UpstreamUnreachable,
     upstream_error,
 )
-from proxy.conversations import ConversationsUnavailable
-from proxy.errors import MAX_BODY, WWW_AUTHENTICATE, OpenAIError
 from quota.limiter import LimitsUnavailable, RateLimited
 from quota.slots import Busy
 from quota.windows import WINDOW_NAMES

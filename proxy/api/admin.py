@@ -9,9 +9,9 @@ from typing import Any
 from aiohttp import web
 
 from auth.apikeys import KeyStore
-from proxy.authn import KEYS
+from proxy.access.authn import KEYS
+from proxy.api.routes import json_response, read_json
 from proxy.errors import OpenAIError
-from proxy.routes import json_response, read_json
 
 # Signs a JWT: (subject, hours, scopes=, models=, rpm=, tpm=) -> (token, jti, exp).
 Issuer = Callable[..., tuple[str, str, int]]
@@ -20,7 +20,7 @@ ISSUER = web.AppKey("issuer", Issuer)
 MAX_HOURS = 24 * 366 * 10
 MAX_COUNT = 10**12
 
-# Each body field the admin API reads, and what it must be (proxy/openapi.py says the same).
+# Each body field the admin API reads, and what it must be (proxy/api/openapi.py says the same).
 
 
 def _string_list(body: dict[str, Any], name: str) -> list[str] | None:

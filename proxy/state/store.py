@@ -23,8 +23,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from config import ConfigError, Settings
-from proxy.child import ChildProcess, Restart
-from proxy.files import hold_lock, release_lock
+from proxy.runtime.child import ChildProcess, Restart
+from proxy.state.files import hold_lock, release_lock
 
 log = logging.getLogger("proxy.redis")
 SOCKET = "redis.sock"

@@ -22,10 +22,10 @@ from auth.errors import (
 from auth.guard import FailureGuard
 from auth.principal import ADMIN, INFERENCE, Principal
 from auth.tokens import TokenVerifier
-from proxy.edge import Throttled
-from proxy.forwarded import client_address, client_group
-from proxy.outcome import outcome_of
-from proxy.store import REDIS
+from proxy.edge.connection import Throttled
+from proxy.edge.forwarded import client_address, client_group
+from proxy.observe.outcome import outcome_of
+from proxy.state.store import REDIS
 
 log = logging.getLogger("proxy.auth")
 

@@ -1,7 +1,7 @@
 """The edge every request passes first: its id, the answer in OpenAI's shape whatever went wrong
 below, the access log line, security headers, and shutdown that waits for it or cuts it short
-with an answer (proxy/drain.py). One middleware, as aiohttp wraps each one per request; the
-authentication middleware (proxy/authn.py) comes next, so its refusals are shaped and logged
+with an answer (proxy/edge/drain.py). One middleware, as aiohttp wraps each one per request; the
+authentication middleware (proxy/access/authn.py) comes next, so its refusals are shaped and logged
 like any error.
 """
 
@@ -17,13 +17,13 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.drain import DRAIN, OPEN_STREAM, Drain
-from proxy.edge import SECURITY_HEADERS
+from proxy.api.failures import to_openai
+from proxy.edge.connection import SECURITY_HEADERS
+from proxy.edge.drain import DRAIN, OPEN_STREAM, Drain
+from proxy.edge.forwarded import client_address, client_scheme
+from proxy.edge.ids import REQUEST_ID, new_id
 from proxy.errors import MAX_BODY, OpenAIError
-from proxy.failures import to_openai
-from proxy.forwarded import client_address, client_scheme
-from proxy.ids import REQUEST_ID, new_id
-from proxy.outcome import OUTCOME, Outcome, finished
+from proxy.observe.outcome import OUTCOME, Outcome, finished
 from quota.slots import SHUTTING_DOWN, QueueClosed
 
 log = logging.getLogger("proxy.access")
@@ -80,7 +80,7 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _access_line(request: web.Request, outcome: Outcome) -> None:
     """One line per request. The path only (query strings can carry credentials), as sent:
     percent-encoded, so a decoded newline or escape code can never forge a log line. With
-    --log-format json the fields are keys of their own (proxy/logs.py)."""
+    --log-format json the fields are keys of their own (proxy/observe/logs.py)."""
     fields = access_fields(outcome)
     detail = " ".join(f"{name}={value}" for name, value in fields.items())
     rid, client, path = request[REQUEST_ID], client_address(request), _short(

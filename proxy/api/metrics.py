@@ -8,7 +8,7 @@ files in one directory (prometheus-client's multiprocess mode, chosen before the
 imported: proxy/__main__.py) and whichever process answers a scrape adds them all up.
 
 The /metrics route, its access rule and the fetching of the model servers' metrics are
-proxy/scrape.py's.
+proxy/api/scrape.py's.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from prometheus_client import (
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.backends import Backend, State
-from proxy.outcome import Outcome, on_finished
+from proxy.observe.outcome import Outcome, on_finished
+from proxy.upstream.backends import Backend, State
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -113,7 +113,7 @@ class Metrics:
 
     # -- fed by the request path --------------------------------------------------------------
     def finished(self, request: web.Request, outcome: Outcome) -> None:
-        """Observer of every finished request (proxy/outcome.py)."""
+        """Observer of every finished request (proxy/observe/outcome.py)."""
         route = route_of(request)
         model = outcome.model or ""
         self.requests.labels(route, status_class(outcome.status), model,
@@ -237,7 +237,7 @@ METRICS = web.AppKey("metrics", Metrics)
 
 def setup_metrics(app: web.Application, metrics: Metrics) -> None:
     """Call early (before the features that feed it): app[METRICS], its observer of every
-    finished request, and the open-streams gauge. The /metrics route is proxy/scrape.py's."""
+    finished request, and the open-streams gauge. The /metrics route is proxy/api/scrape.py's."""
     app[METRICS] = metrics
     on_finished(app, _stream_closed)
     on_finished(app, metrics.finished)

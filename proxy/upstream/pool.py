@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from config import Settings
-from proxy.backends import Backend, BackendPool, check_upstream, watch_upstreams
-from proxy.relay import CLIENT
-from proxy.supervisor import LlamaSupervisor
+from proxy.upstream.backends import Backend, BackendPool, check_upstream, watch_upstreams
+from proxy.upstream.relay import CLIENT
+from proxy.upstream.supervisor import LlamaSupervisor
 
 POOL = web.AppKey("pool", BackendPool)
 SUPERVISOR: web.AppKey[LlamaSupervisor | None] = web.AppKey("supervisor")

@@ -1,0 +1,1 @@
+"""What a request did (its outcome) and the logs."""

@@ -1,0 +1,1 @@
+"""Processes on this host: the child-process type and the ngrok tunnel."""

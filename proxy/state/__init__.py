@@ -1,0 +1,1 @@
+"""What persists: the Redis store (embedded or not), conversations, owner-only files."""
