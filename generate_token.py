@@ -10,8 +10,8 @@
 
 import sys
 
-from auth.cli import main
 from proxy.state.store import store_for_a_tool
+from proxy.token_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(store=store_for_a_tool))

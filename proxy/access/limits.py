@@ -120,11 +120,6 @@ def capped(body: dict[str, Any], allowed: int) -> dict[str, int]:
     return {name: allowed for name, value in asked.items() if value > allowed}
 
 
-def estimate_tokens(raw: bytes, body: dict[str, Any], path: str, default_max: int) -> int:
-    """What to reserve before generation: the prompt, plus the completion asked for."""
-    return prompt_tokens(raw) + completion_budget(body, path, default_max)
-
-
 @asynccontextmanager
 async def limited(request: web.Request, principal: Principal, path: str, raw: bytes,
                   body: dict[str, Any], stream: bool

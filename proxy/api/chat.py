@@ -77,12 +77,8 @@ def parse_ask(body: dict[str, Any], limits: ChatLimits) -> Ask:
     if cid is not None and not (isinstance(cid, str) and ID.fullmatch(cid)):
         raise OpenAIError(400, "`conversation_id` is not a conversation id",
                           param="conversation_id")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise OpenAIError(400, "`model` must be a string", param="model")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise OpenAIError(400, "`stream` must be true or false", param="stream")
+    # `model` and `stream` were checked by read_json (a string, a boolean).
+    model, stream = body.get("model"), body.get("stream") is True
     max_tokens = body.get("max_tokens")
     if max_tokens is None:
         max_tokens = limits.max_tokens

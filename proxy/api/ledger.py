@@ -1,5 +1,5 @@
 """Usage per credential: every model request's real usage goes into the ledger
-(auth/ledger.py) as it ends; `GET /v1/usage` shows callers their own, `GET /admin/usage` the
+(quota/ledger.py) as it ends; `GET /v1/usage` shows callers their own, `GET /admin/usage` the
 operator anyone's (`?principal=user:alice&from=2026-12-01&to=2026-12-03`, UTC days)."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from auth.ledger import Ledger, date_range, total
 from proxy.access.authn import PRINCIPAL
 from proxy.api.routes import json_response
 from proxy.errors import OpenAIError
 from proxy.observe.outcome import Outcome, on_finished
 from proxy.state.store import REDIS
+from quota.ledger import Ledger, date_range, total
 
 LEDGER = web.AppKey("ledger", Ledger)
 DEFAULT_DAYS = 30  # what a read without `from` covers

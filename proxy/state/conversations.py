@@ -89,14 +89,6 @@ class Conversations:
         messages = [orjson.loads(m) for m in raw]
         return Conversation(_summary(cid, meta, len(messages)), messages)
 
-    async def count(self, principal: str, cid: str) -> int:
-        """Messages in a conversation (0 when it does not exist)."""
-        _, msgs_key, _ = self._keys(principal, cid)
-        try:
-            return int(await self.redis.llen(msgs_key))
-        except RedisError as exc:
-            raise ConversationsUnavailable from exc
-
     async def append(self, principal: str, cid: str, model: str,
                      *messages: dict[str, str]) -> None:
         """Add an exchange, creating the conversation (titled by its first message) if new."""

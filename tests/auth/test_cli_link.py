@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import aiohttp
 import pytest
 
-from auth.cli import qr_code, sign_in_link
+from proxy.token_cli import qr_code, sign_in_link
 from tests.conftest import Fake, ProxyFactory
 from tests.kit.helpers import REPO
 

@@ -15,9 +15,9 @@ import aiohttp
 import openai
 import pytest
 
-from auth.ledger import Ledger, today
 from proxy.api.ledger import LEDGER
 from proxy.server import Running
+from quota.ledger import Ledger, today
 from tests.conftest import ADMIN_HEADERS, Fake, KillableRedis, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body as body
 from tests.kit.helpers import REPO, eventually

@@ -6,7 +6,7 @@ import aiohttp
 import orjson
 import redis as redis_sync
 
-from proxy.access.limits import estimate_tokens
+from proxy.access.limits import completion_budget, prompt_tokens
 from tests.conftest import Llama, ProxyFactory, token_for
 from tests.kit.helpers import eventually
 
@@ -47,7 +47,8 @@ async def test_streamed_and_whole_answers_are_charged_their_real_usage(
         total = usage["total_tokens"]
         assert usage["completion_tokens"] == 20
         await eventually(lambda: spent(redis_url, "sam") == total, 2, "settlement")
-        reserved = estimate_tokens(orjson.dumps(asked), asked, "/v1/chat/completions", 512)
+        reserved = (prompt_tokens(orjson.dumps(asked))
+                    + completion_budget(asked, "/v1/chat/completions", 512))
         assert reserved != total  # so the check below tells settlement from reservation
 
         # 2. The client did not ask: usage is requested upstream, charged, and stripped again.

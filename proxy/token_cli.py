@@ -1,7 +1,8 @@
 """The commands behind generate_token.py: issue JWTs, create/list/revoke API keys, snippets, QR.
 
 The key store is reached through `store`, given by the caller (generate_token.py passes the
-appliance's own way of opening its Redis), so this layer never depends on the appliance.
+appliance's own way of opening its Redis). It sits above auth, quota and config, whose keys,
+tokens and usage ledger it works on.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from urllib.parse import quote, urlsplit
 from redis.asyncio import Redis
 
 from auth.apikeys import KeyStore, parse_key
-from auth.ledger import Ledger, Row, today, total
 from auth.tokens import issue_token
 from config import ConfigError, Settings, load_settings
+from quota.ledger import Ledger, Row, today, total
 
 # Opens the key store's Redis for these settings, and closes it on the way out.
 StoreOpener = Callable[[Settings], AbstractAsyncContextManager[Redis]]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-log = logging.getLogger("auth.ledger")
+log = logging.getLogger("quota.ledger")
 
 FLUSH_EVERY = 0.5  # seconds between batches
 MAX_BACKOFF = 60.0  # the longest wait between tries while Redis is away
