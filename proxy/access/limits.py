@@ -17,13 +17,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from auth.principal import Principal
 from proxy.access.shared_slots import SlotBorrower
 from proxy.edge.drain import DRAIN
 from proxy.edge.forwarded import client_group
 from proxy.edge.ids import new_id
-from proxy.observe.outcome import outcome_of
 from proxy.state.store import REDIS
+from proxy.upstream.call import ModelCall
 from proxy.upstream.usage import UsageMeter, usage_requested, wants_usage_in_stream
 from quota.limiter import Limiter, RateLimited
 from quota.slots import Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout, SlotQueue
@@ -121,13 +120,13 @@ def capped(body: dict[str, Any], allowed: int) -> dict[str, int]:
 
 
 @asynccontextmanager
-async def limited(request: web.Request, principal: Principal, path: str, raw: bytes,
-                  body: dict[str, Any], stream: bool
+async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
                   ) -> AsyncIterator[tuple[bytes, UsageMeter]]:
-    """Admit the request or raise RateLimited; yield the body to send and its usage meter.
+    """Admit the call or raise RateLimited; yield the body to send and its usage meter.
     At the end the real usage settles the reservation and goes into the request's outcome."""
+    request, principal, path, stream = call.request, call.principal, call.path, call.stream
     limiter = request.app[LIMITER]
-    outcome = outcome_of(request)
+    outcome = call.outcome
     prompt = prompt_tokens(raw)
     completion = completion_budget(body, path, request.app[DEFAULT_MAX_TOKENS])
     admission = await limiter.admit(new_id(), principal.id, client_group(request),
@@ -167,16 +166,16 @@ async def limited(request: web.Request, principal: Principal, path: str, raw: by
 
 
 @asynccontextmanager
-async def model_slot(request: web.Request, principal: Principal) -> AsyncIterator[None]:
+async def model_slot(call: ModelCall) -> AsyncIterator[None]:
     """A turn at the model, through the fair queue (when admission control is on)."""
-    queue = request.app[QUEUE]
+    queue = call.request.app[QUEUE]
     if queue.slots <= 0:
         yield
         return
-    outcome = outcome_of(request)
+    outcome = call.outcome
     asked = time.perf_counter()
     try:
-        async with queue.slot(principal.id):
+        async with queue.slot(call.principal.id):
             outcome.queue_wait = time.perf_counter() - asked
             yield
     except Busy as exc:

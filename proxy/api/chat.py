@@ -20,20 +20,19 @@ import orjson
 from aiohttp import ClientError, ClientSession, web
 from aiohttp_sse import EventSourceResponse, sse_response
 
-from auth.principal import Principal
 from proxy.access.authn import PRINCIPAL
 from proxy.access.limits import limited, model_slot
 from proxy.api.failures import to_openai
-from proxy.api.routes import check_model_allowed, json_response, read_json
+from proxy.api.routes import json_response, model_call, read_json
 from proxy.edge.drain import OPEN_STREAM
-from proxy.edge.ids import REQUEST_ID
 from proxy.errors import OpenAIError
-from proxy.observe.outcome import outcome_of
 from proxy.state.conversations import ID, Conversations, new_id
 from proxy.state.store import REDIS
 from proxy.upstream.backends import Backend, UpstreamBroke
+from proxy.upstream.call import ModelCall
 from proxy.upstream.pool import POOL
 from proxy.upstream.relay import CLIENT, RELAY, as_openai_error, is_stream
+from proxy.upstream.usage import UsageMeter
 
 log = logging.getLogger("proxy.chat")
 
@@ -230,13 +229,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
                               param="conversation_id", code="conversation_full")
         history = found.messages
     cid = cid or new_id()
-    check_model_allowed(request, ask.model)
-    pool = request.app[POOL]
-    backends = pool.choose(ask.model)
-    model = ask.model or next(iter(pool.model_ids()), "")
-    outcome = outcome_of(request)
-    outcome.model, outcome.stream = pool.served(ask.model, backends), ask.stream
-    context = await context_of(request, backends[0], limits.context_tokens)
+    call = model_call(request, PATH, ask.model, ask.stream)
+    model = ask.model or next(iter(request.app[POOL].model_ids()), "")
+    context = await context_of(request, call.backends[0], limits.context_tokens)
     payload: dict[str, Any] = {"messages": fit(history, ask.message, context, ask.max_tokens),
                                "max_tokens": ask.max_tokens, "stream": ask.stream}
     if ask.model:
@@ -244,8 +239,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if ask.stream:
         payload["stream_options"] = {"include_usage": True}
     raw = orjson.dumps(payload)
-    turn = Turn(request, principal, store, cid, model, ask.message, backends)
-    async with limited(request, principal, PATH, raw, payload, ask.stream) as (sent, meter):
+    turn = Turn(call, store, cid, model, ask.message)
+    async with limited(call, raw, payload) as (sent, meter):
         if ask.stream:
             return await turn.streamed(sent, meter, limits)
         return await turn.whole(sent, meter)
@@ -255,19 +250,19 @@ async def chat(request: web.Request) -> web.StreamResponse:
 class Turn:
     """One question to the model within a conversation, and keeping what it answered."""
 
-    request: web.Request
-    principal: Principal
+    call: ModelCall
     store: Conversations
     cid: str
     model: str
     message: str
-    backends: list[Any]
 
-    async def whole(self, sent: bytes, meter: Any) -> web.Response:
-        relay = self.request.app[RELAY]
-        async with model_slot(self.request, self.principal):
-            whole = await relay.whole(self.backends, PATH, sent, self.request[REQUEST_ID],
-                                      outcome_of(self.request), meter)
+    @property
+    def request(self) -> web.Request:
+        return self.call.request
+
+    async def whole(self, sent: bytes, meter: UsageMeter) -> web.Response:
+        async with model_slot(self.call):
+            whole = await self.request.app[RELAY].whole(self.call, sent, meter)
         body = whole.body if isinstance(whole.body, bytes) else b""
         if whole.status != 200:
             raise ModelRefused(whole.status, body)
@@ -280,7 +275,8 @@ class Turn:
         return json_response({"response": answer.text, "conversation_id": self.cid,
                               "model": self.model, "usage": answer.public_usage()})
 
-    async def streamed(self, sent: bytes, meter: Any, limits: ChatLimits) -> web.StreamResponse:
+    async def streamed(self, sent: bytes, meter: UsageMeter, limits: ChatLimits
+                       ) -> web.StreamResponse:
         """Started at once (the conversation id comes first, and pings keep a waiting stream
         alive through tunnels); errors from here on are `error` events."""
         async with sse_response(
@@ -299,14 +295,14 @@ class Turn:
                     self._keep_later(answer)  # the client left: keep what it saw
                 raise
             except (TimeoutError, ConnectionResetError) as exc:
-                outcome_of(self.request).disconnect = (
+                self.call.outcome.disconnect = (
                     "write_timeout" if isinstance(exc, TimeoutError) else "gone")
                 return sse  # the client stopped reading or left: nobody to tell
             except Exception as exc:
                 error = to_openai(exc, self.request)
                 if error is None:
                     raise
-                log.warning("%s: /api/chat stream ended with %s", self.request[REQUEST_ID],
+                log.warning("%s: /api/chat stream ended with %s", self.call.request_id,
                             error.code or error.status)
                 data: dict[str, Any] = error.body()
                 if retry := error.headers.get("Retry-After"):  # no status line to carry it
@@ -317,13 +313,12 @@ class Turn:
                                      "usage": answer.public_usage()})
         return sse
 
-    async def _relay(self, sent: bytes, meter: Any, sse: EventSourceResponse,
+    async def _relay(self, sent: bytes, meter: UsageMeter, sse: EventSourceResponse,
                      answer: Answer) -> None:
         relay = self.request.app[RELAY]
-        outcome = outcome_of(self.request)
-        async with model_slot(self.request, self.principal):
-            upstream = await relay.fetch(self.backends, PATH, sent, True,
-                                         self.request[REQUEST_ID], outcome, meter)
+        outcome = self.call.outcome
+        async with model_slot(self.call):
+            upstream = await relay.open_stream(self.call, sent, meter)
             try:
                 if not is_stream(upstream):
                     raise ModelRefused(upstream.status, await relay.read_whole(upstream))
@@ -335,7 +330,7 @@ class Turn:
                 upstream.close()  # the slot is free at once, whatever happened
 
     async def keep(self, answer: Answer) -> None:
-        await self.store.append(self.principal.id, self.cid, self.model,
+        await self.store.append(self.call.principal.id, self.cid, self.model,
                                 {"role": "user", "content": self.message},
                                 {"role": "assistant", "content": answer.text})
         answer.kept = True

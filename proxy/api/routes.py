@@ -12,9 +12,9 @@ from aiohttp import web
 from auth.errors import NotPermitted
 from proxy.access.authn import PRINCIPAL
 from proxy.access.limits import LIMITER, QUEUE, limited, model_slot
-from proxy.edge.ids import REQUEST_ID
 from proxy.errors import MAX_BODY, OpenAIError
 from proxy.observe.outcome import outcome_of
+from proxy.upstream.call import ModelCall
 from proxy.upstream.heartbeat import Heartbeat
 from proxy.upstream.pool import POOL
 from proxy.upstream.relay import RELAY
@@ -87,25 +87,25 @@ def openai_endpoint(path: str) -> Any:
     return handler
 
 
-async def model_request(request: web.Request, path: str) -> web.StreamResponse:
-    """Validate, choose the backends (refusals there cost the caller nothing), take the rate
-    limits and a slot, then relay."""
-    raw, body = await read_json(request)
-    model = body.get("model")
+def model_call(request: web.Request, path: str, model: str | None, stream: bool) -> ModelCall:
+    """The call to a model, for every API: the credential's model allow-list and the choice of
+    backends come first, so a refusal there costs the caller nothing."""
     check_model_allowed(request, model)
     pool = request.app[POOL]
     backends = pool.choose(model)
-    stream = body.get("stream") is True
     outcome = outcome_of(request)
-    outcome.model = pool.served(model, backends)
-    outcome.stream = stream
-    principal = request[PRINCIPAL]
-    relay = request.app[RELAY]
-    async with limited(request, principal, path, raw, body, stream) as (payload, meter):
+    outcome.model, outcome.stream = pool.served(model, backends), stream
+    return ModelCall(request, request[PRINCIPAL], path, stream, backends)
+
+
+async def model_request(request: web.Request, path: str) -> web.StreamResponse:
+    """Validate, make the call, take the rate limits and a slot, then relay."""
+    raw, body = await read_json(request)
+    call = model_call(request, path, body.get("model"), body.get("stream") is True)
+    async with limited(call, raw, body) as (payload, meter):
         # A stream that waits (for a slot, for its first token) sends keep-alive comments.
-        async with heartbeat(request, stream) as beat, model_slot(request, principal):
-            return await relay(request, backends, path, payload, stream, meter,
-                               request[REQUEST_ID], beat)
+        async with heartbeat(request, call.stream) as beat, model_slot(call):
+            return await request.app[RELAY](call, payload, meter, beat)
 
 
 def heartbeat(request: web.Request, stream: bool) -> Heartbeat:

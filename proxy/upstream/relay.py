@@ -46,6 +46,7 @@ from proxy.upstream.backends import (
     UpstreamUnreachable,
     upstream_error,
 )
+from proxy.upstream.call import ModelCall
 from proxy.upstream.heartbeat import Heartbeat
 from proxy.upstream.usage import UsageMeter
 
@@ -77,39 +78,43 @@ class Relay:
         self._client_timeout = ClientTimeout(total=timeouts.request or None,
                                              connect=timeouts.connect, sock_read=None)
 
-    async def __call__(self, request: web.Request, backends: list[Backend], path: str,
-                       raw: bytes, stream: bool, meter: UsageMeter | None = None,
-                       request_id: str = "", heartbeat: Heartbeat | None = None
-                       ) -> web.StreamResponse:
-        """Send raw (an already-validated JSON body) to the first backend that answers and
-        answer `request` with what it says. heartbeat: keeps a waiting stream alive, and may
-        have started its response already."""
+    async def __call__(self, call: ModelCall, payload: bytes, meter: UsageMeter | None = None,
+                       heartbeat: Heartbeat | None = None) -> web.StreamResponse:
+        """Send payload (an already-validated JSON body) to the first backend that answers and
+        answer the call's request with what it says. heartbeat: keeps a waiting stream alive,
+        and may have started its response already."""
+        request = call.request
         beat = heartbeat or Heartbeat(request, 0, self.timeouts.client_write)
-        outcome = outcome_of(request)
-        if not stream:
-            answer = await self.whole(backends, path, raw, request_id, outcome, meter)
+        if not call.stream:
+            answer = await self.whole(call, payload, meter)
         else:
-            upstream = await self.fetch(backends, path, raw, True, request_id, outcome, meter)
+            upstream = await self.open_stream(call, payload, meter)
             if is_stream(upstream):
-                return await self._stream(request, upstream, meter, request_id, beat)
-            answer = await self._read(upstream, meter, outcome)  # an error, mostly
+                return await self._stream(request, upstream, meter, call.request_id, beat)
+            answer = await self._read(upstream, meter, call.outcome)  # an error, mostly
         await beat.stop()
         if beat.response is not None:  # the stream started while it waited
             return await as_events(answer, beat.response)
         return answer
 
-    async def whole(self, backends: list[Backend], path: str, raw: bytes, request_id: str = "",
-                    outcome: Outcome | None = None, meter: UsageMeter | None = None
+    async def open_stream(self, call: ModelCall, payload: bytes,
+                          meter: UsageMeter | None = None) -> ClientResponse:
+        """The model server's response to a streamed request, its headers read."""
+        return await self.fetch(call.backends, call.path, payload, True, call.request_id,
+                                call.outcome, meter)
+
+    async def whole(self, call: ModelCall, payload: bytes, meter: UsageMeter | None = None
                     ) -> web.Response:
         """A whole answer, errors in OpenAI's shape. llama-server is asked for a stream that
-        is assembled here (proxy/upstream/assemble.py): it stops a stream whose reader left, not a
-        whole answer."""
-        outcome = outcome if outcome is not None else Outcome()
+        is assembled here (proxy/upstream/assemble.py): it stops a stream whose reader left,
+        not a whole answer."""
+        outcome, path, backends = call.outcome, call.path, call.backends
         assemble = path in ASSEMBLED and bool(backends) and backends[0].llama_cpp is True
-        sent = stream_request(raw) if assemble else raw
+        sent = stream_request(payload) if assemble else payload
         # first_byte covers a whole answer, as it does when the server sends it whole.
         deadline = asyncio.get_running_loop().time() + self.timeouts.first_byte
-        upstream = await self.fetch(backends, path, sent, assemble, request_id, outcome, meter)
+        upstream = await self.fetch(backends, path, sent, assemble, call.request_id, outcome,
+                                    meter)
         if path in ASSEMBLED and is_stream(upstream):  # asked for, or sent unasked
             try:
                 async with asyncio.timeout_at(deadline):

@@ -10,9 +10,12 @@ import orjson
 import pytest
 from aiohttp import web
 
+from auth.principal import Principal
 from proxy.api.failures import to_openai
+from proxy.edge.ids import REQUEST_ID
 from proxy.errors import MAX_BODY
 from proxy.upstream.backends import Backend, State
+from proxy.upstream.call import ModelCall
 from proxy.upstream.relay import Relay, Timeouts
 from tests.conftest import Fake
 from tests.kit.helpers import free_port
@@ -39,7 +42,9 @@ async def relay_via() -> AsyncIterator[Callable[..., object]]:
 
         async def handler(request: web.Request) -> web.StreamResponse:
             try:
-                return await relay(request, backends, CHAT, raw, stream, None, "rid-1")
+                request[REQUEST_ID] = "rid-1"
+                call = ModelCall(request, Principal("user:t", "jwt"), CHAT, stream, backends)
+                return await relay(call, raw)
             except Exception as exc:
                 error = to_openai(exc, request)
                 assert error is not None, exc

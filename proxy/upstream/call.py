@@ -1,0 +1,32 @@
+"""One request to a model, the same value for every API that reaches one (/v1, /api/chat): who
+asks, which model servers may answer, the path it goes to and whether its answer streams. Built
+once per request (proxy/api/routes.py, model_call); the access room admits it and gives it a slot,
+the relay sends it. The request id and the outcome are the request's own, read from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from auth.principal import Principal
+from proxy.edge.ids import REQUEST_ID
+from proxy.observe.outcome import Outcome, outcome_of
+from proxy.upstream.backends import Backend
+
+
+@dataclass(slots=True)
+class ModelCall:
+    request: web.Request
+    principal: Principal
+    path: str  # the model server's path, e.g. /v1/chat/completions
+    stream: bool  # the client's answer is a stream
+    backends: list[Backend]  # ready ones, in the order to try them
+
+    @property
+    def request_id(self) -> str:
+        return self.request.get(REQUEST_ID, "")
+
+    @property
+    def outcome(self) -> Outcome:
+        return outcome_of(self.request)
