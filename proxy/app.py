@@ -25,7 +25,7 @@ from proxy.api.routes import setup_routes
 from proxy.api.scrape import setup_scrape
 from proxy.edge.cors import setup_cors
 from proxy.edge.forwarded import TrustedProxies, setup_forwarded
-from proxy.front import setup_edge
+from proxy.front import setup_front
 from proxy.observe.logs import register_secret
 from proxy.state.files import prepare_data_dir
 from proxy.state.store import setup_store
@@ -56,7 +56,7 @@ def create_app(settings: Settings, slots_from: Path | None = None,
         register_secret(secret)
     prepare_data_dir(s.data_dir)
     app = web.Application(client_max_size=s.max_body_bytes)
-    setup_edge(app, max_body_bytes=s.max_body_bytes, shutdown_grace=s.shutdown_grace)
+    setup_front(app, max_body_bytes=s.max_body_bytes, shutdown_grace=s.shutdown_grace)
     setup_metrics(app, Metrics(per_principal=s.metrics_per_principal))
     app.on_shutdown.extend(on_shutdown)
     setup_forwarded(app, trusted_proxies(s), s.forwarded_header, s.ipv6_prefix)

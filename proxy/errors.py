@@ -22,6 +22,13 @@ ERROR_TYPES = {
     429: "rate_limit_exceeded",
     501: "not_supported_error",
 }
+
+
+def error_type(status: int) -> str:
+    """The "type" for a status: OpenAI's, else by class (4xx the caller's, 5xx ours)."""
+    return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
 MAX_BODY = web.AppKey("max_body_bytes", int)  # the edge's limit, named in its 413 message
 WWW_AUTHENTICATE = 'Bearer realm="llama-proxy", error="invalid_token"'
 
@@ -47,7 +54,7 @@ class OpenAIError(Exception):
         self.message = message
         self.code = code
         self.param = param
-        self.type = type or ERROR_TYPES.get(status, "server_error")
+        self.type = type or error_type(status)
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, dict[str, str | None]]:

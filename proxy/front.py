@@ -34,7 +34,7 @@ HSTS = "max-age=31536000"  # a year; no includeSubDomains: the domain may host o
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 
 
-def setup_edge(app: web.Application, *, max_body_bytes: int, shutdown_grace: float) -> None:
+def setup_front(app: web.Application, *, max_body_bytes: int, shutdown_grace: float) -> None:
     """Call first: its middleware must be the outermost."""
     app[MAX_BODY] = max_body_bytes
     app[DRAIN] = Drain()

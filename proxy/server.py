@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import resource
 import signal
 import socket
@@ -17,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from config import ConfigError, Settings
+from config.paths import python_command
 from config.settings import default_data_dir
 from proxy.access.limits import QUEUE, describe_limits
 from proxy.app import create_app, limits_of, trusted_proxies
@@ -211,7 +211,7 @@ def _announce_tunnel(settings: Settings, tunnel: Tunnel) -> None:
     """The public URL, and how to hand a credential for it to a phone or another machine."""
     url = tunnel.public_url
     print(f"llama-proxy public URL: {url}  (OpenAI base URL: {url}/v1)", flush=True)
-    tool = f"{_python()} generate_token.py" + _data_dir_flag(settings)
+    tool = f"{python_command()} generate_token.py" + _data_dir_flag(settings)
     print(f"for a phone or another machine: {tool} NAME --api-key --snippets --qr "
           f"--base-url {url}", flush=True)
     if is_free_plan(url):
@@ -222,7 +222,7 @@ def _announce_tunnel(settings: Settings, tunnel: Tunnel) -> None:
 
 def _warn_if_open(settings: Settings) -> None:
     if settings.auth != "disabled":
-        tool = f"{_python()} generate_token.py" + _data_dir_flag(settings)
+        tool = f"{python_command()} generate_token.py" + _data_dir_flag(settings)
         print(f"credentials: {tool} NAME 24   (a JWT)   or   {tool} NAME --api-key", flush=True)
         return
     # The settings refuse auth = "disabled" on any other address than loopback.
@@ -240,8 +240,6 @@ async def _announce_ready(app: web.Application, base: str) -> None:
     print(ready_hint(supervisor.settings, base), file=sys.stdout, flush=True)
 
 
-def _python() -> str:
-    return os.path.relpath(sys.executable)  # the venv's python, as the user can type it
 
 
 def _data_dir_flag(settings: Settings) -> str:
@@ -253,7 +251,7 @@ def ready_hint(settings: Settings, base: str) -> str:
     """Commands a user can paste as printed to get a first answer."""
     auth, first = "", ""
     if settings.auth == "required":
-        first = (f"  TOKEN=$({_python()} generate_token.py you 24{_data_dir_flag(settings)}"
+        first = (f"  TOKEN=$({python_command()} generate_token.py you 24{_data_dir_flag(settings)}"
                  " | tail -1)\n")
         auth = '-H "Authorization: Bearer $TOKEN" '
     return (f"model {settings.model_alias} is ready: try\n{first}"

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 from auth.apikeys import KeyStore, parse_key
 from auth.tokens import issue_token
 from config import ConfigError, Settings, load_settings
+from proxy.runtime.tunnel import NGROK_DOMAINS
 from quota.ledger import Ledger, Row, today, total
 
 # Opens the key store's Redis for these settings, and closes it on the way out.
@@ -191,8 +192,7 @@ def _new_token(settings: Settings, args: argparse.Namespace) -> int:
 
 # ngrok's free plan shows browsers a warning page before the app unless a request carries this
 # header; its other domains are listed so paid-plan users get the hint too (it does no harm).
-NGROK_DOMAINS = (".ngrok-free.app", ".ngrok-free.dev", ".ngrok-free.pizza", ".ngrok.app",
-                 ".ngrok.dev", ".ngrok.io", ".ngrok.pizza")
+
 SKIP_WARNING = "ngrok-skip-browser-warning"
 
 

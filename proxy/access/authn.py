@@ -41,7 +41,7 @@ REFUSED = web.AppKey("refused_log", Throttled)
 def setup_auth(app: web.Application, *, tokens: TokenVerifier, required: bool, dev_mode: bool,
                admin_key: str | None, key_cache_ttl: float, fail_limit: int,
                fail_window: float) -> None:
-    """Call after setup_edge (its middleware must run first) and setup_store."""
+    """Call after setup_front (its middleware must run first) and setup_store."""
     app[GUARD] = FailureGuard(fail_limit, fail_window)
     # One line per few seconds: bad credentials from many addresses must not flood the log
     # (the metrics count every failure).

@@ -40,7 +40,7 @@ def setup_quota(app: web.Application, *, limits: Limits, fail_open: bool, defaul
                 slots: int, queue_max: int, queue_timeout: float,
                 slots_from: Path | None = None, stream_usage: bool = True) -> None:
     """Rate limits (on the store's Redis) and the slot queue; slots_from: an extra --workers
-    process borrows the first process's queue instead of keeping one. Call after setup_edge
+    process borrows the first process's queue instead of keeping one. Call after setup_front
     and setup_store."""
     app[DEFAULT_MAX_TOKENS] = default_max_tokens
     app[STREAM_USAGE] = stream_usage

@@ -31,7 +31,7 @@ from proxy.state.store import REDIS
 from proxy.upstream.backends import Backend, UpstreamBroke
 from proxy.upstream.call import ModelCall
 from proxy.upstream.pool import POOL
-from proxy.upstream.relay import CLIENT, RELAY, as_openai_error, is_stream
+from proxy.upstream.relay import HTTP_CLIENT, RELAY, as_openai_error, is_stream
 from proxy.upstream.usage import UsageMeter
 
 log = logging.getLogger("proxy.chat")
@@ -104,7 +104,7 @@ async def context_of(request: web.Request, backend: Backend, configured: int) ->
         return configured
     known = request.app[CONTEXTS]
     if backend.name not in known:
-        known[backend.name] = await _ask_context(request.app[CLIENT], backend)
+        known[backend.name] = await _ask_context(request.app[HTTP_CLIENT], backend)
     return known[backend.name]
 
 

@@ -28,7 +28,7 @@ from proxy.api.metrics import CONTENT_TYPE, METRICS, Metrics, relabel
 from proxy.edge.forwarded import client_address
 from proxy.upstream.backends import Backend, State
 from proxy.upstream.pool import POOL, SUPERVISOR
-from proxy.upstream.relay import CLIENT
+from proxy.upstream.relay import HTTP_CLIENT
 
 log = logging.getLogger("proxy.metrics")
 
@@ -68,7 +68,7 @@ async def scrape(request: web.Request) -> web.Response:
         await authorize(request, ADMIN)
     metrics = request.app[METRICS]
     await sample(request.app)
-    fetched = await fetch_all(request.app[CLIENT], request.app[POOL].backends, metrics)
+    fetched = await fetch_all(request.app[HTTP_CLIENT], request.app[POOL].backends, metrics)
     return web.Response(body=metrics.render(fetched), headers={"Content-Type": CONTENT_TYPE})
 
 

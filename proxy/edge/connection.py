@@ -43,7 +43,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from config.loader import is_loopback
 from proxy.edge.forwarded import TrustedProxies, address_group
 from proxy.edge.ids import new_id
-from proxy.errors import error_body
+from proxy.errors import error_body, error_type
 
 log = logging.getLogger("proxy.edge")
 QUIET_FOR = 10.0  # seconds between two log lines about the same kind of refusal
@@ -127,8 +127,7 @@ class EdgeLimits:
 def _refusal(status: int, reason: str, message: str, code: str,
              headers: dict[str, str] | None = None) -> bytes:
     """A whole HTTP/1.1 answer, written straight to the socket, then the connection closes."""
-    body = orjson.dumps(error_body(message, "invalid_request_error" if status < 500
-                                   else "server_error", code))
+    body = orjson.dumps(error_body(message, error_type(status), code))
     lines = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
              f"Content-Length: {len(body)}", "Connection: close", "Server: llama-proxy",
              f"X-Request-Id: {new_id()}", *(f"{k}: {v}" for k, v in SECURITY_HEADERS.items()),
@@ -449,7 +448,7 @@ class EdgeHandler(RequestHandler):
             MALFORMED(request.remote, type(exc).__name__ if exc else "error", status)
         response = web.Response(
             status=status, body=orjson.dumps(error_body(
-                text, "invalid_request_error" if status < 500 else "server_error", code)),
+                text, error_type(status), code)),
             content_type="application/json",
             headers={"Server": "llama-proxy", "X-Request-Id": new_id(), **SECURITY_HEADERS})
         response.force_close()

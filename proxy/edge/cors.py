@@ -31,7 +31,7 @@ ORIGINS = web.AppKey("cors_origins", frozenset)
 
 
 def setup_cors(app: web.Application, origins: Iterable[str]) -> None:
-    """Call after setup_edge (its answers get ids and log lines) and before setup_auth."""
+    """Call after setup_front (its answers get ids and log lines) and before setup_auth."""
     app[ORIGINS] = frozenset(o.rstrip("/").lower() for o in origins)
     app.middlewares.append(preflight)
     app.on_response_prepare.append(_stamp)

@@ -26,7 +26,7 @@ from proxy.errors import OpenAIError
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-CLIENT = web.RequestKey("client", str)  # set only when a trusted proxy named the client
+CLIENT_ADDRESS = web.RequestKey("client", str)  # set only when a trusted proxy named the client
 IPV6_PREFIX = web.AppKey("ipv6_prefix", int)  # IPv6 clients are counted by this network
 SCHEME = web.RequestKey("scheme", str)
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: IPv4 clients behind a NAT64 gateway
@@ -122,7 +122,7 @@ def _scheme(request: web.Request, header: str, position: int | None, hop_count: 
 
 def client_address(request: web.BaseRequest) -> str:
     """The client as decided at the edge: the one a trusted proxy named, else the peer."""
-    return request.get(CLIENT) or request.remote or "unknown"
+    return request.get(CLIENT_ADDRESS) or request.remote or "unknown"
 
 
 def client_group(request: web.BaseRequest) -> str:
@@ -148,7 +148,7 @@ def client_scheme(request: web.BaseRequest) -> str:
 
 def setup_forwarded(app: web.Application, trusted: TrustedProxies,
                     header: str = "x-forwarded-for", ipv6_prefix: int = 64) -> None:
-    """Call right after setup_edge: its refusals are shaped and logged like any other, and the
+    """Call right after setup_front: its refusals are shaped and logged like any other, and the
     access line (written when the request ends) names the client decided here."""
     app[IPV6_PREFIX] = ipv6_prefix
     if not trusted:
@@ -160,7 +160,7 @@ def setup_forwarded(app: web.Application, trusted: TrustedProxies,
         if hops:
             client, position = client_of(request.remote, hops, trusted)
             if position is not None:  # an untrusted peer's headers are ignored
-                request[CLIENT] = client
+                request[CLIENT_ADDRESS] = client
                 if scheme := _scheme(request, header, position, len(hops)):
                     request[SCHEME] = scheme
         return await handler(request)

@@ -18,15 +18,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import re
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import ModuleType
 from urllib.parse import urlsplit
 
 from config import ConfigError, Settings
+from config.paths import python_command
 from proxy.observe.logs import redact, register_secret
 
 log = logging.getLogger("proxy.tunnel")
@@ -35,6 +34,7 @@ CLOSE_TIMEOUT = 5.0  # seconds closing may take on shutdown: an unreachable ngro
 TOKEN_URL = "https://dashboard.ngrok.com/get-started/your-authtoken"
 # Hosts of ngrok's free plan: its edge shows browsers a warning page first.
 FREE_PLAN_DOMAINS = (".ngrok-free.app", ".ngrok-free.dev", ".ngrok-free.pizza")
+NGROK_DOMAINS = (*FREE_PLAN_DOMAINS, ".ngrok.app", ".ngrok.dev", ".ngrok.io", ".ngrok.pizza")
 SKIP_WARNING_HEADER = "ngrok-skip-browser-warning"
 CODE = re.compile(r"ERR_NGROK_\d+")
 
@@ -68,7 +68,7 @@ def check_tunnel(settings: Settings) -> ModuleType | None:
         import ngrok  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         raise ConfigError("tunnel", "ngrok needs the ngrok package: "
-                          f"{_python()} -m pip install ngrok") from None
+                          f"{python_command()} -m pip install ngrok") from None
     return ngrok
 
 
@@ -135,8 +135,4 @@ def _one_line(exc: BaseException, token: str | None) -> str:
     return first[:300]
 
 
-def _python() -> str:
-    """The interpreter as the user can type it (the venv's, relative when that is shorter)."""
-    rel = os.path.relpath(sys.executable)
-    return sys.executable if rel.startswith("..") else rel
 

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from config import Settings
 from proxy.upstream.backends import Backend, BackendPool, check_upstream, watch_upstreams
-from proxy.upstream.relay import CLIENT
+from proxy.upstream.relay import HTTP_CLIENT
 from proxy.upstream.supervisor import LlamaSupervisor
 
 POOL = web.AppKey("pool", BackendPool)
@@ -32,7 +32,7 @@ def setup_backends(app: web.Application, *, child: Settings | None, upstreams: l
 async def _backends(child: Settings | None, urls: list[str], upstream_key: str | None,
                     check_timeout: float, grace: float, interval: float,
                     app: web.Application) -> AsyncIterator[None]:
-    client = app[CLIENT]
+    client = app[HTTP_CLIENT]
     pool: list[Backend] = []
     supervisor = None
     if child is not None:

@@ -34,7 +34,7 @@ from aiohttp import (
 
 from proxy.edge.connection import goes_out_at_once, reset
 from proxy.edge.deadline import Deadline
-from proxy.errors import ERROR_TYPES, error_body
+from proxy.errors import error_body, error_type
 from proxy.observe.outcome import Outcome, outcome_of
 from proxy.upstream.assemble import ASSEMBLED, Assembly, stream_request
 from proxy.upstream.backends import (
@@ -52,7 +52,7 @@ from proxy.upstream.usage import UsageMeter
 
 log = logging.getLogger("proxy.relay")
 
-CLIENT = web.AppKey("client", ClientSession)
+HTTP_CLIENT = web.AppKey("http_client", ClientSession)  # to the model servers
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ def as_openai_error(status: int, body: bytes) -> bytes:
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
             err = parsed["error"]
             message = str(err.get("message") or "Model server error")
-            kind = str(err.get("type") or ERROR_TYPES.get(status, "server_error"))
+            kind = str(err.get("type") or error_type(status))
             code = err.get("code")
             return orjson.dumps(error_body(message, kind, None if code is None else str(code),
                                            err.get("param")))
@@ -351,7 +351,7 @@ def as_openai_error(status: int, body: bytes) -> bytes:
         pass
     text = body.decode(errors="replace").strip()[:200] or f"HTTP {status}"
     return orjson.dumps(error_body(f"Model server error: {text}",
-                                   ERROR_TYPES.get(status, "server_error"), "upstream_error"))
+                                   error_type(status), "upstream_error"))
 
 
 RELAY = web.AppKey("relay", Relay)
@@ -372,7 +372,7 @@ async def _client(timeouts: Timeouts, max_connections: int, app: web.Application
     # would otherwise go back with everyone's requests.
     async with ClientSession(connector=connector, timeout=timeout,
                              cookie_jar=DummyCookieJar()) as client:
-        app[CLIENT] = client
+        app[HTTP_CLIENT] = client
         app[RELAY] = Relay(client, timeouts, unreachable=_mark_down)
         yield
 
