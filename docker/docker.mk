@@ -3,7 +3,7 @@
 #
 #   make docker        build the image (about 10 minutes the first time: llama.cpp compiles) and
 #                      print its size, layer by layer
-#   make docker-test   build it, then docker/smoke.py: start the image's entrypoint, issue a token
+#   make docker-test   build it, then tests/deploy/smoke.py: start the image's entrypoint, issue a token
 #                      with the image's generate_token.py, stream a chat completion with the openai
 #                      client, SIGTERM, check that nothing is left running
 #   make docker-lint   the fast static checks CI runs (hadolint, the compose file's schema)
@@ -49,7 +49,7 @@ docker:
 	      printf "    %9s  %s\n", $$1, substr(c, 1, 100) }'
 
 docker-test: docker
-	$(PY) docker/smoke.py --engine $(CONTAINER_ENGINE) --image $(DOCKER_IMAGE)
+	$(PY) tests/deploy/smoke.py --engine $(CONTAINER_ENGINE) --image $(DOCKER_IMAGE)
 
 docker-lint:
 	$(PY) -m pytest -q tests/test_docker_files.py

@@ -345,11 +345,11 @@ def test_make_docker_passes_the_makefiles_pins() -> None:
         assert f'--build-arg "{name}={pins[name]}"' in result.stdout, name
     assert 'docker) build="docker build"' in result.stdout
     assert "$build -t llama-proxy:latest -f docker/Dockerfile" in result.stdout
-    assert "docker/smoke.py --engine docker --image llama-proxy:latest" in result.stdout
+    assert "tests/deploy/smoke.py --engine docker --image llama-proxy:latest" in result.stdout
 
 
 def test_the_smoke_test_script_starts() -> None:
-    result = subprocess.run([sys.executable, str(DOCKER / "smoke.py"), "--help"],
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "deploy" / "smoke.py"), "--help"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and "--engine" in result.stdout
 

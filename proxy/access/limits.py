@@ -158,7 +158,7 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
     finally:
         if outcome.disconnect:  # it left while a stream was being written
             meter.left()
-        if outcome.backend:  # it went to a model server (not refused by the queue first)
+        if meter.reached:  # its usage counts, zero if the model server failed it
             outcome.prompt_tokens, outcome.completion_tokens = meter.spent()
         if admission is not None:
             admission.usage = meter.total()

@@ -56,6 +56,11 @@ class UsageMeter:
         self.asked_stream: bool | None = None  # how the model server was asked (None: never)
         self.cut: int | None = None  # completion tokens before the client left (None: it stayed)
 
+    @property
+    def reached(self) -> bool:
+        """Whether it went to a model server (not refused, or left, before)."""
+        return self.asked_stream is not None
+
     def sent(self, stream: bool) -> None:
         """The request goes to a model server now, asked for a stream or a whole answer."""
         self.asked_stream = stream
