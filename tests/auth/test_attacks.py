@@ -15,13 +15,12 @@ import aiohttp
 import jwt
 import orjson
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from auth.tokens import load_or_create_secret
 from proxy.server import Running
 from tests.conftest import ADMIN_HEADERS, Fake, KillableRedis, ProxyFactory, token_for
 from tests.kit.helpers import eventually
+from tests.kit.tokens import claims, rsa_pair
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
@@ -40,11 +39,6 @@ def bearer(token: str) -> dict[str, str]:
 
 def b64(data: dict) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-
-def claims(**extra: object) -> dict:
-    now = int(time.time())
-    return {"sub": "mallory", "iat": now, "exp": now + 3600, **extra}
 
 
 @pytest.fixture
@@ -137,15 +131,6 @@ async def test_wrong_audience_and_issuer(make_proxy: ProxyFactory, fake: Fake) -
         await assert_refused(proxy, fake, bearer(jwt.encode(bad, secret, "HS256")))
     status, _, _ = await call(proxy, bearer(jwt.encode(good, secret, "HS256")))
     assert status == 200
-
-
-def rsa_pair(tmp: Path, name: str) -> tuple[rsa.RSAPrivateKey, Path]:
-    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public_pem = private.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    path = tmp / f"{name}.pub.pem"
-    path.write_bytes(public_pem)
-    return private, path
 
 
 async def test_rs256_rejects_hs256_signed_with_the_public_key(

@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from auth.tokens import LocalJwks
-from tests.auth.test_attacks import claims, rsa_pair
+from tests.kit.tokens import claims, rsa_pair
 
 
 def jwks_with(*pairs: tuple[object, str]) -> str:

@@ -24,7 +24,7 @@ from proxy.upstream.pool import POOL
 from tests.conftest import Fake, Llama, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body
 from tests.kit.helpers import eventually
-from tests.proxy.test_metrics import scrape
+from tests.kit.metrics import scrape
 
 CHAT = "/v1/chat/completions"
 HOW = ("fin", "reset")
