@@ -34,7 +34,8 @@ WWW_AUTHENTICATE = 'Bearer realm="llama-proxy", error="invalid_token"'
 
 
 class OpenAIError(Exception):
-    """An HTTP answer in OpenAI's shape; raised by the edge itself, or made by to_openai()."""
+    """An HTTP answer in OpenAI's shape; raised by the edge itself, or made by to_openai()
+    (proxy/api/failures.py)."""
 
     def __init__(
         self,

@@ -240,8 +240,6 @@ async def _announce_ready(app: web.Application, base: str) -> None:
     print(ready_hint(supervisor.settings, base), file=sys.stdout, flush=True)
 
 
-
-
 def _data_dir_flag(settings: Settings) -> str:
     """generate_token.py must use the appliance's data dir (its JWT secret and Redis)."""
     return "" if settings.data_dir == default_data_dir() else f" --data-dir {settings.data_dir}"

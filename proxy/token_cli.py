@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 from auth.apikeys import KeyStore, parse_key
 from auth.tokens import issue_token
 from config import ConfigError, Settings, load_settings
-from proxy.runtime.tunnel import NGROK_DOMAINS
+from proxy.runtime.tunnel import NGROK_DOMAINS, SKIP_WARNING_HEADER
 from quota.ledger import Ledger, Row, today, total
 
 # Opens the key store's Redis for these settings, and closes it on the way out.
@@ -191,9 +191,8 @@ def _new_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # ngrok's free plan shows browsers a warning page before the app unless a request carries this
-# header; its other domains are listed so paid-plan users get the hint too (it does no harm).
-
-SKIP_WARNING = "ngrok-skip-browser-warning"
+# header; the hint goes to every ngrok domain, paid-plan ones too (it does no harm).
+SKIP_WARNING = SKIP_WARNING_HEADER
 
 
 def _extras(settings: Settings, args: argparse.Namespace, credential: str) -> None:

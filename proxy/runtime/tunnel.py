@@ -133,6 +133,3 @@ def _one_line(exc: BaseException, token: str | None) -> str:
     if code and code not in first:
         first = f"{first} ({code})"
     return first[:300]
-
-
-

@@ -5,7 +5,7 @@ the relay sends it. The request id and the outcome are the request's own, read f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -22,11 +22,11 @@ class ModelCall:
     path: str  # the model server's path, e.g. /v1/chat/completions
     stream: bool  # the client's answer is a stream
     backends: list[Backend]  # ready ones, in the order to try them
+    outcome: Outcome = field(init=False)  # the request's, taken once
+
+    def __post_init__(self) -> None:
+        self.outcome = outcome_of(self.request)
 
     @property
     def request_id(self) -> str:
         return self.request.get(REQUEST_ID, "")
-
-    @property
-    def outcome(self) -> Outcome:
-        return outcome_of(self.request)

@@ -125,3 +125,18 @@ def test_the_configuration_reference_is_current() -> None:
     assert page.read_text() == render(), "docs/configuration.md is stale: run `make docs`"
     for f in schema():
         assert f"| `{f.name}` |" in page.read_text()
+
+
+def test_the_python_command_is_one_a_user_can_type(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path) -> None:
+    """Printed in the start-up hints: the venv's python, relative when that is shorter, and
+    absolute when relative would climb out of the working directory (the image's /opt/venv)."""
+    import sys
+
+    from config.paths import python_command
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    assert python_command() == ".venv/bin/python"
+    monkeypatch.setattr(sys, "executable", "/opt/venv/bin/python")
+    assert python_command() == "/opt/venv/bin/python"

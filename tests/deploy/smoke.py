@@ -2,7 +2,7 @@
 """Smoke-test the llama-proxy image: its entrypoint serves, its generate_token.py issues a
 credential, the openai client streams a chat completion through it, and SIGTERM stops everything.
 
-    python docker/smoke.py --image llama-proxy:latest [--engine docker|podman]
+    python tests/deploy/smoke.py --image llama-proxy:latest [--engine docker|podman]
 
 With docker the image runs as a container (port published on 127.0.0.1). With podman, where
 containers cannot start (no cgroups or rlimits for the OCI runtime), buildah runs the image's own

@@ -1,7 +1,7 @@
 """/metrics: after known traffic (served, refused, left mid-stream) one scrape shows exactly
 those counts, the model server's own metrics ride along, and only this host (or the admin or
-the metrics token) may read it. The fake upstream drives the mechanics; the real model's run is
-tests/proxy/test_metrics_model.py."""
+the metrics token) may read it. The fake upstream drives the mechanics; one test runs the real
+model."""
 
 from __future__ import annotations
 
