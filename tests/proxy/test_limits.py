@@ -250,6 +250,22 @@ async def test_queue_overflow_and_wait_limit_are_fast_503s(make_proxy: ProxyFact
     assert time.monotonic() - started < 1.6
 
 
+async def test_a_stream_refused_by_the_queue_before_its_first_keep_alive_is_a_real_503(
+    make_proxy: ProxyFactory, fake: Fake
+) -> None:
+    """Its headers are kept back until there is something to say, so a queue timeout is a
+    503 with Retry-After that the SDKs retry, not a 200 ending in an error event."""
+    proxy = await make_proxy(upstreams=[fake.url], admission_slots=1, queue_timeout=0.5,
+                             sse_keepalive=15)
+    token = token_for(proxy)
+    holder = asyncio.create_task(post(proxy, token, body(ttfb=3.0)))
+    await eventually(lambda: fake.record.in_flight == 1, 5, "the slot to be taken")
+    status, data, headers = await post(proxy, token, body(stream=True))
+    assert status == 503 and data["error"]["code"] == "queue_timeout"
+    assert headers["Content-Type"].startswith("application/json") and headers["Retry-After"]
+    assert (await holder)[0] == 200
+
+
 async def test_a_client_leaving_mid_stream_is_charged_prompt_and_streamed_tokens(
     make_proxy: ProxyFactory, fake: Fake, redis_url: str
 ) -> None:
