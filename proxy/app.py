@@ -56,7 +56,7 @@ def create_app(settings: Settings, slots_from: Path | None = None,
         register_secret(secret)
     prepare_data_dir(s.data_dir)
     app = web.Application(client_max_size=s.max_body_bytes)
-    setup_front(app, max_body_bytes=s.max_body_bytes, shutdown_grace=s.shutdown_grace)
+    setup_front(app, shutdown_grace=s.shutdown_grace)
     setup_metrics(app, Metrics(per_principal=s.metrics_per_principal))
     app.on_shutdown.extend(on_shutdown)
     setup_forwarded(app, trusted_proxies(s), s.forwarded_header, s.ipv6_prefix)
@@ -79,7 +79,8 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     setup_backends(app, child=s if s.supervise else None, upstreams=list(s.upstreams),
                    upstream_key=s.upstream_api_key, check_timeout=s.connect_timeout,
                    startup_grace=s.startup_timeout, health_interval=s.health_interval)
-    setup_routes(app, body_timeout=s.body_timeout, sse_keepalive=s.sse_keepalive)
+    setup_routes(app, max_body=s.max_body_bytes, body_timeout=s.body_timeout,
+                 sse_keepalive=s.sse_keepalive)
     setup_chat(app, limits=ChatLimits(max_message_chars=s.chat_max_message_chars,
                                       max_tokens=s.chat_max_tokens,
                                       context_tokens=s.chat_context_tokens,

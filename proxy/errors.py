@@ -29,7 +29,6 @@ def error_type(status: int) -> str:
     return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
 
-MAX_BODY = web.AppKey("max_body_bytes", int)  # the edge's limit, named in its 413 message
 WWW_AUTHENTICATE = 'Bearer realm="llama-proxy", error="invalid_token"'
 
 

@@ -22,7 +22,7 @@ from proxy.edge.connection import SECURITY_HEADERS
 from proxy.edge.drain import DRAIN, OPEN_STREAM, Drain
 from proxy.edge.forwarded import client_address, client_scheme
 from proxy.edge.ids import REQUEST_ID, new_id
-from proxy.errors import MAX_BODY, OpenAIError
+from proxy.errors import OpenAIError
 from proxy.observe.outcome import OUTCOME, Outcome, finished
 from quota.slots import SHUTTING_DOWN, QueueClosed
 
@@ -34,9 +34,8 @@ HSTS = "max-age=31536000"  # a year; no includeSubDomains: the domain may host o
 _SANE_ID = re.compile(r"[A-Za-z0-9._:@+=/-]{1,128}")
 
 
-def setup_front(app: web.Application, *, max_body_bytes: int, shutdown_grace: float) -> None:
+def setup_front(app: web.Application, *, shutdown_grace: float) -> None:
     """Call first: its middleware must be the outermost."""
-    app[MAX_BODY] = max_body_bytes
     app[DRAIN] = Drain()
     app.middlewares.append(front)
     app.on_response_prepare.append(_stamp_headers)

@@ -14,7 +14,8 @@ from auth.errors import (
     NotPermitted,
     TooManyFailures,
 )
-from proxy.errors import MAX_BODY, WWW_AUTHENTICATE, OpenAIError
+from proxy.api.routes import MAX_BODY
+from proxy.errors import WWW_AUTHENTICATE, OpenAIError
 from proxy.state.conversations import ConversationsUnavailable
 from proxy.upstream.backends import (
     ModelLoading,

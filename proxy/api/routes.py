@@ -12,7 +12,7 @@ from aiohttp import web
 from auth.errors import NotPermitted
 from proxy.access.authn import PRINCIPAL
 from proxy.access.limits import LIMITER, QUEUE, limited, model_slot
-from proxy.errors import MAX_BODY, OpenAIError
+from proxy.errors import OpenAIError
 from proxy.observe.outcome import outcome_of
 from proxy.upstream.call import ModelCall
 from proxy.upstream.heartbeat import Heartbeat
@@ -20,6 +20,7 @@ from proxy.upstream.pool import POOL
 from proxy.upstream.relay import RELAY
 
 CAN_SERVE = ("ok", "degraded")
+MAX_BODY = web.AppKey("max_body_bytes", int)  # named in 413 answers too (failures.py)
 BODY_TIMEOUT = web.AppKey("body_timeout", float)
 SSE_KEEPALIVE = web.AppKey("sse_keepalive", float)
 _STARTED = int(time.time())
@@ -136,9 +137,11 @@ async def ready(request: web.Request) -> web.Response:
     return json_response({"ready": can}, 200 if can else 503)
 
 
-def setup_routes(app: web.Application, *, body_timeout: float, sse_keepalive: float) -> None:
+def setup_routes(app: web.Application, *, max_body: int, body_timeout: float,
+                 sse_keepalive: float) -> None:
     """body_timeout: how long a client may take to send a request body; sse_keepalive:
     seconds between comments on a stream that waits (0: none)."""
+    app[MAX_BODY] = max_body
     app[BODY_TIMEOUT] = body_timeout
     app[SSE_KEEPALIVE] = sse_keepalive
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):

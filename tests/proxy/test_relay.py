@@ -12,8 +12,8 @@ from aiohttp import web
 
 from auth.principal import Principal
 from proxy.api.failures import to_openai
+from proxy.api.routes import MAX_BODY
 from proxy.edge.ids import REQUEST_ID
-from proxy.errors import MAX_BODY
 from proxy.upstream.backends import Backend, State
 from proxy.upstream.call import ModelCall
 from proxy.upstream.relay import Relay, Timeouts
