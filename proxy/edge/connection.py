@@ -16,7 +16,7 @@
   and `answer_half_close` answers every one.
 
 aiohttp builds its protocol objects itself, so this module depends on aiohttp's request handler
-and server internals (aiohttp is pinned in requirements.txt); tests/proxy/test_aiohttp_hooks.py
+and server internals (aiohttp is pinned in requirements.txt); tests/proxy/edge/test_aiohttp_hooks.py
 names each one and fails first if an upgrade changes it.
 """
 

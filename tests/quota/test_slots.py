@@ -1,6 +1,6 @@
 """The fair slot queue under races: cancellations in the same loop turn as a hand-off, at random
 points, many times; the counters must come back exact and no slot may be lost. (Clients hanging
-up in the queue over HTTP: tests/proxy/test_limits.py.)"""
+up in the queue over HTTP: tests/proxy/access/test_limits.py.)"""
 
 from __future__ import annotations
 
