@@ -38,6 +38,14 @@ def test_a_presented_credential_is_printable_ascii_or_refused(headers: dict[str,
     assert not any(c in string.whitespace for c in credential)
 
 
+@given(st.sampled_from(["Authorization", "X-API-Key"]),
+       st.text(string.ascii_letters + string.digits + "-_.~+/=", min_size=1, max_size=200))
+def test_a_plain_credential_is_presented_as_sent(header: str, credential: str) -> None:
+    """The other side of the refusals above: a parser that refused everything would pass it."""
+    value = f"Bearer {credential}" if header == "Authorization" else credential
+    assert presented_credential({header: value}) == credential
+
+
 valid_keys = st.builds(
     lambda prefix, secret: f"sk-{prefix}_{secret}",
     st.text("0123456789abcdefghijklmnopqrstuvwxyz", min_size=8, max_size=8),
@@ -69,6 +77,15 @@ def test_a_forged_or_garbled_jwt_is_refused_not_crashed(tmp_path: Path, token: s
     except CredentialRejected:
         return
     raise AssertionError(f"accepted {token!r}")
+
+
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(min_size=1, max_size=40), st.integers(120, 10**8))
+def test_a_correctly_signed_jwt_with_good_claims_is_its_principal(tmp_path: Path, sub: str,
+                                                                  ttl: int) -> None:
+    """The other side of the refusals: a verifier that refused everything would pass them."""
+    token = jwt.encode({"sub": sub, "exp": int(time.time()) + ttl}, SECRET, algorithm="HS256")
+    assert asyncio.run(verifier(tmp_path).verify(token)).id == f"user:{sub}"
 
 
 claims = st.fixed_dictionaries({}, optional={

@@ -32,6 +32,16 @@ def test_any_body_is_parsed_or_refused_with_a_400(raw: bytes) -> None:
     assert isinstance(body.get("model", ""), str) and isinstance(body.get("stream", False), bool)
 
 
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+       st.none() | st.text(max_size=20), st.none() | st.booleans())
+def test_every_well_typed_body_is_parsed_as_sent(extra: dict, model: str | None,
+                                                stream: bool | None) -> None:
+    """The other side of the refusals above: a parser that refused everything would pass it."""
+    body = {**extra, **({"model": model} if model is not None else {}),
+            **({"stream": stream} if stream is not None else {})}
+    assert parse_body(orjson.dumps(body)) == orjson.loads(orjson.dumps(body))
+
+
 @given(st.dictionaries(st.sampled_from(["max_tokens", "max_completion_tokens", "n_predict",
                                         "other"]), json_values, max_size=4),
        st.integers(1, 10_000))
