@@ -55,10 +55,10 @@ def _default(f: Field[Any]) -> str:
 
 
 def _meaning(f: Field[Any]) -> str:
-    text = str(f.metadata.get("help", ""))
+    text = str(f.metadata.get("help", "")).replace("|", "\\|")  # a table cell
     if choices := f.metadata.get("choices"):
         text += " (" + " \\| ".join(f"`{c}`" for c in choices) + ")"
-    return text.replace("|", "\\|").replace("\\\\|", "\\|")
+    return text
 
 
 def render() -> str:

@@ -190,9 +190,8 @@ def _new_token(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-# ngrok's free plan shows browsers a warning page before the app unless a request carries this
-# header; the hint goes to every ngrok domain, paid-plan ones too (it does no harm).
-SKIP_WARNING = SKIP_WARNING_HEADER
+# ngrok's free plan shows browsers a warning page before the app unless a request carries
+# SKIP_WARNING_HEADER; the hint goes to every ngrok domain, paid-plan ones too (it does no harm).
 
 
 def _extras(settings: Settings, args: argparse.Namespace, credential: str) -> None:
@@ -222,10 +221,10 @@ def snippets(base: str, credential: str) -> str:
     if is_ngrok(base):
         text += f"""
 # JavaScript in a browser: ngrok's free plan answers browsers with a warning page first, unless
-# the request carries the {SKIP_WARNING} header (curl, Python and aider need nothing)
+# the request carries the {SKIP_WARNING_HEADER} header (curl, Python and aider need nothing)
 fetch("{base}/v1/chat/completions", {{method: "POST", headers: {{
   "Authorization": "Bearer {credential}", "Content-Type": "application/json",
-  "{SKIP_WARNING}": "1"}},
+  "{SKIP_WARNING_HEADER}": "1"}},
   body: JSON.stringify({{messages: [{{role: "user", content: "Hello"}}]}})}})
 """
     return text

@@ -150,13 +150,14 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
     if changes:
         raw = orjson.dumps({**body, **changes})
     meter = UsageMeter(strip, prompt, completion)
+    cancelled = False
     try:
         yield raw, meter
     except asyncio.CancelledError:  # the client left (its connection closed or was reset)
-        meter.left()
+        cancelled = True
         raise
     finally:
-        if outcome.disconnect:  # it left while a stream was being written
+        if cancelled or outcome.disconnect:  # or it left, or stopped reading, mid-stream
             meter.left()
         if meter.reached:  # its usage counts, zero if the model server failed it
             outcome.prompt_tokens, outcome.completion_tokens = meter.spent()

@@ -118,22 +118,26 @@ class Relay:
         if path in ASSEMBLED and is_stream(upstream):  # asked for, or sent unasked
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await self._assembled(upstream, meter, outcome, path)
+                    return await self._read(upstream, meter, outcome, assemble=path)
             except TimeoutError:
                 outcome.upstream_errors.append((outcome.backend, "timeout"))
                 raise UpstreamTimeout("The model server did not answer in time") from None
         return await self._read(upstream, meter, outcome)
 
     async def _read(self, upstream: ClientResponse, meter: UsageMeter | None,
-                    outcome: Outcome) -> web.Response:
+                    outcome: Outcome, assemble: str = "") -> web.Response:
+        """All of an answer as one response (a stream assembled, for the path `assemble`);
+        how the model server failed is noted on the outcome."""
         try:
+            if assemble:
+                return await self._assembled(upstream, meter, assemble)
             return await self._whole(upstream, meter)
         except (UpstreamTimeout, UpstreamBroke) as exc:
             outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
             raise
 
     async def _assembled(self, upstream: ClientResponse, meter: UsageMeter | None,
-                         outcome: Outcome, path: str) -> web.Response:
+                         path: str) -> web.Response:
         """A whole answer from a stream. Closing (not releasing) the stream at the end, or when
         the client leaves, drops the connection: llama-server frees the slot at once."""
         assembly = Assembly(chat=path.endswith("/chat/completions"))
@@ -143,9 +147,6 @@ class Relay:
             assembly.end()
             if assembly.error is None and not assembly.done:  # ended without saying so
                 raise UpstreamBroke("The model server broke off its answer")
-        except (UpstreamTimeout, UpstreamBroke) as exc:
-            outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
-            raise
         finally:
             upstream.close()
         if assembly.error is not None:  # the model server failed mid-answer

@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-import redis as redis_sync
 
 from proxy.access.limits import QUEUE, prompt_tokens
 from proxy.server import Running
@@ -24,6 +23,7 @@ from proxy.upstream.pool import POOL
 from tests.conftest import Fake, Llama, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body
 from tests.kit.helpers import eventually
+from tests.kit.limits import charged, leases
 from tests.kit.metrics import scrape
 
 CHAT = "/v1/chat/completions"
@@ -63,33 +63,32 @@ def leave(sock: socket.socket, how: str) -> float:
     return left
 
 
+async def closed_at_once(fake: Fake, left: float, count: int = 1) -> None:
+    """The model server saw its `count`th request cut, within NOTICED of the client's close."""
+    await eventually(lambda: fake.record.cancelled == count, 5,
+                     "the model server's connection closed")
+    assert fake.record.cancelled_at[-1] - left < NOTICED
+
+
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return [r.access for r in caplog.records if r.name == "proxy.access"  # type: ignore[attr-defined]
             and hasattr(r, "access") and r.access["path"] != "/metrics"]
 
 
-async def gone_line(caplog: pytest.LogCaptureFixture, count: int = 1) -> dict[str, Any]:
-    lines = await eventually(lambda: [a for a in access_lines(caplog) if a["status"] == 499]
-                             if len([a for a in access_lines(caplog) if a["status"] == 499])
-                             >= count else None, 5, "the access line of the cut request")
+async def gone_lines(caplog: pytest.LogCaptureFixture, count: int = 1
+                     ) -> list[dict[str, Any]]:
+    """The access lines of cut requests, once there are `count` of them: each a 499 gone."""
+    def cut() -> list[dict[str, Any]] | None:
+        lines = [a for a in access_lines(caplog) if a["status"] == 499]
+        return lines if len(lines) >= count else None
+
+    lines = await eventually(cut, 5, "the access line of the cut request")
     assert all(a["disconnect"] == "gone" for a in lines)
-    return lines[-1]
+    return lines
 
 
-def charged(url: str, who: str) -> int:
-    client = redis_sync.Redis.from_url(url)
-    try:
-        return int(client.get(f"llp:rl:{{user:{who}}}:tpm:sum") or 0)
-    finally:
-        client.close()
-
-
-def leases(url: str, who: str) -> int:
-    client = redis_sync.Redis.from_url(url)
-    try:
-        return int(client.zcard(f"llp:rl:{{user:{who}}}:conc"))
-    finally:
-        client.close()
+async def gone_line(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
+    return (await gone_lines(caplog))[-1]
 
 
 async def all_back_to_zero(proxy: Running, redis_url: str | None = None,
@@ -126,8 +125,7 @@ async def test_a_client_that_leaves_while_the_model_works_stops_it(
     sock = await send(proxy, data)
     await eventually(lambda: fake.record.in_flight == 1, 5, "the request to reach the model")
     left = leave(sock, how)
-    await eventually(lambda: fake.record.cancelled, 5, "the model server's connection closed")
-    assert fake.record.cancelled_at[0] - left < NOTICED
+    await closed_at_once(fake, left)
     line = await gone_line(caplog)
     assert line["duration_ms"] < 5000
     await all_back_to_zero(proxy)
@@ -142,8 +140,7 @@ async def test_a_client_that_leaves_mid_stream_stops_it(
     sock = await send(proxy, data)
     assert b"200 OK" in await asyncio.get_running_loop().sock_recv(sock, 65536)
     left = leave(sock, how)
-    await eventually(lambda: fake.record.cancelled, 5, "the model server's connection closed")
-    assert fake.record.cancelled_at[0] - left < NOTICED
+    await closed_at_once(fake, left)
     await gone_line(caplog)
     await all_back_to_zero(proxy)
 
@@ -281,8 +278,7 @@ async def test_a_whole_answer_from_llama_cpp_is_streamed_from_it_so_a_cut_stops_
     began = time.monotonic()
     await asyncio.sleep(0.5)
     left = leave(sock, "fin")
-    await eventually(lambda: fake.record.cancelled == 2, 5, "the model's stream closed")
-    assert fake.record.cancelled_at[-1] - left < NOTICED
+    await closed_at_once(fake, left, count=2)
     ran = time.monotonic() - began + NOTICED
     cost = await settled(redis_url, who) - paid
     assert prompt_tokens(raw) + 5 < cost <= prompt_tokens(raw) + 3 + ran / 0.02
@@ -371,8 +367,8 @@ async def test_an_sdk_timeout_and_its_retries_each_free_the_slot_at_once(
         await client.chat.completions.create(
             model=llama.model, messages=LONG["messages"], max_tokens=500,
             extra_body={"ignore_eos": True})
-    cut = await gone_line(caplog, count=3)
-    attempts = [a for a in access_lines(caplog) if a["status"] == 499]
+    attempts = await gone_lines(caplog, count=3)
+    cut = attempts[-1]
     assert len(attempts) == 3  # the first try and the SDK's two retries
     for attempt in attempts:  # cut when the SDK gave up on it, not when the model finished
         assert 1.4 < attempt["duration_ms"] / 1000 < 1.5 + 2 * NOTICED, attempt

@@ -17,6 +17,7 @@ from proxy.server import Running
 from tests.conftest import Fake, KillableRedis, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body as body
 from tests.kit.helpers import eventually
+from tests.kit.limits import charged, leases
 
 CHAT = "/v1/chat/completions"
 
@@ -29,22 +30,6 @@ async def post(proxy: Running, token: str, payload: dict | None = None
             await resp.read()
             data = {} if resp.content_type == "text/event-stream" else await resp.json()
             return resp.status, data, dict(resp.headers)
-
-
-def redis_int(url: str, key: str) -> int:
-    client = redis_sync.Redis.from_url(url)
-    try:
-        return int(client.get(key) or 0)
-    finally:
-        client.close()
-
-
-def leases(url: str, key: str) -> int:
-    client = redis_sync.Redis.from_url(url)
-    try:
-        return int(client.zcard(key))
-    finally:
-        client.close()
 
 
 async def test_exactly_n_of_200_concurrent_requests_are_admitted(
@@ -123,8 +108,7 @@ async def test_tokens_are_reserved_before_generation(make_proxy: ProxyFactory, f
     refused = next(r for r in results if r[0] == 429)
     assert "tokens per minute (limit 300)" in refused[1]["error"]["message"]
     # Settled to the real usage (the fake reports 5 tokens), so there is room again.
-    key = "llp:rl:{user:tina}:tpm:sum"
-    await eventually(lambda: redis_int(redis_url, key) == 5, 2, "the reservation to settle")
+    await eventually(lambda: charged(redis_url, "tina") == 5, 2, "the reservation to settle")
     assert (await post(proxy, token, slow))[0] == 200
 
 
@@ -140,12 +124,11 @@ async def test_concurrency_leases_are_released_on_disconnect(
         async with http.post(proxy.base_url + CHAT, json=body()) as third:
             assert third.status == 429 and third.headers["Retry-After"] == "1"
         first.close()  # the client goes away mid-stream
-        key = "llp:rl:{user:cora}:conc"
-        await eventually(lambda: leases(redis_url, key) == 1, 2, "the lease to be released")
+        await eventually(lambda: leases(redis_url, "cora") == 1, 2, "the lease to be released")
         async with http.post(proxy.base_url + CHAT, json=body()) as fourth:
             assert fourth.status == 200
         second.close()
-    await eventually(lambda: leases(redis_url, key) == 0, 2, "every lease released")
+    await eventually(lambda: leases(redis_url, "cora") == 0, 2, "every lease released")
 
 
 async def test_a_daily_limit_refuses_past_its_count(make_proxy: ProxyFactory,
@@ -278,11 +261,11 @@ async def test_a_client_leaving_mid_stream_is_charged_prompt_and_streamed_tokens
         for _ in range(5):
             await resp.content.readline()
         resp.close()
-    key = "llp:rl:{user:leaver}:tpm:sum"
+
     # Reserved: the prompt (~40) plus 512 default completion tokens; settled: far less.
-    charged = await eventually(lambda: 0 < redis_int(redis_url, key) < 300 and
-                               redis_int(redis_url, key), 2, "settlement below the reservation")
-    assert charged > prompt_tokens(payload)  # the prompt and what streamed, not events alone
+    cost = await eventually(lambda: 0 < charged(redis_url, "leaver") < 300 and
+                            charged(redis_url, "leaver"), 2, "settlement below the reservation")
+    assert cost > prompt_tokens(payload)  # the prompt and what streamed, not events alone
 
 
 async def test_requests_refused_before_the_model_do_not_count(
@@ -316,8 +299,7 @@ async def test_scripts_are_sent_in_full_once_then_by_sha(make_proxy: ProxyFactor
     token = token_for(proxy)
     for _ in range(20):
         assert (await post(proxy, token))[0] == 200
-    key = "llp:rl:{user:alice}:conc"
-    await eventually(lambda: leases(redis_url, key) == 0, 2, "every request settled")
+    await eventually(lambda: leases(redis_url, "alice") == 0, 2, "every request settled")
     calls = command_calls(redis_url)
     # Admit and settle: the source goes once each (Redis did not know them), then the SHA.
     assert calls.get("eval", 0) <= 2, calls
@@ -345,8 +327,7 @@ async def test_clients_hanging_up_at_once_never_lock_their_user_out(
 
     for _ in range(10):
         await asyncio.gather(*(hang_up() for _ in range(5)))
-    key = "llp:rl:{user:flaky}:conc"
-    await eventually(lambda: leases(redis_url, key) == 0, 3, "every lease given back")
+    await eventually(lambda: leases(redis_url, "flaky") == 0, 3, "every lease given back")
     results = await asyncio.gather(*(post(proxy, token) for _ in range(3)))
     assert [s for s, _, _ in results] == [200, 200, 200]
 

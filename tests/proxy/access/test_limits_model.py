@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import aiohttp
 import orjson
-import redis as redis_sync
 
 from proxy.access.limits import completion_budget, prompt_tokens
 from tests.conftest import Llama, ProxyFactory, token_for
 from tests.kit.helpers import eventually
+from tests.kit.limits import charged
 
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
-
-
-def spent(redis_url: str, who: str) -> int:
-    client = redis_sync.Redis.from_url(redis_url)
-    try:
-        return int(client.get(f"llp:rl:{{user:{who}}}:tpm:sum") or 0)
-    finally:
-        client.close()
 
 
 async def events(resp: aiohttp.ClientResponse) -> list[dict]:
@@ -46,7 +38,7 @@ async def test_streamed_and_whole_answers_are_charged_their_real_usage(
         assert any(e.get("usage") and not e.get("choices") for e in got)  # what step 2 strips
         total = usage["total_tokens"]
         assert usage["completion_tokens"] == 20
-        await eventually(lambda: spent(redis_url, "sam") == total, 2, "settlement")
+        await eventually(lambda: charged(redis_url, "sam") == total, 2, "settlement")
         reserved = (prompt_tokens(orjson.dumps(asked))
                     + completion_budget(asked, "/v1/chat/completions", 512))
         assert reserved != total  # so the check below tells settlement from reservation
@@ -57,13 +49,13 @@ async def test_streamed_and_whole_answers_are_charged_their_real_usage(
             got = await events(resp)
         assert not any("usage" in e and not e.get("choices") for e in got)
         assert sum(1 for e in got if e["choices"] and e["choices"][0]["delta"].get("content")) > 5
-        await eventually(lambda: spent(redis_url, "sam") == 2 * total, 2, "settlement")
+        await eventually(lambda: charged(redis_url, "sam") == 2 * total, 2, "settlement")
 
         # 3. A whole answer is charged its usage too.
         async with http.post(url, json=base) as resp:
             answer = await resp.json()
         assert answer["usage"]["total_tokens"] == total
-        await eventually(lambda: spent(redis_url, "sam") == 3 * total, 2, "settlement")
+        await eventually(lambda: charged(redis_url, "sam") == 3 * total, 2, "settlement")
 
 
 async def test_a_request_without_max_tokens_stops_at_the_reservation(
