@@ -64,7 +64,9 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
                     raise
                 asyncio.current_task().uncancel()  # type: ignore[union-attr]
                 response = await cut_short(request, request.get(OPEN_STREAM))
-        outcome.status = response.status
+        # A client that left mid-stream is a 499 whichever noticed first: the edge (cancelling
+        # us) or a write that failed.
+        outcome.status = 499 if outcome.disconnect == "gone" else response.status
         return response
     except web.HTTPException as exc:  # redirects and the like pass through
         outcome.status = exc.status
