@@ -29,6 +29,7 @@ from proxy.front import setup_front
 from proxy.observe.logs import register_secret
 from proxy.state.files import prepare_data_dir
 from proxy.state.store import setup_store
+from proxy.upstream.apis import ROOT_PATHS
 from proxy.upstream.pool import setup_backends
 from proxy.upstream.relay import Timeouts, setup_relay
 from quota.windows import Limits
@@ -60,7 +61,7 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     setup_metrics(app, Metrics(per_principal=s.metrics_per_principal))
     app.on_shutdown.extend(on_shutdown)
     setup_forwarded(app, trusted_proxies(s), s.forwarded_header, s.ipv6_prefix)
-    setup_cors(app, s.cors_origins)
+    setup_cors(app, s.cors_origins, ROOT_PATHS)
     # The store comes up before the model, so a bad Redis fails fast.
     setup_store(app, url=s.redis_url, data_dir=s.data_dir, binary=s.redis_server,
                 timeout=s.redis_timeout)

@@ -1,5 +1,7 @@
 """Errors in OpenAI's shape, {"error": {"message", "type", "param", "code"}}: what every room
-answers with. The table that turns what the rooms raise into them is proxy/api/failures.py."""
+answers with; on Anthropic's Messages API (/v1/messages*) the same errors in Anthropic's shape,
+{"type": "error", "error": {"type", "message"}}. The table that turns what the rooms raise into
+them is proxy/api/failures.py."""
 
 from __future__ import annotations
 
@@ -27,6 +29,28 @@ ERROR_TYPES = {
 def error_type(status: int) -> str:
     """The "type" for a status: OpenAI's, else by class (4xx the caller's, 5xx ours)."""
     return ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+# The "type" Anthropic's clients see for each status.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_type(status: int) -> str:
+    return ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def speaks_anthropic(path: str) -> bool:
+    """Whether a path is Anthropic's Messages API, whose clients read errors in its shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
 
 
 WWW_AUTHENTICATE = 'Bearer realm="llama-proxy", error="invalid_token"'
@@ -57,13 +81,16 @@ class OpenAIError(Exception):
         self.type = type or error_type(status)
         self.headers = dict(headers or {})
 
-    def body(self) -> dict[str, dict[str, str | None]]:
+    def body(self, anthropic: bool = False) -> dict[str, object]:
+        if anthropic:
+            return {"type": "error", "error": {"type": anthropic_type(self.status),
+                                               "message": self.message}}
         return error_body(self.message, self.type, self.code, self.param)
 
-    def response(self) -> web.Response:
+    def response(self, anthropic: bool = False) -> web.Response:
         response = web.Response(
             status=self.status,
-            body=orjson.dumps(self.body()),
+            body=orjson.dumps(self.body(anthropic)),
             content_type="application/json",
             headers=self.headers,
         )
@@ -71,9 +98,11 @@ class OpenAIError(Exception):
             response.force_close()
         return response
 
-    def sse_event(self) -> bytes:
-        """The same error as the SSE event that ends a stream already under way."""
-        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+    def sse_event(self, anthropic: bool = False) -> bytes:
+        """The same error as the SSE event that ends a stream already under way (Anthropic's
+        is a named `error` event)."""
+        data = b"data: " + orjson.dumps(self.body(anthropic)) + b"\n\n"
+        return b"event: error\n" + data if anthropic else data
 
 
 def error_body(

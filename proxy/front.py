@@ -22,7 +22,7 @@ from proxy.edge.connection import SECURITY_HEADERS
 from proxy.edge.drain import DRAIN, OPEN_STREAM, Drain
 from proxy.edge.forwarded import client_address, client_scheme
 from proxy.edge.ids import REQUEST_ID, new_id
-from proxy.errors import OpenAIError
+from proxy.errors import OpenAIError, speaks_anthropic
 from proxy.observe.outcome import OUTCOME, Outcome, finished
 from quota.slots import SHUTTING_DOWN, QueueClosed
 
@@ -143,7 +143,7 @@ async def _in_openai_shape(request: web.Request, handler: Handler) -> web.Stream
 async def _answer(request: web.Request, error: OpenAIError) -> web.StreamResponse:
     """On a stream that has already started, any error, ours included, can only be the SSE
     event that ends it (a second response would leave the client waiting for an end)."""
-    return await answer(error, request.get(OPEN_STREAM))
+    return await answer(error, request.get(OPEN_STREAM), speaks_anthropic(request.path))
 
 
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -162,15 +162,16 @@ async def cut_short(request: web.Request, stream: web.StreamResponse | None
     under way, a 503 otherwise."""
     error = to_openai(QueueClosed(SHUTTING_DOWN), request)
     assert error is not None
-    return await answer(error, stream)
+    return await answer(error, stream, speaks_anthropic(request.path))
 
 
-async def answer(error: OpenAIError, stream: web.StreamResponse | None) -> web.StreamResponse:
+async def answer(error: OpenAIError, stream: web.StreamResponse | None,
+                 anthropic: bool = False) -> web.StreamResponse:
     """The error's own response; or, on a stream already under way, the SSE error event
-    that ends it."""
+    that ends it. anthropic: in the shape of Anthropic's API."""
     if stream is None or not stream.prepared:
-        return error.response()
+        return error.response(anthropic)
     with contextlib.suppress(ConnectionResetError):
-        await stream.write(error.sse_event())
+        await stream.write(error.sse_event(anthropic))
         await stream.write_eof()
     return stream

@@ -1,4 +1,5 @@
-"""Authentication at the edge: /v1 and /api need a credential, /admin an admin one; too many
+"""Authentication at the edge: every route needs a credential (/admin an admin one) except the
+few named public here, so a route added later is never reachable without one; too many
 failures from one client address block it for a while."""
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from proxy.state.store import REDIS
 
 log = logging.getLogger("proxy.auth")
 
-PROTECTED = ("/v1/", "/api/")
+PROTECTED = ("/v1/", "/api/")  # a credential even for a path that does not exist
 ADMIN_PREFIX = "/admin/"
+# What needs no credential: the chat page and its files, health, the OpenAPI document, and
+# /metrics (which checks its own).
+PUBLIC = frozenset(("/", "/health", "/ready", "/metrics", "/openapi.json"))
+PUBLIC_PREFIXES = ("/static/",)
 AUTH = web.AppKey("auth", Authenticator)
 KEYS = web.AppKey("keys", KeyStore)
 GUARD = web.AppKey("guard", FailureGuard)
@@ -67,10 +72,17 @@ async def _credentials(tokens: TokenVerifier, key_cache_ttl: float,
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
     admin = path.startswith(ADMIN_PREFIX)
-    if not admin and not path.startswith(PROTECTED):
+    if not admin and not path.startswith(PROTECTED) and _public(request):
         return await handler(request)
     request[PRINCIPAL] = await authorize(request, ADMIN if admin else INFERENCE)
     return await handler(request)
+
+
+def _public(request: web.Request) -> bool:
+    """A public path, or one with no route (its 404 needs no credential)."""
+    path = request.path
+    return (path in PUBLIC or path.startswith(PUBLIC_PREFIXES)
+            or isinstance(request.match_info.http_exception, web.HTTPNotFound))
 
 
 async def authorize(request: web.Request, needed: str) -> Principal:

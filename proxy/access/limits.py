@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from proxy.access.shared_slots import SlotBorrower
 from proxy.edge.drain import DRAIN
 from proxy.edge.forwarded import client_group
 from proxy.edge.ids import new_id
+from proxy.errors import speaks_anthropic
 from proxy.state.store import REDIS
+from proxy.upstream.apis import Api, api_of
 from proxy.upstream.call import ModelCall
 from proxy.upstream.usage import UsageMeter, usage_requested, wants_usage_in_stream
 from quota.limiter import Limiter, RateLimited
@@ -93,29 +96,27 @@ def prompt_tokens(raw: bytes) -> int:
     return len(raw) // 4 + 1  # about 4 bytes a token, JSON included: errs on the high side
 
 
-BUDGET_FIELDS = ("max_completion_tokens", "max_tokens", "n_predict")
-
-
-def _asked(body: dict[str, Any]) -> dict[str, int]:
-    """The completion caps a request sets (positive integers only; -1 means none)."""
-    return {name: value for name in BUDGET_FIELDS
+def _asked(body: dict[str, Any], api: Api) -> dict[str, int]:
+    """The output caps a request sets (positive integers only; -1 means none)."""
+    return {name: value for name in api.caps
             if isinstance(value := body.get(name), int) and not isinstance(value, bool)
             and value > 0}
 
 
-def completion_budget(body: dict[str, Any], path: str, default_max: int) -> int:
-    """The completion tokens a request asks for (none for embeddings)."""
-    if path.endswith("/embeddings"):
+def completion_budget(body: dict[str, Any], api: Api, default_max: int) -> int:
+    """The completion tokens a request asks for (none for an API that does not generate)."""
+    if not api.generates:
         return 0
-    return next(iter(_asked(body).values()), default_max)
+    return next(iter(_asked(body, api).values()), default_max)
 
 
-def capped(body: dict[str, Any], allowed: int) -> dict[str, int]:
+def capped(body: dict[str, Any], api: Api, allowed: int) -> dict[str, int]:
     """The changes that keep generation within what was reserved: a request with no cap gets
-    one, a larger cap is lowered (the model server would otherwise generate past the budget)."""
-    asked = _asked(body)
+    one (in its API's own field), a larger cap is lowered (the model server would otherwise
+    generate past the budget)."""
+    asked = _asked(body, api)
     if not asked:
-        return {"max_tokens": allowed}
+        return {api.cap: allowed}
     return {name: allowed for name, value in asked.items() if value > allowed}
 
 
@@ -127,8 +128,9 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
     request, principal, path, stream = call.request, call.principal, call.path, call.stream
     limiter = request.app[LIMITER]
     outcome = call.outcome
+    api = api_of(path)
     prompt = prompt_tokens(raw)
-    completion = completion_budget(body, path, request.app[DEFAULT_MAX_TOKENS])
+    completion = completion_budget(body, api, request.app[DEFAULT_MAX_TOKENS])
     admission = await limiter.admit(new_id(), principal.id, client_group(request),
                                     prompt + completion, rpm=principal.rpm, tpm=principal.tpm)
     changes: dict[str, Any] = {}
@@ -139,17 +141,19 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
             raise RateLimited(admission)
         outcome.limit = "ok" if admission.in_store else "local"
         window = admission.token_window
-        if window is not None and not path.endswith("/embeddings"):
+        if window is not None and api.generates:
             completion = min(completion, max(window.cost - prompt, 1))
-            changes.update(capped(body, completion))
-    # Streams are asked for their usage (and the event is removed again if the client did not
-    # ask): the limits, the metrics and the usage ledger all count what the model reports.
-    strip = stream and not wants_usage_in_stream(body) and request.app[STREAM_USAGE]
+            changes.update(capped(body, api, completion))
+    # OpenAI streams are asked for their usage (and the event is removed again if the client
+    # did not ask): the limits, the metrics and the usage ledger all count what the model
+    # reports. The other APIs report usage in their streams unasked.
+    strip = (stream and api.stream_usage and not wants_usage_in_stream(body)
+             and request.app[STREAM_USAGE])
     if strip:
         changes["stream_options"] = usage_requested(body)
     if changes:
         raw = orjson.dumps({**body, **changes})
-    meter = UsageMeter(strip, prompt, completion)
+    meter = UsageMeter(strip, prompt, completion, api.usage_marker)
     cancelled = False
     try:
         yield raw, meter
@@ -168,9 +172,10 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
 
 @asynccontextmanager
 async def model_slot(call: ModelCall) -> AsyncIterator[None]:
-    """A turn at the model, through the fair queue (when admission control is on)."""
+    """A turn at the model, through the fair queue (when admission control is on); an API that
+    does not use the model's slots (tokenize, count tokens) needs none."""
     queue = call.request.app[QUEUE]
-    if queue.slots <= 0:
+    if queue.slots <= 0 or not api_of(call.path).slot:
         yield
         return
     outcome = call.outcome
@@ -185,19 +190,31 @@ async def model_slot(call: ModelCall) -> AsyncIterator[None]:
         raise
 
 
-def ratelimit_headers(admission: Admission) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the binding request and token windows."""
+def ratelimit_headers(admission: Admission, anthropic: bool = False) -> dict[str, str]:
+    """The rate-limit headers for the binding request and token windows: OpenAI's
+    x-ratelimit-*, or (anthropic) Anthropic's anthropic-ratelimit-* with reset as a time."""
     out: dict[str, str] = {}
     for label, names in (("requests", REQUEST_WINDOWS), ("tokens", ("tpm",))):
         rows = [row for row in admission.rows() if row[0].name in names]
         if not rows:
             continue
         window, used, reset = min(rows, key=lambda row: row[0].limit - row[1])
-        out[f"x-ratelimit-limit-{label}"] = str(window.limit)
-        out[f"x-ratelimit-remaining-{label}"] = str(max(window.limit - used, 0))
         # A window that was empty before this request resets when this request leaves it.
-        out[f"x-ratelimit-reset-{label}"] = duration((reset or window.window_ms) if used else 0)
+        reset_ms = (reset or window.window_ms) if used else 0
+        remaining = str(max(window.limit - used, 0))
+        if anthropic:
+            prefix = f"anthropic-ratelimit-{label}"
+            out[f"{prefix}-limit"], out[f"{prefix}-remaining"] = str(window.limit), remaining
+            out[f"{prefix}-reset"] = rfc3339(time.time() + reset_ms / 1000)
+        else:
+            out[f"x-ratelimit-limit-{label}"] = str(window.limit)
+            out[f"x-ratelimit-remaining-{label}"] = remaining
+            out[f"x-ratelimit-reset-{label}"] = duration(reset_ms)
     return out
+
+
+def rfc3339(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def duration(ms: int) -> str:
@@ -215,4 +232,4 @@ def duration(ms: int) -> str:
 async def _stamp_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
     admission = request.get(ADMISSION)
     if admission is not None:
-        response.headers.update(ratelimit_headers(admission))
+        response.headers.update(ratelimit_headers(admission, speaks_anthropic(request.path)))

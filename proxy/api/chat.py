@@ -31,7 +31,7 @@ from proxy.state.store import REDIS
 from proxy.upstream.backends import Backend, UpstreamBroke
 from proxy.upstream.call import ModelCall
 from proxy.upstream.pool import POOL
-from proxy.upstream.relay import HTTP_CLIENT, RELAY, as_openai_error, is_stream
+from proxy.upstream.relay import HTTP_CLIENT, RELAY, ModelRefused, is_stream
 from proxy.upstream.usage import UsageMeter
 
 log = logging.getLogger("proxy.chat")
@@ -203,15 +203,6 @@ def from_whole(body: bytes) -> Answer:
     return Answer([str(content)], usage if isinstance(usage, dict) else None)
 
 
-class ModelRefused(OpenAIError):
-    """The model server answered an error: passed on with its status, in OpenAI's shape."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        error = orjson.loads(as_openai_error(status, body))["error"]
-        super().__init__(status, error["message"], code=error["code"], type=error["type"],
-                         param=error["param"])
-
-
 async def chat(request: web.Request) -> web.StreamResponse:
     limits = request.app[CHAT]
     _, body = await read_json(request)
@@ -263,10 +254,7 @@ class Turn:
     async def whole(self, sent: bytes, meter: UsageMeter) -> web.Response:
         async with model_slot(self.call):
             whole = await self.request.app[RELAY].whole(self.call, sent, meter)
-        body = whole.body if isinstance(whole.body, bytes) else b""
-        if whole.status != 200:
-            raise ModelRefused(whole.status, body)
-        answer = from_whole(body)
+        answer = from_whole(whole.body if isinstance(whole.body, bytes) else b"")
         try:
             await self.keep(answer)
         except asyncio.CancelledError:  # the client left as it was stored: it was paid for

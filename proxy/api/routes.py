@@ -1,4 +1,6 @@
-"""HTTP routes: the OpenAI endpoints under /v1 and the unauthenticated ops endpoints."""
+"""HTTP routes: every model API the model servers speak (OpenAI's under /v1, Anthropic's
+Messages, OpenAI's Responses, llama-server's own at the root: proxy/upstream/apis.py) and the
+unauthenticated ops endpoints."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from proxy.access.authn import PRINCIPAL
 from proxy.access.limits import LIMITER, QUEUE, limited, model_slot
 from proxy.errors import OpenAIError
 from proxy.observe.outcome import outcome_of
+from proxy.upstream.apis import APIS
 from proxy.upstream.call import ModelCall
 from proxy.upstream.heartbeat import Heartbeat
 from proxy.upstream.pool import POOL
@@ -80,19 +83,21 @@ def check_model_allowed(request: web.Request, model: str | None) -> None:
                            code="model_not_allowed", param="model")
 
 
-def openai_endpoint(path: str) -> Any:
+def model_endpoint(path: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         return await model_request(request, path)
 
-    handler.__name__ = path.strip("/").replace("/", "_")
+    handler.__name__ = path.strip("/").replace("/", "_").replace("-", "_")
     return handler
 
 
 def model_call(request: web.Request, path: str, model: str | None, stream: bool) -> ModelCall:
     """The call to a model, for every API: the credential's model allow-list and the choice of
-    backends come first, so a refusal there costs the caller nothing."""
-    check_model_allowed(request, model)
+    backends come first, so a refusal there costs the caller nothing. No model named: the
+    default one (the first served)."""
     pool = request.app[POOL]
+    model = model or next(iter(pool.model_ids()), None)
+    check_model_allowed(request, model)
     backends = pool.choose(model)
     outcome = outcome_of(request)
     outcome.model, outcome.stream = pool.served(model, backends), stream
@@ -102,11 +107,25 @@ def model_call(request: web.Request, path: str, model: str | None, stream: bool)
 async def model_request(request: web.Request, path: str) -> web.StreamResponse:
     """Validate, make the call, take the rate limits and a slot, then relay."""
     raw, body = await read_json(request)
+    if path == "/v1/responses":
+        refuse_stored_state(body)
     call = model_call(request, path, body.get("model"), body.get("stream") is True)
     async with limited(call, raw, body) as (payload, meter):
         # A stream that waits (for a slot, for its first token) sends keep-alive comments.
         async with heartbeat(request, call.stream) as beat, model_slot(call):
             return await request.app[RELAY](call, payload, meter, beat)
+
+
+def refuse_stored_state(body: dict[str, Any]) -> None:
+    """llama-server keeps no responses: a request that needs one kept, or an earlier one
+    continued, is refused rather than answered as if it had been."""
+    if body.get("previous_response_id") is not None:
+        raise OpenAIError(400, "`previous_response_id` is not supported: no responses are "
+                          "stored here; send the conversation in `input`",
+                          param="previous_response_id", code="unsupported_parameter")
+    if body.get("store") is True:
+        raise OpenAIError(400, "`store: true` is not supported: no responses are stored here; "
+                          "send `store: false`", param="store", code="unsupported_parameter")
 
 
 def heartbeat(request: web.Request, stream: bool) -> Heartbeat:
@@ -144,8 +163,8 @@ def setup_routes(app: web.Application, *, max_body: int, body_timeout: float,
     app[MAX_BODY] = max_body
     app[BODY_TIMEOUT] = body_timeout
     app[SSE_KEEPALIVE] = sse_keepalive
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        app.router.add_post(path, openai_endpoint(path))
+    for path in APIS:
+        app.router.add_post(path, model_endpoint(path))
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)

@@ -18,21 +18,28 @@ from aiohttp.typedefs import Handler
 
 from proxy.errors import OpenAIError
 
-PATHS = ("/v1/", "/api/")
+PATHS = ("/v1/", "/api/")  # and the model APIs at the root, given to setup_cors
 ALLOW_HEADERS = ("authorization", "content-type", "x-api-key", "x-request-id",
-                 "ngrok-skip-browser-warning")
+                 "ngrok-skip-browser-warning", "anthropic-version", "anthropic-beta",
+                 "anthropic-dangerous-direct-browser-access")
 EXPOSE_HEADERS = ", ".join((
-    "x-request-id", "retry-after", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
-    "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-tokens"))
+    "x-request-id", "request-id", "retry-after",
+    *(f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens")
+      for what in ("limit", "remaining", "reset")),
+    *(f"anthropic-ratelimit-{kind}-{what}" for kind in ("requests", "tokens")
+      for what in ("limit", "remaining", "reset"))))
 MAX_AGE = "600"  # seconds a browser may reuse a preflight's answer
 _TOKEN = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an HTTP header name
 ORIGINS = web.AppKey("cors_origins", frozenset)
+CORS_PATHS = web.AppKey("cors_paths", tuple)
 
 
-def setup_cors(app: web.Application, origins: Iterable[str]) -> None:
-    """Call after setup_front (its answers get ids and log lines) and before setup_auth."""
+def setup_cors(app: web.Application, origins: Iterable[str], root_paths: Iterable[str] = ()
+               ) -> None:
+    """root_paths: API paths outside /v1/ and /api/ that browsers may call too. Call after
+    setup_front (its answers get ids and log lines) and before setup_auth."""
     app[ORIGINS] = frozenset(o.rstrip("/").lower() for o in origins)
+    app[CORS_PATHS] = (*PATHS, *root_paths)
     app.middlewares.append(preflight)
     app.on_response_prepare.append(_stamp)
 
@@ -41,7 +48,7 @@ def _allowed(request: web.Request) -> str | None:
     """The value for Access-Control-Allow-Origin, or None for an origin not allowed."""
     origin = request.headers.get(hdrs.ORIGIN)
     origins = request.app[ORIGINS]
-    if not origin or not request.path.startswith(PATHS):
+    if not origin or not request.path.startswith(request.app[CORS_PATHS]):
         return None
     if origin.lower() in origins:
         return origin
@@ -52,7 +59,7 @@ def _allowed(request: web.Request) -> str | None:
 async def preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method != hdrs.METH_OPTIONS:
         return await handler(request)
-    if not request.path.startswith(PATHS):
+    if not request.path.startswith(request.app[CORS_PATHS]):
         return await handler(request)
     methods = _methods(request)
     if methods is None:  # no such path
@@ -89,7 +96,7 @@ def _methods(request: web.Request) -> list[str] | None:
 
 async def _stamp(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: errors and streams too, so a page can read a 401 or a 429's wait."""
-    if not request.path.startswith(PATHS):
+    if not request.path.startswith(request.app[CORS_PATHS]):
         return
     response.headers.add(hdrs.VARY, hdrs.ORIGIN)
     allow = _allowed(request)

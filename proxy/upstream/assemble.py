@@ -17,8 +17,6 @@ from typing import Any
 
 import orjson
 
-# The paths whose whole answers are assembled (others are asked for whole answers).
-ASSEMBLED = ("/v1/chat/completions", "/v1/completions")
 _TOP = ("id", "created", "model", "system_fingerprint")
 _LAST = ("usage", "timings")
 

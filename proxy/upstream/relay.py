@@ -34,9 +34,10 @@ from aiohttp import (
 
 from proxy.edge.connection import goes_out_at_once, reset
 from proxy.edge.deadline import Deadline
-from proxy.errors import error_body, error_type
+from proxy.errors import OpenAIError, error_body, error_type, speaks_anthropic
 from proxy.observe.outcome import Outcome, outcome_of
-from proxy.upstream.assemble import ASSEMBLED, Assembly, stream_request
+from proxy.upstream.apis import api_of
+from proxy.upstream.assemble import Assembly, stream_request
 from proxy.upstream.backends import (
     Backend,
     ModelLoading,
@@ -85,14 +86,16 @@ class Relay:
         and may have started its response already."""
         request = call.request
         beat = heartbeat or Heartbeat(request, 0, self.timeouts.client_write)
-        if not call.stream:
-            answer = await self.whole(call, payload, meter)
-        else:
-            upstream = await self.open_stream(call, payload, meter)
-            if is_stream(upstream):
-                return await self._stream(request, upstream, meter, call.request_id, beat)
-            answer = await self._read(upstream, meter, call.outcome)  # an error, mostly
-        await beat.stop()
+        try:
+            if not call.stream:
+                answer = await self.whole(call, payload, meter)
+            else:
+                upstream = await self.open_stream(call, payload, meter)
+                if is_stream(upstream):
+                    return await self._stream(request, upstream, meter, call.request_id, beat)
+                answer = await self._read(upstream, meter, call.outcome)  # sent whole, unasked
+        finally:
+            await beat.stop()
         if beat.response is not None:  # the stream started while it waited
             return await as_events(answer, beat.response)
         return answer
@@ -105,17 +108,18 @@ class Relay:
 
     async def whole(self, call: ModelCall, payload: bytes, meter: UsageMeter | None = None
                     ) -> web.Response:
-        """A whole answer, errors in OpenAI's shape. llama-server is asked for a stream that
-        is assembled here (proxy/upstream/assemble.py): it stops a stream whose reader left,
-        not a whole answer."""
+        """A whole answer; a model server's error is raised (ModelRefused). llama-server is asked
+        for a stream that is assembled here (proxy/upstream/assemble.py): it stops a stream
+        whose reader left, not a whole answer."""
         outcome, path, backends = call.outcome, call.path, call.backends
-        assemble = path in ASSEMBLED and bool(backends) and backends[0].llama_cpp is True
+        assembled = api_of(path).assembled
+        assemble = assembled and bool(backends) and backends[0].llama_cpp is True
         sent = stream_request(payload) if assemble else payload
         # first_byte covers a whole answer, as it does when the server sends it whole.
         deadline = asyncio.get_running_loop().time() + self.timeouts.first_byte
         upstream = await self.fetch(backends, path, sent, assemble, call.request_id, outcome,
                                     meter)
-        if path in ASSEMBLED and is_stream(upstream):  # asked for, or sent unasked
+        if assembled and is_stream(upstream):  # asked for, or sent unasked
             try:
                 async with asyncio.timeout_at(deadline):
                     return await self._read(upstream, meter, outcome, assemble=path)
@@ -152,7 +156,7 @@ class Relay:
         if assembly.error is not None:  # the model server failed mid-answer
             code = assembly.error.get("code")
             status = code if isinstance(code, int) and 400 <= code < 600 else 500
-            return error_response(status, orjson.dumps({"error": assembly.error}))
+            raise ModelRefused(status, orjson.dumps({"error": assembly.error}))
         return web.Response(body=orjson.dumps(assembly.answer()), content_type="application/json")
 
     async def fetch(self, backends: list[Backend], path: str, raw: bytes, stream: bool,
@@ -224,13 +228,13 @@ class Relay:
             upstream.release()
 
     async def _whole(self, upstream: ClientResponse, meter: UsageMeter | None) -> web.Response:
-        """A non-streamed answer: read it all, make sure errors are in OpenAI's shape."""
+        """A non-streamed answer, read whole; an error is raised as ModelRefused."""
         body = await self.read_whole(upstream)
         status = upstream.status
         if meter is not None and status == 200:
             meter.from_body(body)
         if status >= 400:
-            return error_response(status, body, upstream.headers.get("Retry-After"))
+            raise ModelRefused(status, body, upstream.headers.get("Retry-After"))
         return web.Response(status=status, body=body, headers={
             "Content-Type": upstream.headers.get("Content-Type", "application/json")})
 
@@ -268,7 +272,7 @@ class Relay:
                     outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
                     cause = type(exc.__cause__ or exc).__name__
                     log.warning("%s: %s (%s)", request_id, exc, cause)
-                    await write(upstream_error(exc).sse_event())
+                    await write(upstream_error(exc).sse_event(speaks_anthropic(request.path)))
                 finally:
                     await beat.stop()
                     # Closing (not releasing) drops the connection: a half-read stream is
@@ -310,12 +314,16 @@ class Relay:
             raise UpstreamBroke("The model server broke off the stream") from exc
 
 
-def error_response(status: int, body: bytes, retry_after: str | None = None) -> web.Response:
-    """A model server's error, in OpenAI's shape (503: with when to retry)."""
-    headers = {"Content-Type": "application/json"}
-    if status == 503:
-        headers["Retry-After"] = retry_after or str(ModelLoading.retry_after)
-    return web.Response(status=status, body=as_openai_error(status, body), headers=headers)
+class ModelRefused(OpenAIError):
+    """A model server answered an error: passed on with its status (503: with when to retry),
+    its message, type and code kept; rendered in the shape of the client's API."""
+
+    def __init__(self, status: int, body: bytes, retry_after: str | None = None) -> None:
+        error = orjson.loads(as_openai_error(status, body))["error"]
+        headers = {"Retry-After": retry_after or str(ModelLoading.retry_after)} \
+            if status == 503 else {}
+        super().__init__(status, error["message"], code=error["code"], type=error["type"],
+                         param=error["param"], headers=headers)
 
 
 def failure_kind(exc: Exception) -> str:
@@ -327,12 +335,10 @@ def is_stream(upstream: ClientResponse) -> bool:
 
 
 async def as_events(answer: web.Response, stream: web.StreamResponse) -> web.StreamResponse:
-    """A whole answer (an error, mostly) sent on a stream that has already started."""
+    """A whole answer from a backend that ignored `stream`, sent as one event on a stream that
+    has already started (errors are raised, and the front ends the stream with them)."""
     body = answer.body if isinstance(answer.body, bytes) else b""
-    if answer.status >= 400:
-        await stream.write(b"data: " + body + b"\n\n")
-    else:  # a backend that ignored `stream`: its answer as one event
-        await stream.write(b"data: " + body.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n")
+    await stream.write(b"data: " + body.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n")
     await stream.write_eof()
     return stream
 

@@ -1,10 +1,13 @@
 """Read the real token usage out of answers: the limiter settles what it reserved with it, and
 the metrics, the usage ledger and the access log report it.
 
-Whole answers carry `usage` in their JSON. Streams are asked for it (stream_options.include_usage)
-and it comes in a last event with empty `choices`; when the client did not ask for that event it
-is removed again. Only complete SSE events are examined; bytes still pass through unparsed unless
-they contain a usage object.
+Whole answers carry `usage` in their JSON. OpenAI streams are asked for it
+(stream_options.include_usage) and it comes in a last event with empty `choices`; when the client
+did not ask for that event it is removed again. Anthropic's Messages stream reports the prompt in
+`message_start` and the output in `message_delta` (its prompt is `input_tokens` plus the cached
+`cache_read_input_tokens`); the Responses stream in `response.completed`; llama-server's own API
+(/infill) as `tokens_evaluated` / `tokens_predicted` in its last event. Only complete SSE events
+are examined; bytes still pass through unparsed unless they carry the API's usage marker.
 
 A request whose client left before its usage came is charged what the model did up to the cut:
 its prompt, and about a token for each event read from the model, relayed or not (whole answers
@@ -30,14 +33,32 @@ def _end_of_last_event(data: bytes) -> int:
     return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
 
 
+# Events that end a Responses stream: their `response` holds the usage.
+_RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
+
+
+def counted(usage: Any) -> tuple[int | None, int | None]:
+    """(prompt, completion) tokens of a usage object in any API's names; None: not said."""
+    if not isinstance(usage, dict):
+        return None, None
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if prompt is None and completion is None:  # Anthropic's and the Responses API's names
+        completion = _count(usage.get("output_tokens"))
+        parts = [_count(usage.get(name)) for name in (
+            "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")]
+        prompt = sum(p for p in parts if p is not None) if any(
+            p is not None for p in parts) else None
+    return prompt, completion
+
+
 def total_tokens(usage: Any) -> int | None:
     if not isinstance(usage, dict):
         return None
     total = usage.get("total_tokens")
     if isinstance(total, int):
         return total
-    parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
-    return sum(p for p in parts if isinstance(p, int)) if any(parts) else None
+    prompt, completion = counted(usage)
+    return None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
 
 
 class UsageMeter:
@@ -45,8 +66,11 @@ class UsageMeter:
     first) what the model did up to the cut. prompt_estimate and completion_cap: what was
     reserved for it."""
 
-    def __init__(self, strip: bool, prompt_estimate: int = 0, completion_cap: int = 0) -> None:
+    def __init__(self, strip: bool, prompt_estimate: int = 0, completion_cap: int = 0,
+                 marker: bytes = _USAGE) -> None:
+        """marker: bytes in every event or body that reports usage, in the API's own terms."""
         self.strip = strip
+        self.marker = marker
         self.prompt_estimate, self.completion_cap = prompt_estimate, completion_cap
         self._pending = b""
         self.reported: int | None = None  # the total, as the model server reported it
@@ -81,8 +105,8 @@ class UsageMeter:
             return self.prompt or 0, self.completion or 0
         if self.chunks or self.cut is not None:
             made = self.chunks + (self.cut or 0)  # events beside the tokens count too
-            return self.prompt_estimate, min(made, self.completion_cap) if self.completion_cap \
-                else made
+            prompt = self.prompt if self.prompt is not None else self.prompt_estimate
+            return prompt, min(made, self.completion_cap) if self.completion_cap else made
         return 0, 0
 
     def total(self) -> int:
@@ -90,7 +114,7 @@ class UsageMeter:
         return self.reported if self.reported is not None else sum(self.spent())
 
     def from_body(self, body: bytes) -> None:
-        if _USAGE not in body:
+        if self.marker not in body:
             return
         try:
             self._note(orjson.loads(body))
@@ -98,22 +122,36 @@ class UsageMeter:
             pass
 
     def _note(self, answer: Any) -> None:
-        """An answer (or its last event) that may carry usage."""
+        """An answer (or one of its events) that may carry usage."""
         if not isinstance(answer, dict):
             return
-        usage = answer.get("usage")
-        total = total_tokens(usage)
-        if total is None:  # some servers send "usage": null in every chunk
+        kind = answer.get("type")
+        if kind == "message_start":  # Anthropic: the prompt, before any output
+            message = answer.get("message")
+            prompt, _ = counted(message.get("usage") if isinstance(message, dict) else None)
+            self.prompt = prompt if prompt is not None else self.prompt
             return
-        self.reported = total
-        self.prompt = _count(usage.get("prompt_tokens"))
-        self.completion = _count(usage.get("completion_tokens"))
+        if kind in _RESPONSE_ENDS and isinstance(answer.get("response"), dict):
+            answer = answer["response"]
+        if "tokens_predicted" in answer and answer.get("stop") is True:  # llama-server's own
+            usage: Any = {"prompt_tokens": answer.get("tokens_evaluated"),
+                          "completion_tokens": answer.get("tokens_predicted")}
+        else:
+            usage = answer.get("usage")
+        prompt, completion = counted(usage)
+        total = _count(usage.get("total_tokens")) if isinstance(usage, dict) else None
+        if prompt is None and completion is None and total is None:
+            return  # some servers send "usage": null in every chunk
+        if prompt is not None:
+            self.prompt = prompt
+        self.completion = completion
+        self.reported = total if total is not None else (self.prompt or 0) + (completion or 0)
         if self.prompt is None and self.completion is None:
             self.prompt = total  # embeddings may report a total alone
 
     def filter(self, chunk: bytes) -> bytes:
         """Pass complete events on, noting usage; hold a trailing partial event back."""
-        if not self._pending and chunk.endswith(b"\n\n") and _USAGE not in chunk:
+        if not self._pending and chunk.endswith(b"\n\n") and self.marker not in chunk:
             self._count_events(chunk.count(b"\n\n"))  # the common case: no copy
             return chunk
         data = self._pending + chunk
@@ -128,7 +166,7 @@ class UsageMeter:
         parts = _EVENT_END.split(complete)  # event, separator, event, separator, ..., b""
         events, separators = parts[0:-1:2], parts[1::2]
         self._count_events(len(events))
-        if _USAGE not in complete:
+        if self.marker not in complete:
             return complete
         return b"".join(event + end for event, end in zip(events, separators, strict=True)
                         if not event or self._keep(event))
@@ -141,10 +179,13 @@ class UsageMeter:
         return rest
 
     def _keep(self, event: bytes) -> bool:
-        if _USAGE not in event or not event.startswith(b"data: "):
+        if self.marker not in event:
+            return True
+        data_at = event.find(b"data: ")  # after an `event:` line in the typed APIs
+        if data_at < 0:
             return True
         try:
-            data = orjson.loads(event[6:])
+            data = orjson.loads(event[data_at + 6:])
         except orjson.JSONDecodeError:
             return True
         if not isinstance(data, dict):

@@ -1,5 +1,7 @@
-"""A fast fake OpenAI upstream for relay mechanics and benchmarks
-(python -m tests.kit.fake_upstream).
+"""A fast fake model server for relay mechanics and benchmarks
+(python -m tests.kit.fake_upstream): OpenAI's chat and text completions, and Anthropic's
+Messages and OpenAI's Responses with their typed events; every other API path the appliance
+relays answers a small JSON echo of its body.
 
 Each request steers the fake through a "fake" object in its JSON body, which the appliance
 forwards untouched:
@@ -20,6 +22,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
+
+from proxy.upstream.apis import APIS
 
 MODEL = "fake-model"
 
@@ -62,6 +66,55 @@ def completion(text: str) -> dict[str, Any]:
             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
 
 
+MESSAGE = {"id": "msg_fake", "type": "message", "role": "assistant", "model": MODEL,
+           "content": [], "stop_reason": None, "stop_sequence": None}
+
+
+def typed(name: str, data: dict[str, Any]) -> bytes:
+    """An event of the typed APIs (Anthropic's, Responses): `event:` line, then its data."""
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **data}) + \
+        b"\n\n"
+
+
+def anthropic_events(chunks: int) -> tuple[bytes, list[bytes], bytes]:
+    """The head, a delta per token and the tail of a Messages stream (prompt: 1 + 2 cached)."""
+    head = typed("message_start", {"message": {**MESSAGE, "usage": {
+        "input_tokens": 1, "cache_read_input_tokens": 2, "output_tokens": 0}}}) + typed(
+        "content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    deltas = [typed("content_block_delta", {"index": 0, "delta": {
+        "type": "text_delta", "text": f"tok{i} "}}) for i in range(chunks)]
+    tail = typed("content_block_stop", {"index": 0}) + typed("message_delta", {
+        "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+        "usage": {"output_tokens": chunks}}) + typed("message_stop", {})
+    return head, deltas, tail
+
+
+def responses_events(chunks: int) -> tuple[bytes, list[bytes], bytes]:
+    """The head, a delta per token and the tail of a Responses stream (prompt: 3 tokens)."""
+    head = typed("response.created", {"response": {"id": "resp_fake", "status": "in_progress"}})
+    deltas = [typed("response.output_text.delta", {"item_id": "msg_fake", "delta": f"tok{i} "})
+              for i in range(chunks)]
+    tail = typed("response.completed", {"response": {
+        "id": "resp_fake", "object": "response", "status": "completed", "model": MODEL,
+        "output": [], "usage": {"input_tokens": 3, "output_tokens": chunks,
+                                "total_tokens": 3 + chunks}}})
+    return head, deltas, tail
+
+
+def whole_answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    if path == "/v1/messages":
+        return {**MESSAGE, "content": [{"type": "text", "text": "hello"}],
+                "stop_reason": "end_turn",
+                "usage": {"input_tokens": 1, "cache_read_input_tokens": 2, "output_tokens": 2}}
+    if path == "/v1/responses":
+        return {"id": "resp_fake", "object": "response", "status": "completed", "model": MODEL,
+                "output": [], "usage": {"input_tokens": 3, "output_tokens": 2,
+                                        "total_tokens": 5}}
+    if path.endswith("completions"):
+        return completion("hello")
+    return {"echo": path, "keys": sorted(body)}
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     record = request.app[RECORD]
     record.requests += 1
@@ -88,7 +141,8 @@ async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
         return web.Response(status=fake.get("status", 200), text=text,
                             content_type=fake.get("content_type", "text/plain"))
     if not body.get("stream"):
-        response = web.json_response(completion("hello"), status=fake.get("status", 200))
+        response = web.json_response(whole_answer(request.path, body),
+                                     status=fake.get("status", 200))
         if "set_cookie" in fake:
             response.headers["Set-Cookie"] = fake["set_cookie"]
         if "server" in fake:
@@ -118,22 +172,30 @@ async def _stream(request: web.Request, record: Record, fake: dict[str, Any],
     await response.prepare(request)
     record.open_streams += 1
     record.max_open_streams = max(record.max_open_streams, record.open_streams)
+    chunks = fake.get("chunks", 3)
+    typed_api = TYPED.get(request.path)
+    head, deltas, tail = typed_api(chunks) if typed_api else (
+        b"", [chunk(i) for i in range(chunks)],
+        (usage_event(chunks) if usage else b"") + b"data: [DONE]\n\n")
     try:
-        for i in range(fake.get("chunks", 3)):
+        if head:
+            await response.write(head)
+        for i, delta in enumerate(deltas):
             if i == fake.get("stall_after"):
                 await asyncio.sleep(3600)
             if i == fake.get("break_after"):  # the server dies mid-answer: no chunked end
                 assert request.transport is not None
                 request.transport.abort()
                 return response
-            await response.write(chunk(i))
+            await response.write(delta)
             await asyncio.sleep(fake.get("gap", 0))
-        if usage:
-            await response.write(usage_event(fake.get("chunks", 3)))
-        await response.write(b"data: [DONE]\n\n")
+        await response.write(tail)
     finally:
         record.open_streams -= 1
     return response
+
+
+TYPED = {"/v1/messages": anthropic_events, "/v1/responses": responses_events}
 
 
 async def models(request: web.Request) -> web.Response:
@@ -160,8 +222,8 @@ async def metrics(request: web.Request) -> web.Response:
 def make_app() -> web.Application:
     app = web.Application()
     app[RECORD] = Record()
-    app.router.add_post("/v1/chat/completions", completions)
-    app.router.add_post("/v1/completions", completions)
+    for path in APIS:
+        app.router.add_post(path, completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", metrics)
     return app

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from proxy.access.limits import capped, completion_budget
 from proxy.api.routes import parse_body
 from proxy.errors import OpenAIError
+from proxy.upstream.apis import APIS, Api
 from proxy.upstream.usage import UsageMeter
 
 json_values = st.recursive(
@@ -42,15 +43,21 @@ def test_every_well_typed_body_is_parsed_as_sent(extra: dict, model: str | None,
     assert parse_body(orjson.dumps(body)) == orjson.loads(orjson.dumps(body))
 
 
-@given(st.dictionaries(st.sampled_from(["max_tokens", "max_completion_tokens", "n_predict",
-                                        "other"]), json_values, max_size=4),
+GENERATING = [api for api in APIS.values() if api.generates]
+CAP_FIELDS = sorted({name for api in GENERATING for name in api.caps} | {"other"})
+
+
+@given(st.sampled_from(GENERATING),
+       st.dictionaries(st.sampled_from(CAP_FIELDS), json_values, max_size=4),
        st.integers(1, 10_000))
-def test_generation_is_never_allowed_past_the_reservation(body: dict, allowed: int) -> None:
-    sent = {**body, **capped(body, allowed)}
-    asked = [v for k, v in sent.items() if k != "other" and isinstance(v, int)
+def test_generation_is_never_allowed_past_the_reservation(api: Api, body: dict,
+                                                          allowed: int) -> None:
+    """On every API that generates, in its own cap fields (a field of another API is not one)."""
+    sent = {**body, **capped(body, api, allowed)}
+    asked = [v for k, v in sent.items() if k in api.caps and isinstance(v, int)
              and not isinstance(v, bool) and v > 0]
     assert asked and max(asked) <= allowed  # some positive cap is set, and none above it
-    assert 0 < completion_budget(sent, "/v1/chat/completions", 512) <= allowed
+    assert 0 < completion_budget(sent, api, 512) <= allowed
 
 
 def events(texts: list[str], usage: int | None) -> bytes:

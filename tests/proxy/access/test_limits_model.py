@@ -6,6 +6,7 @@ import aiohttp
 import orjson
 
 from proxy.access.limits import completion_budget, prompt_tokens
+from proxy.upstream.apis import APIS
 from tests.conftest import Llama, ProxyFactory, token_for
 from tests.kit.helpers import eventually
 from tests.kit.limits import charged
@@ -40,7 +41,7 @@ async def test_streamed_and_whole_answers_are_charged_their_real_usage(
         assert usage["completion_tokens"] == 20
         await eventually(lambda: charged(redis_url, "sam") == total, 2, "settlement")
         reserved = (prompt_tokens(orjson.dumps(asked))
-                    + completion_budget(asked, "/v1/chat/completions", 512))
+                    + completion_budget(asked, APIS["/v1/chat/completions"], 512))
         assert reserved != total  # so the check below tells settlement from reservation
 
         # 2. The client did not ask: usage is requested upstream, charged, and stripped again.
