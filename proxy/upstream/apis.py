@@ -44,9 +44,9 @@ APIS: dict[str, Api] = {api.path: api for api in (
         assembled=True),
     Api("/v1/embeddings", streams=False),
     Api("/v1/rerank", streams=False),
-    Api("/v1/messages", caps=("max_tokens",)),  # Anthropic's Messages API
+    Api("/v1/messages", caps=("max_tokens",), assembled=True),  # Anthropic's Messages API
     Api("/v1/messages/count_tokens", slot=False, streams=False),
-    Api("/v1/responses", caps=("max_output_tokens",)),  # OpenAI's Responses API
+    Api("/v1/responses", caps=("max_output_tokens",), assembled=True),  # OpenAI's Responses
     Api("/v1/responses/input_tokens", slot=False, streams=False),
     Api("/infill", caps=_NATIVE_CAPS, usage_marker=_NATIVE_END),  # fill-in-the-middle
     Api("/tokenize", slot=False, streams=False),

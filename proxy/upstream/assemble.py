@@ -1,4 +1,5 @@
-"""A whole answer put together from a stream of OpenAI chunks.
+"""A whole answer put together from a stream: OpenAI's chunks, Anthropic's Messages events, the
+Responses API's events.
 
 llama-server notices that its client has gone only between the events of a stream: a
 non-streamed request whose client left is generated to its end (llama.cpp issues 9273, 24496),
@@ -8,7 +9,10 @@ frees the slot at once, and the events read so far say what the model produced.
 
 The assembly follows OpenAI's rules for streamed deltas: text is concatenated, a tool call's
 arguments are concatenated per call index, the last finish_reason wins, and the usage (and
-llama.cpp's timings) come from the last event.
+llama.cpp's timings) come from the last event. A Messages answer is `message_start`'s message
+with each content block built from its deltas (text, thinking, a tool call's JSON input) and
+`message_delta`'s stop reason and usage; a Responses answer is the response its last event
+carries whole.
 """
 
 from __future__ import annotations
@@ -21,23 +25,32 @@ _TOP = ("id", "created", "model", "system_fingerprint")
 _LAST = ("usage", "timings")
 
 
-def stream_request(raw: bytes) -> bytes:
-    """The request, asking for a stream with usage in its last event."""
+def stream_request(raw: bytes, openai: bool = True) -> bytes:
+    """The request, asking for a stream (OpenAI's: with usage in its last event)."""
     body = orjson.loads(raw)
+    if not openai:  # the typed APIs report usage in their streams unasked
+        return orjson.dumps({**body, "stream": True})
     options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
     return orjson.dumps({**body, "stream": True,
                          "stream_options": {**options, "include_usage": True}})
 
 
-class Assembly:
-    """The whole answer of one chat or text completion, from its streamed events."""
+def assembly_for(path: str) -> Events:
+    """The assembly of a whole answer for an API path."""
+    if path == "/v1/messages":
+        return MessageAssembly()
+    if path == "/v1/responses":
+        return ResponseAssembly()
+    return Assembly(chat=path.endswith("/chat/completions"))
 
-    def __init__(self, chat: bool) -> None:
-        self.chat = chat
-        self.top: dict[str, Any] = {}
-        self.choices: dict[int, dict[str, Any]] = {}
+
+class Events:
+    """A stream's data lines as JSON events, fed its bytes as they come; what the events add up
+    to is the subclass's."""
+
+    def __init__(self) -> None:
         self.error: dict[str, Any] | None = None  # an error event ends the stream
-        self.done = False  # the stream said it was complete ([DONE] or a finish_reason)
+        self.done = False  # the stream said it was complete
         self._rest = b""  # a line not yet whole
 
     def feed(self, data: bytes) -> None:
@@ -67,14 +80,35 @@ class Assembly:
             return
         if field == b"error":  # older llama.cpp: `error: {...}` lines
             event = {"error": event}
-        if isinstance(event, dict):
-            self._event(event)
-
-    def _event(self, event: dict[str, Any]) -> None:
+        if not isinstance(event, dict):
+            return
         if event.get("error") is not None:
             error = event["error"]
             self.error = error if isinstance(error, dict) else {"message": str(error)}
-            return
+        elif event.get("type") == "error":  # the Responses API's error event
+            self.error = {"message": str(event.get("message") or "Model server error"),
+                          "code": event.get("code")}
+        else:
+            self._event(event)
+
+    def _event(self, event: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def answer(self) -> dict[str, Any]:
+        """The whole answer, as the model server would have sent it."""
+        raise NotImplementedError
+
+
+class Assembly(Events):
+    """The whole answer of one chat or text completion, from its streamed events."""
+
+    def __init__(self, chat: bool) -> None:
+        super().__init__()
+        self.chat = chat
+        self.top: dict[str, Any] = {}
+        self.choices: dict[int, dict[str, Any]] = {}
+
+    def _event(self, event: dict[str, Any]) -> None:
         for name in _TOP:
             if name in event and name not in self.top:
                 self.top[name] = event[name]
@@ -109,7 +143,6 @@ class Assembly:
                 _tool_call(message, call)
 
     def answer(self) -> dict[str, Any]:
-        """The whole answer, as the model server would have sent it."""
         choices = []
         for index in sorted(self.choices):
             choice = self.choices[index]
@@ -131,6 +164,66 @@ class Assembly:
         kind = "chat.completion" if self.chat else "text_completion"
         return {**top, "object": kind, "choices": choices,
                 **{name: self.top[name] for name in _LAST if name in self.top}}
+
+
+class MessageAssembly(Events):
+    """The whole answer of Anthropic's Messages API, from its typed events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.message: dict[str, Any] = {}
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self._json: dict[int, str] = {}  # a tool call's input, as it streams
+
+    def _event(self, event: dict[str, Any]) -> None:
+        kind, index = event.get("type"), event.get("index", 0)
+        if kind == "message_start" and isinstance(event.get("message"), dict):
+            self.message = dict(event["message"])
+        elif kind == "content_block_start" and isinstance(event.get("content_block"), dict):
+            self.blocks[index] = dict(event["content_block"])
+        elif kind == "content_block_delta" and isinstance(event.get("delta"), dict):
+            self._delta(self.blocks.setdefault(index, {}), index, event["delta"])
+        elif kind == "content_block_stop" and index in self._json:
+            try:
+                self.blocks[index]["input"] = orjson.loads(self._json.pop(index) or b"{}")
+            except orjson.JSONDecodeError:
+                pass  # as streamed: the model's own malformed JSON
+        elif kind == "message_delta":
+            self.message.update(event.get("delta") or {})
+            self.message["usage"] = {**(self.message.get("usage") or {}),
+                                     **(event.get("usage") or {})}
+        elif kind == "message_stop":
+            self.done = True
+
+    def _delta(self, block: dict[str, Any], index: int, delta: dict[str, Any]) -> None:
+        for name, field in (("text_delta", "text"), ("thinking_delta", "thinking"),
+                            ("signature_delta", "signature")):
+            if delta.get("type") == name and isinstance(delta.get(field), str):
+                block[field] = block.get(field, "") + delta[field]
+        if delta.get("type") == "input_json_delta" and isinstance(
+                delta.get("partial_json"), str):
+            self._json[index] = self._json.get(index, "") + delta["partial_json"]
+
+    def answer(self) -> dict[str, Any]:
+        return {**self.message, "content": [self.blocks[i] for i in sorted(self.blocks)]}
+
+
+class ResponseAssembly(Events):
+    """The whole answer of the Responses API: its last event carries the response whole."""
+
+    ENDS = ("response.completed", "response.incomplete", "response.failed")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.response: dict[str, Any] = {}
+
+    def _event(self, event: dict[str, Any]) -> None:
+        if event.get("type") in self.ENDS and isinstance(event.get("response"), dict):
+            self.response = event["response"]
+            self.done = True
+
+    def answer(self) -> dict[str, Any]:
+        return self.response
 
 
 def _tool_call(message: dict[str, Any], call: dict[str, Any]) -> None:

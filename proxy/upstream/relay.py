@@ -37,7 +37,7 @@ from proxy.edge.deadline import Deadline
 from proxy.errors import OpenAIError, error_body, error_type, speaks_anthropic
 from proxy.observe.outcome import Outcome, outcome_of
 from proxy.upstream.apis import api_of
-from proxy.upstream.assemble import Assembly, stream_request
+from proxy.upstream.assemble import assembly_for, stream_request
 from proxy.upstream.backends import (
     Backend,
     ModelLoading,
@@ -112,9 +112,10 @@ class Relay:
         for a stream that is assembled here (proxy/upstream/assemble.py): it stops a stream
         whose reader left, not a whole answer."""
         outcome, path, backends = call.outcome, call.path, call.backends
-        assembled = api_of(path).assembled
+        api = api_of(path)
+        assembled = api.assembled
         assemble = assembled and bool(backends) and backends[0].llama_cpp is True
-        sent = stream_request(payload) if assemble else payload
+        sent = stream_request(payload, api.stream_usage) if assemble else payload
         # first_byte covers a whole answer, as it does when the server sends it whole.
         deadline = asyncio.get_running_loop().time() + self.timeouts.first_byte
         upstream = await self.fetch(backends, path, sent, assemble, call.request_id, outcome,
@@ -144,7 +145,7 @@ class Relay:
                          path: str) -> web.Response:
         """A whole answer from a stream. Closing (not releasing) the stream at the end, or when
         the client leaves, drops the connection: llama-server frees the slot at once."""
-        assembly = Assembly(chat=path.endswith("/chat/completions"))
+        assembly = assembly_for(path)
         try:
             async for events in self.chunks(upstream, meter):
                 assembly.feed(events)

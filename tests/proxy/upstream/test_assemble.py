@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from proxy.upstream.assemble import Assembly, stream_request
+from proxy.upstream.assemble import Assembly, Events, assembly_for, stream_request
 
 
 def sse(*events: dict[str, Any] | str, end: bytes = b"\n\n") -> bytes:
@@ -126,3 +126,90 @@ def test_the_request_asks_for_a_stream_with_usage_and_keeps_the_rest() -> None:
     assert json.loads(stream_request(raw)) == {
         "model": "m", "messages": [], "stream": True, "seed": 3,
         "stream_options": {"x": 1, "include_usage": True}}
+
+
+def typed(*events: dict[str, Any]) -> bytes:
+    """Events of the typed APIs: an `event:` line naming each, then its data."""
+    return b"".join(f"event: {e['type']}\n".encode() + b"data: " + json.dumps(e).encode()
+                    + b"\n\n" for e in events)
+
+
+def fed(path: str, data: bytes, pieces: int = 5) -> Events:
+    whole = assembly_for(path)
+    for at in range(0, len(data), pieces):
+        whole.feed(data[at:at + pieces])
+    whole.end()
+    return whole
+
+
+def test_a_messages_stream_becomes_the_whole_message_with_text_thinking_and_a_tool_call(
+        ) -> None:
+    start = {"id": "msg_1", "type": "message", "role": "assistant", "content": [],
+             "model": "m", "stop_reason": None, "stop_sequence": None,
+             "usage": {"input_tokens": 4, "cache_read_input_tokens": 6, "output_tokens": 0}}
+    data = typed(
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "thinking", "thinking": ""}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "thinking_delta", "thinking": "Paris, "}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "thinking_delta", "thinking": "so weather."}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1,
+         "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 1,
+         "delta": {"type": "text_delta", "text": "Let me "}},
+        {"type": "content_block_delta", "index": 1,
+         "delta": {"type": "text_delta", "text": "check."}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "content_block_start", "index": 2, "content_block": {
+            "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}},
+        {"type": "content_block_delta", "index": 2,
+         "delta": {"type": "input_json_delta", "partial_json": '{"city": "Pa'}},
+        {"type": "content_block_delta", "index": 2,
+         "delta": {"type": "input_json_delta", "partial_json": 'ris"}'}},
+        {"type": "content_block_stop", "index": 2},
+        {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+         "usage": {"output_tokens": 9}},
+        {"type": "message_stop"})
+    whole = fed("/v1/messages", data)
+    assert whole.done and whole.error is None
+    assert whole.answer() == {
+        **start, "stop_reason": "tool_use",
+        "usage": {"input_tokens": 4, "cache_read_input_tokens": 6, "output_tokens": 9},
+        "content": [{"type": "thinking", "thinking": "Paris, so weather."},
+                    {"type": "text", "text": "Let me check."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                     "input": {"city": "Paris"}}]}
+
+
+def test_a_messages_stream_cut_short_or_failing_says_so() -> None:
+    start = {"type": "message_start", "message": {"id": "msg_1", "content": []}}
+    cut = fed("/v1/messages", typed(start, {"type": "content_block_start", "index": 0,
+                                            "content_block": {"type": "text", "text": ""}}))
+    assert not cut.done and cut.error is None
+    failed = fed("/v1/messages", typed(start, {"type": "error", "error": {
+        "type": "overloaded_error", "message": "busy"}}))
+    assert failed.error == {"type": "overloaded_error", "message": "busy"}
+
+
+def test_a_responses_stream_becomes_the_response_its_last_event_carries() -> None:
+    response = {"id": "resp_1", "object": "response", "status": "completed", "model": "m",
+                "output": [{"type": "message", "content": [
+                    {"type": "output_text", "text": "Hi"}]}],
+                "usage": {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}}
+    data = typed({"type": "response.created", "response": {"id": "resp_1"}},
+                 {"type": "response.output_text.delta", "delta": "Hi"},
+                 {"type": "response.completed", "response": response})
+    whole = fed("/v1/responses", data)
+    assert whole.done and whole.answer() == response
+    failed = fed("/v1/responses", typed({"type": "error", "code": "server_error",
+                                         "message": "boom"}))
+    assert not failed.done and failed.error == {"message": "boom", "code": "server_error"}
+
+
+def test_the_typed_apis_are_asked_for_a_stream_without_openais_stream_options() -> None:
+    raw = json.dumps({"model": "m", "max_tokens": 5}).encode()
+    assert json.loads(stream_request(raw, openai=False)) == {"model": "m", "max_tokens": 5,
+                                                             "stream": True}

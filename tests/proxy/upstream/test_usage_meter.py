@@ -80,3 +80,56 @@ def test_a_client_that_left_is_charged_what_the_model_did() -> None:
                        b'"total_tokens": 10}}')
     answered.left()  # it left while its answer was written: the real usage
     assert answered.spent() == (7, 3) and answered.total() == 10
+
+
+def typed(name: str, data: str) -> bytes:
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+MESSAGE_START = typed("message_start", '{"type":"message_start","message":{"id":"m","usage":'
+                      '{"input_tokens":4,"cache_read_input_tokens":30,"output_tokens":0}}}')
+TEXT = typed("content_block_delta", '{"type":"content_block_delta","index":0,"delta":'
+             '{"type":"text_delta","text":"a"}}')
+MESSAGE_DELTA = typed("message_delta", '{"type":"message_delta","delta":{"stop_reason":'
+                      '"end_turn"},"usage":{"output_tokens":2}}')
+
+
+@pytest.mark.parametrize("cuts", [[], [9], list(range(1, 400, 11))])
+def test_a_messages_stream_is_metered_in_anthropics_names(cuts: list[int]) -> None:
+    """The prompt is the uncached input plus what was read from the cache."""
+    stream = MESSAGE_START + TEXT + TEXT + MESSAGE_DELTA + typed("message_stop", "{}")
+    meter = UsageMeter(strip=False)
+    meter.sent(True)
+    assert feed(meter, stream, cuts) == stream  # nothing of it removed
+    assert (meter.prompt, meter.completion, meter.total()) == (34, 2, 36)
+
+
+def test_a_messages_client_that_left_is_charged_the_prompt_the_model_reported() -> None:
+    meter = UsageMeter(strip=False, prompt_estimate=500, completion_cap=100)
+    meter.sent(True)
+    feed(meter, MESSAGE_START + TEXT + TEXT, [])
+    meter.left()
+    assert meter.spent() == (34, 3)  # the reported prompt, not the estimate; 3 events
+
+
+def test_a_responses_stream_is_metered_from_its_last_event() -> None:
+    done = typed("response.completed", '{"type":"response.completed","response":{"id":"r",'
+                 '"usage":{"input_tokens":31,"output_tokens":3,"total_tokens":34,'
+                 '"input_tokens_details":{"cached_tokens":30}}}}')
+    meter = UsageMeter(strip=False)
+    assert feed(meter, typed("response.output_text.delta", '{"delta":"a"}') + done, [20]) \
+        == typed("response.output_text.delta", '{"delta":"a"}') + done
+    assert (meter.prompt, meter.completion, meter.total()) == (31, 3, 34)
+
+
+def test_llama_servers_own_api_is_metered_from_its_last_event_only() -> None:
+    """/infill reports running counts in every event; only the last (stop) one is read."""
+    event = b'data: {"content":"x","stop":false,"tokens_predicted":%d,"tokens_evaluated":9}\n\n'
+    last = b'data: {"content":"","stop":true,"tokens_predicted":3,"tokens_evaluated":9}\n\n'
+    meter = UsageMeter(strip=False, marker=b'"stop":true')
+    stream = event % 1 + event % 2 + last
+    assert feed(meter, stream, [30]) == stream
+    assert (meter.prompt, meter.completion, meter.total()) == (9, 3, 12)
+    whole = UsageMeter(strip=False, marker=b'"stop":true')
+    whole.from_body(last[6:-2])
+    assert whole.total() == 12
