@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from tests.kit.helpers import REPO, free_port, http_status, wait_until
 RESULTS = REPO / "bench" / "results"
 ROUNDS = 3
 CHAT = "/v1/chat/completions"
+MESSAGES_API = "/v1/messages"
 MESSAGES = [{"role": "user", "content": "hi"}]
 # The example config's limits (requests and tokens per principal, requests per IP), set high
 # enough never to refuse: their cost is what is measured.
@@ -99,11 +101,14 @@ def peak_while(pid: int, action: Callable[[], Any]) -> tuple[Any, float]:
 def proxy_scenarios(targets: dict[str, Target], seconds: float) -> dict[str, dict[str, dict]]:
     body = {"model": "fake-model", "messages": MESSAGES}
     stream = {**body, "stream": True, "fake": {"chunks": 100}}
+    messages = {**stream, "max_tokens": 256}  # Anthropic's Messages API: typed events
     first_token = {**body, "stream": True, "fake": {"chunks": 3}}
     scenarios: dict[str, tuple[Callable[[Target], Any], str]] = {
         "whole c=1": (lambda t: closed_loop(t, body, 1, seconds), "latency added, one at a time"),
         "whole c=32": (lambda t: closed_loop(t, body, 32, seconds), "throughput"),
         "stream c=16": (lambda t: closed_loop(t, stream, 16, seconds), "chunks/s, 100 a stream"),
+        "messages c=16": (lambda t: closed_loop(on_path(t, MESSAGES_API), messages, 16, seconds),
+                          "/v1/messages chunks/s, 100 a stream"),
         "ttft c=1": (lambda t: closed_loop(t, first_token, 1, seconds), "time to first byte"),
         "open 300/s": (lambda t: open_loop(t, body, 300, seconds), "latency at a fixed rate"),
     }
@@ -116,6 +121,11 @@ def proxy_scenarios(targets: dict[str, Target], seconds: float) -> dict[str, dic
                 rounds[system].append(asyncio.run(run(target)).summary())
         results[scenario] = {system: median_of(runs) for system, runs in rounds.items()}
     return results
+
+
+def on_path(target: Target, path: str) -> Target:
+    """The same system, another of its API paths."""
+    return replace(target, url=target.url.removesuffix(CHAT) + path)
 
 
 def median_of(runs: list[dict]) -> dict[str, float]:
@@ -242,6 +252,8 @@ def table(report: dict[str, Any]) -> str:
         ("p50 ms, whole, c=1", lambda x: s["whole c=1"][x]["p50_ms"], "{:.3f}"),
         ("p99 ms, whole, c=1", lambda x: s["whole c=1"][x]["p99_ms"], "{:.3f}"),
         ("chunks/s, streams, c=16", lambda x: s["stream c=16"][x]["chunks_per_s"], "{:.0f}"),
+        ("chunks/s, /v1/messages streams, c=16",
+         lambda x: s["messages c=16"][x]["chunks_per_s"], "{:.0f}"),
         ("TTFT p50 ms, c=1", lambda x: s["ttft c=1"][x]["ttft_p50_ms"], "{:.3f}"),
         ("p50 ms at 300 req/s", lambda x: s["open 300/s"][x]["p50_ms"], "{:.3f}"),
         ("p99 ms at 300 req/s", lambda x: s["open 300/s"][x]["p99_ms"], "{:.3f}"),
@@ -283,12 +295,16 @@ def targets(report: dict[str, Any]) -> list[str]:
     whole = of_nginx("appliance", "whole c=32", "req_per_s")
     added = added_p50("appliance")
     chunks = of_nginx("appliance", "stream c=16", "chunks_per_s")
+    messages = (s["messages c=16"]["appliance"]["chunks_per_s"]
+                / s["stream c=16"]["appliance"]["chunks_per_s"])
     ttft = s["ttft c=1"]["appliance"]["ttft_p50_ms"] - s["ttft c=1"]["direct"]["ttft_p50_ms"]
     streams = report["streams_1000"]
     checks = [
         ("non-streamed req/s vs nginx (target >= 35%)", f"{whole:.0%}", whole >= 0.35),
         ("added p50 over direct at c=1 (target < 1 ms)", f"{added:.3f} ms", added < 1.0),
         ("streamed chunks/s vs nginx (target >= 80%)", f"{chunks:.0%}", chunks >= 0.80),
+        ("/v1/messages chunks/s vs chat completions' (target >= 90%)", f"{messages:.0%}",
+         messages >= 0.90),
         ("TTFT added at p50 (target < 2 ms)", f"{ttft:.3f} ms", ttft < 2.0),
         ("1000 open streams: errors (target 0)", str(streams["errors"]), streams["errors"] == 0),
         ("1000 open streams: RSS growth (target < 50 MB)", f"{streams['rss_growth_mb']:.1f} MB",
@@ -337,6 +353,8 @@ def chart(report: dict[str, Any]) -> None:
     panels = [
         ("Throughput (higher is better)", [("req/s whole c=32", "whole c=32", "req_per_s"),
                                            ("chunks/s / 10, c=16", "stream c=16",
+                                            "chunks_per_s"),
+                                           ("/v1/messages chunks/s / 10", "messages c=16",
                                             "chunks_per_s")]),
         ("Latency, one at a time (ms)", [("p50 whole", "whole c=1", "p50_ms"),
                                          ("TTFT p50", "ttft c=1", "ttft_p50_ms")]),

@@ -1,8 +1,9 @@
 """The OpenAPI 3 document of the appliance's own API, served at /openapi.json.
 
-It describes what the appliance itself checks and answers. Model requests are OpenAI's: beyond a
-JSON object with a string `model` and a boolean `stream`, their fields go to the model server,
-which validates them, so they are listed for clients but left open here. A test checks that
+It describes what the appliance itself checks and answers. Model requests (OpenAI's, Anthropic's
+Messages, OpenAI's Responses, llama-server's own): beyond a JSON object with a string `model`
+and a boolean `stream`, their fields go to the model server, which validates them, so they are
+listed for clients but left open here. /v1/messages* answer errors in Anthropic's shape. A test checks that
 every route is in it and every path in it is a route, and schemathesis runs against it.
 """
 
@@ -17,6 +18,7 @@ from proxy.api.admin import MAX_COUNT, MAX_HOURS
 
 JSON = "application/json"
 ERROR = {"$ref": "#/components/schemas/Error"}
+ANTHROPIC_ERROR = {"$ref": "#/components/schemas/AnthropicError"}
 SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 
 
@@ -47,7 +49,18 @@ MODEL_ERRORS = {
 }
 
 
-def _model_request(summary: str, fields: dict[str, Any]) -> dict[str, Any]:
+def _anthropic(responses: dict[str, Any]) -> dict[str, Any]:
+    """The same answers, errors in Anthropic's shape."""
+    return {status: {**answer, "content": {JSON: {"schema": ANTHROPIC_ERROR}}}
+            if answer.get("content", {}).get(JSON, {}).get("schema") == ERROR else answer
+            for status, answer in responses.items()}
+
+
+def _model_request(summary: str, fields: dict[str, Any], *, anthropic: bool = False,
+                   slot: bool = True) -> dict[str, Any]:
+    """slot: whether it waits for a turn at the model (cheap APIs do not)."""
+    if not slot:
+        summary += " (no model slot)"
     body = {
         "type": "object",
         "additionalProperties": True,
@@ -57,16 +70,17 @@ def _model_request(summary: str, fields: dict[str, Any]) -> dict[str, Any]:
             **fields,
         },
     }
+    responses = {
+        "200": {"description": "the model's answer, whole or as text/event-stream",
+                "content": {JSON: {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": {}}}},
+        **BODY_ERRORS, **AUTH_ERRORS, **MODEL_ERRORS,
+    }
     return {
         "summary": summary,
         "security": SECURED,
         "requestBody": {"required": True, "content": {JSON: {"schema": body}}},
-        "responses": {
-            "200": {"description": "the model's answer, whole or as text/event-stream",
-                    "content": {JSON: {"schema": {"type": "object"}},
-                                "text/event-stream": {"schema": {}}}},
-            **BODY_ERRORS, **AUTH_ERRORS, **MODEL_ERRORS,
-        },
+        "responses": _anthropic(responses) if anthropic else responses,
     }
 
 
@@ -162,7 +176,13 @@ def document() -> dict[str, Any]:
                     "type": "object", "required": ["message", "type", "param", "code"],
                     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                                    "param": {"type": "string", "nullable": True},
-                                   "code": {"type": "string", "nullable": True}}}}}},
+                                   "code": {"type": "string", "nullable": True}}}}},
+                "AnthropicError": {
+                    "type": "object", "required": ["type", "error"],
+                    "properties": {"type": {"type": "string", "enum": ["error"]}, "error": {
+                        "type": "object", "required": ["type", "message"],
+                        "properties": {"type": {"type": "string"},
+                                       "message": {"type": "string"}}}}}},
         },
         "paths": {
             "/v1/chat/completions": {"post": _model_request("Chat completion", {
@@ -173,6 +193,33 @@ def document() -> dict[str, Any]:
                 "max_tokens": {"description": "capped at what the token limit reserved"}})},
             "/v1/embeddings": {"post": _model_request("Embeddings (when the model server has "
                                                       "them)", {"input": {}})},
+            "/v1/rerank": {"post": _model_request("Rerank documents (when the model server "
+                                                  "has it)", {"query": {}, "documents": {}})},
+            "/v1/messages": {"post": _model_request("Anthropic's Messages API", {
+                "messages": {"description": "Anthropic's messages"},
+                "max_tokens": {"description": "capped at what the token limit reserved"}},
+                anthropic=True)},
+            "/v1/messages/count_tokens": {"post": _model_request(
+                "Anthropic's token count of a Messages request", {"messages": {}},
+                anthropic=True, slot=False)},
+            "/v1/responses": {"post": _model_request("OpenAI's Responses API (nothing stored: "
+                                                     "no `previous_response_id`, no `store`)", {
+                "input": {"description": "a string or a list of input items"},
+                "max_output_tokens": {"description": "capped at what the token limit "
+                                                     "reserved"}})},
+            "/v1/responses/input_tokens": {"post": _model_request(
+                "The token count of a Responses request", {"input": {}}, slot=False)},
+            "/infill": {"post": _model_request("Fill in the middle (llama-server's; 501 for a "
+                                               "model without FIM tokens)", {
+                "input_prefix": {"description": "the text before the cursor"},
+                "input_suffix": {"description": "the text after it"},
+                "n_predict": {"description": "capped at what the token limit reserved"}})},
+            "/tokenize": {"post": _model_request("Text to the model's tokens", {
+                "content": {"description": "the text"}}, slot=False)},
+            "/detokenize": {"post": _model_request("The model's tokens to text", {
+                "tokens": {"description": "a list of token ids"}}, slot=False)},
+            "/apply-template": {"post": _model_request("Messages through the chat template", {
+                "messages": {}}, slot=False)},
             "/v1/models": {"get": {
                 "summary": "The model ids clients pass as `model`", "security": SECURED,
                 "responses": {"200": {"description": "the models",
