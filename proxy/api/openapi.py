@@ -3,8 +3,9 @@
 It describes what the appliance itself checks and answers. Model requests (OpenAI's, Anthropic's
 Messages, OpenAI's Responses, llama-server's own): beyond a JSON object with a string `model`
 and a boolean `stream`, their fields go to the model server, which validates them, so they are
-listed for clients but left open here. /v1/messages* answer errors in Anthropic's shape. A test checks that
-every route is in it and every path in it is a route, and schemathesis runs against it.
+listed for clients but left open here. /v1/messages* answer errors in Anthropic's shape. A
+test checks that every route is in it and every path in it is a route, and schemathesis runs
+against it.
 """
 
 from __future__ import annotations
