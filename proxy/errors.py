@@ -44,6 +44,10 @@ ANTHROPIC_TYPES = {
 }
 
 
+# The status each Anthropic error type stands for (overloaded_error: 503, Anthropic's 529).
+STATUS_OF_TYPE = {kind: status for status, kind in ANTHROPIC_TYPES.items() if status != 529}
+
+
 def anthropic_type(status: int) -> str:
     return ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
 

@@ -148,7 +148,9 @@ async def _answer(request: web.Request, error: OpenAIError) -> web.StreamRespons
 
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: runs for streamed responses too, before the first byte."""
-    response.headers["X-Request-Id"] = request.get(REQUEST_ID) or new_id()
+    rid = response.headers["X-Request-Id"] = request.get(REQUEST_ID) or new_id()
+    if speaks_anthropic(request.path):  # where Anthropic's SDKs look for it
+        response.headers["request-id"] = rid
     response.headers["Server"] = "llama-proxy"  # no library or version banner for scanners
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import os
 import signal
 import time
@@ -24,7 +25,7 @@ from proxy.edge.forwarded import client_group
 from proxy.edge.ids import new_id
 from proxy.errors import speaks_anthropic
 from proxy.state.store import REDIS
-from proxy.upstream.apis import Api, api_of
+from proxy.upstream.apis import ALL_CAPS, Api, api_of
 from proxy.upstream.call import ModelCall
 from proxy.upstream.usage import UsageMeter, usage_requested, wants_usage_in_stream
 from quota.limiter import Limiter, RateLimited
@@ -96,9 +97,9 @@ def prompt_tokens(raw: bytes) -> int:
     return len(raw) // 4 + 1  # about 4 bytes a token, JSON included: errs on the high side
 
 
-def _asked(body: dict[str, Any], api: Api) -> dict[str, int]:
-    """The output caps a request sets (positive integers only; -1 means none)."""
-    return {name: value for name in api.caps
+def _asked(body: dict[str, Any], names: tuple[str, ...]) -> dict[str, int]:
+    """The output caps among `names` a request sets (positive integers only; -1 means none)."""
+    return {name: value for name in names
             if isinstance(value := body.get(name), int) and not isinstance(value, bool)
             and value > 0}
 
@@ -107,17 +108,18 @@ def completion_budget(body: dict[str, Any], api: Api, default_max: int) -> int:
     """The completion tokens a request asks for (none for an API that does not generate)."""
     if not api.generates:
         return 0
-    return next(iter(_asked(body, api).values()), default_max)
+    return next(iter(_asked(body, api.caps).values()), default_max)
 
 
 def capped(body: dict[str, Any], api: Api, allowed: int) -> dict[str, int]:
-    """The changes that keep generation within what was reserved: a request with no cap gets
-    one (in its API's own field), a larger cap is lowered (the model server would otherwise
-    generate past the budget)."""
-    asked = _asked(body, api)
-    if not asked:
-        return {api.cap: allowed}
-    return {name: allowed for name, value in asked.items() if value > allowed}
+    """The changes that keep generation within what was reserved: a request with none of its
+    API's caps gets one (in its API's own field), and a larger cap in any field is lowered (the
+    model server would otherwise generate past the budget)."""
+    changes = {name: allowed for name, value in _asked(body, ALL_CAPS).items()
+               if value > allowed}
+    if not _asked(body, api.caps):
+        changes[api.cap] = allowed
+    return changes
 
 
 @asynccontextmanager
@@ -131,6 +133,8 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
     api = api_of(path)
     prompt = prompt_tokens(raw)
     completion = completion_budget(body, api, request.app[DEFAULT_MAX_TOKENS])
+    if not api.slot:  # a token count or the tokenizer: a request, not tokens
+        prompt = completion = 0
     admission = await limiter.admit(new_id(), principal.id, client_group(request),
                                     prompt + completion, rpm=principal.rpm, tpm=principal.tpm)
     changes: dict[str, Any] = {}
@@ -205,7 +209,7 @@ def ratelimit_headers(admission: Admission, anthropic: bool = False) -> dict[str
         if anthropic:
             prefix = f"anthropic-ratelimit-{label}"
             out[f"{prefix}-limit"], out[f"{prefix}-remaining"] = str(window.limit), remaining
-            out[f"{prefix}-reset"] = rfc3339(time.time() + reset_ms / 1000)
+            out[f"{prefix}-reset"] = rfc3339(math.ceil(time.time() + reset_ms / 1000))
         else:
             out[f"x-ratelimit-limit-{label}"] = str(window.limit)
             out[f"x-ratelimit-remaining-{label}"] = remaining

@@ -16,7 +16,7 @@ from proxy.access.authn import PRINCIPAL
 from proxy.access.limits import LIMITER, QUEUE, limited, model_slot
 from proxy.errors import OpenAIError
 from proxy.observe.outcome import outcome_of
-from proxy.upstream.apis import APIS
+from proxy.upstream.apis import APIS, api_of
 from proxy.upstream.call import ModelCall
 from proxy.upstream.heartbeat import Heartbeat
 from proxy.upstream.pool import POOL
@@ -109,7 +109,8 @@ async def model_request(request: web.Request, path: str) -> web.StreamResponse:
     raw, body = await read_json(request)
     if path == "/v1/responses":
         refuse_stored_state(body)
-    call = model_call(request, path, body.get("model"), body.get("stream") is True)
+    stream = body.get("stream") is True and api_of(path).streams  # tokenize never streams
+    call = model_call(request, path, body.get("model"), stream)
     async with limited(call, raw, body) as (payload, meter):
         # A stream that waits (for a slot, for its first token) sends keep-alive comments.
         async with heartbeat(request, call.stream) as beat, model_slot(call):

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 class Api:
     path: str
     slot: bool = True  # takes a turn at the model (generation, embeddings); cheap ones do not
-    caps: tuple[str, ...] = ()  # output-cap fields, the one that counts first
+    caps: tuple[str, ...] = ()  # output-cap fields the model server honours here, its own first
     sets: str = ""  # the cap set when none is asked for (default: the first of caps)
     stream_usage: bool = False  # OpenAI's stream_options.include_usage asks for usage
     assembled: bool = False  # a whole answer from llama-server is assembled from its stream
     # Bytes present in an event or body that reports usage (others pass through unparsed).
     usage_marker: bytes = b'"usage"'
     streams: bool = True  # its answers may be SSE streams
+    typed: bool = False  # its stream's events are named (`event:`), not bare `data:` chunks
 
     @property
     def cap(self) -> str:
@@ -34,21 +35,29 @@ class Api:
 
 
 _OPENAI_CAPS = ("max_completion_tokens", "max_tokens", "n_predict")
-_NATIVE_CAPS = ("n_predict", "max_tokens")  # llama-server's own field first
+# Every field that caps output on some API: all are lowered to the budget wherever they appear,
+# as llama-server honours some beyond an API's own (`n_predict` on /v1/responses: measured on
+# the pinned build).
+ALL_CAPS = (*_OPENAI_CAPS, "max_output_tokens")
 _NATIVE_END = b'"stop":true'  # llama-server's own API reports usage in its last event
 
 APIS: dict[str, Api] = {api.path: api for api in (
+    # OpenAI's
     Api("/v1/chat/completions", caps=_OPENAI_CAPS, sets="max_tokens", stream_usage=True,
         assembled=True),
     Api("/v1/completions", caps=_OPENAI_CAPS, sets="max_tokens", stream_usage=True,
         assembled=True),
     Api("/v1/embeddings", streams=False),
     Api("/v1/rerank", streams=False),
-    Api("/v1/messages", caps=("max_tokens",), assembled=True),  # Anthropic's Messages API
+    # Anthropic's Messages
+    Api("/v1/messages", caps=("max_tokens",), assembled=True, typed=True),
     Api("/v1/messages/count_tokens", slot=False, streams=False),
-    Api("/v1/responses", caps=("max_output_tokens",), assembled=True),  # OpenAI's Responses
+    # OpenAI's Responses
+    Api("/v1/responses", caps=("max_output_tokens", "n_predict", "max_tokens"),
+        assembled=True, typed=True),
     Api("/v1/responses/input_tokens", slot=False, streams=False),
-    Api("/infill", caps=_NATIVE_CAPS, usage_marker=_NATIVE_END),  # fill-in-the-middle
+    # llama-server's own: fill-in-the-middle, the tokenizer, the chat template
+    Api("/infill", caps=("n_predict", "max_tokens"), usage_marker=_NATIVE_END),
     Api("/tokenize", slot=False, streams=False),
     Api("/detokenize", slot=False, streams=False),
     Api("/apply-template", slot=False, streams=False),

@@ -180,14 +180,18 @@ class MessageAssembly(Events):
         if kind == "message_start" and isinstance(event.get("message"), dict):
             self.message = dict(event["message"])
         elif kind == "content_block_start" and isinstance(event.get("content_block"), dict):
-            self.blocks[index] = dict(event["content_block"])
+            block = self.blocks[index] = dict(event["content_block"])
+            if block.get("type") == "tool_use":  # as a whole answer has it, even when empty
+                block.setdefault("input", {})
         elif kind == "content_block_delta" and isinstance(event.get("delta"), dict):
             self._delta(self.blocks.setdefault(index, {}), index, event["delta"])
         elif kind == "content_block_stop" and index in self._json:
             try:
-                self.blocks[index]["input"] = orjson.loads(self._json.pop(index) or b"{}")
+                whole = orjson.loads(self._json.pop(index) or b"{}")
             except orjson.JSONDecodeError:
-                pass  # as streamed: the model's own malformed JSON
+                whole = None  # the model's own malformed JSON: the input stays empty
+            if isinstance(whole, dict):
+                self.blocks[index]["input"] = whole
         elif kind == "message_delta":
             self.message.update(event.get("delta") or {})
             self.message["usage"] = {**(self.message.get("usage") or {}),

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import (
@@ -34,7 +35,13 @@ from aiohttp import (
 
 from proxy.edge.connection import goes_out_at_once, reset
 from proxy.edge.deadline import Deadline
-from proxy.errors import OpenAIError, error_body, error_type, speaks_anthropic
+from proxy.errors import (
+    STATUS_OF_TYPE,
+    OpenAIError,
+    error_body,
+    error_type,
+    speaks_anthropic,
+)
 from proxy.observe.outcome import Outcome, outcome_of
 from proxy.upstream.apis import api_of
 from proxy.upstream.assemble import assembly_for, stream_request
@@ -97,6 +104,9 @@ class Relay:
         finally:
             await beat.stop()
         if beat.response is not None:  # the stream started while it waited
+            if api_of(call.path).typed:
+                # A typed API's stream cannot carry a whole answer as one untyped event.
+                raise UpstreamBroke("The model server answered a stream request whole")
             return await as_events(answer, beat.response)
         return answer
 
@@ -155,9 +165,8 @@ class Relay:
         finally:
             upstream.close()
         if assembly.error is not None:  # the model server failed mid-answer
-            code = assembly.error.get("code")
-            status = code if isinstance(code, int) and 400 <= code < 600 else 500
-            raise ModelRefused(status, orjson.dumps({"error": assembly.error}))
+            raise ModelRefused(error_status(assembly.error),
+                               orjson.dumps({"error": assembly.error}))
         return web.Response(body=orjson.dumps(assembly.answer()), content_type="application/json")
 
     async def fetch(self, backends: list[Backend], path: str, raw: bytes, stream: bool,
@@ -325,6 +334,15 @@ class ModelRefused(OpenAIError):
             if status == 503 else {}
         super().__init__(status, error["message"], code=error["code"], type=error["type"],
                          param=error["param"], headers=headers)
+
+
+def error_status(error: dict[str, Any]) -> int:
+    """The status an error event stands for: its numeric code (llama-server's), else its
+    Anthropic type (overloaded_error: 503), else 500."""
+    code = error.get("code")
+    if isinstance(code, int) and 400 <= code < 600:
+        return code
+    return STATUS_OF_TYPE.get(str(error.get("type")), 500)
 
 
 def failure_kind(exc: Exception) -> str:

@@ -51,16 +51,6 @@ def counted(usage: Any) -> tuple[int | None, int | None]:
     return prompt, completion
 
 
-def total_tokens(usage: Any) -> int | None:
-    if not isinstance(usage, dict):
-        return None
-    total = usage.get("total_tokens")
-    if isinstance(total, int):
-        return total
-    prompt, completion = counted(usage)
-    return None if prompt is None and completion is None else (prompt or 0) + (completion or 0)
-
-
 class UsageMeter:
     """The usage of one model request: as the model server reported it, or (its client left
     first) what the model did up to the cut. prompt_estimate and completion_cap: what was

@@ -140,6 +140,9 @@ async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
         text = fake["raw"] if "raw" in fake else "A" * int(fake["raw_size"])
         return web.Response(status=fake.get("status", 200), text=text,
                             content_type=fake.get("content_type", "text/plain"))
+    if fake.get("status", 200) >= 400 and body.get("stream"):  # refused before streaming
+        return web.json_response({"error": {"message": "fake refusal", "type": "fake_error"}},
+                                 status=fake["status"])
     if not body.get("stream"):
         response = web.json_response(whole_answer(request.path, body),
                                      status=fake.get("status", 200))

@@ -41,6 +41,9 @@ async def test_every_route_but_the_public_ones_needs_a_credential(
               if r.resource is not None and r.method != "HEAD"}
     guarded = [(m, p) for m, p in routes
                if p not in PUBLIC and not p.startswith(PUBLIC_PREFIXES)]
+    # The public few, spelled out: a route that slipped into PUBLIC fails here.
+    assert PUBLIC == {"/", "/health", "/ready", "/metrics", "/openapi.json"}
+    assert PUBLIC_PREFIXES == ("/static/",)
     assert {("POST", path) for path in APIS} <= set(guarded)
     async with aiohttp.ClientSession() as http:
         for method, path in sorted(guarded):
@@ -102,6 +105,27 @@ async def test_refusals_on_the_messages_api_are_anthropic_shaped(
             assert resp.headers["x-ratelimit-limit-requests"] == "2"
 
 
+async def test_a_refusal_after_the_keep_alives_began_ends_the_stream_in_its_apis_shape(
+        make_proxy: ProxyFactory, fake: Fake) -> None:
+    """The model server answers an error after the stream's headers went out (keep-alives
+    while it waited): an `event: error` in Anthropic's shape, a bare data event in OpenAI's."""
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", sse_keepalive=0.05)
+    slow = {"ttfb": 0.4, "status": 400}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.base_url + "/v1/messages",
+                             json={**MESSAGES, "stream": True, "fake": slow}) as resp:
+            assert resp.status == 200  # sent with the first keep-alive
+            text = (await resp.read()).decode()
+        last = text.strip().split("\n\n")[-1].split("\n")
+        assert last[0] == "event: error", text
+        anthropic_error(orjson.loads(last[1].removeprefix("data: ")), "invalid_request_error")
+        async with http.post(proxy.base_url + "/v1/responses",
+                             json={**RESPONSES, "stream": True, "fake": slow}) as resp:
+            text = (await resp.read()).decode()
+        last = text.strip().split("\n\n")[-1]
+        assert orjson.loads(last.removeprefix("data: "))["error"]["message"] == "fake refusal"
+
+
 async def test_a_model_server_error_is_anthropic_shaped_whole_and_mid_stream(
         make_proxy: ProxyFactory, fake: Fake) -> None:
     proxy = await make_proxy(upstreams=[fake.url], auth="disabled")
@@ -158,7 +182,8 @@ async def test_a_cap_above_the_budget_is_lowered_in_the_apis_own_field(
 async def test_what_a_client_sends_reaches_the_model_untouched(fake_proxy: Running,
                                                                fake: Fake) -> None:
     """Tools, tool choice, structured output and Claude Code's request shape (system blocks
-    with cache_control, thinking, metadata, the beta header) pass through on every API."""
+    with cache_control, thinking, metadata; its version and beta headers accepted) pass
+    through on every API."""
     tools_anthropic = [{"name": "get_weather", "description": "Weather in a city",
                         "input_schema": {"type": "object", "properties": {
                             "city": {"type": "string"}}, "required": ["city"]}}]
@@ -273,3 +298,36 @@ async def test_an_api_key_works_on_every_api_until_it_is_revoked(
             async with user.post(base + path, json=body,
                                  headers={"x-api-key": created["key"]}) as r:
                 assert r.status == 401, path
+
+
+async def test_a_foreign_cap_cannot_lift_generation_past_the_budget(
+        make_proxy: ProxyFactory, fake: Fake) -> None:
+    """llama-server honours `n_predict` on /v1/responses: it is lowered like the API's own
+    cap. A cap field of another API is lowered too, and the API's own is set beside it."""
+    proxy = await make_proxy(upstreams=[fake.url], limit_tpm=500)
+    async with aiohttp.ClientSession() as http:
+        for path, body, own in (("/v1/responses", RESPONSES, "max_output_tokens"),
+                                ("/v1/messages", MESSAGES, "max_tokens")):
+            sent = {k: v for k, v in body.items() if k != own}
+            async with http.post(proxy.base_url + path, json={**sent, "n_predict": 100_000},
+                                 headers={"x-api-key": token_for(proxy, path)}) as resp:
+                assert resp.status == 200
+            arrived = fake.record.bodies[-1]
+            assert 0 < arrived["n_predict"] < 500, path
+            if path == "/v1/messages":  # n_predict is not its cap: its own is set
+                assert arrived["max_tokens"] == arrived["n_predict"]
+
+
+async def test_token_counts_reserve_no_tokens(make_proxy: ProxyFactory, fake: Fake,
+                                              redis_url: str) -> None:
+    """A long conversation's count (Claude Code asks before each turn) is a request, not a
+    prompt: it fits however small the token budget is, and costs none of it."""
+    proxy = await make_proxy(upstreams=[fake.url], limit_tpm=100)
+    long = {**MESSAGES, "messages": [{"role": "user", "content": "word " * 2000}]}
+    async with aiohttp.ClientSession(headers={"x-api-key": token_for(proxy, "counter")}) as http:
+        for path, body in (("/v1/messages/count_tokens", long), ("/tokenize", {
+                "content": "word " * 2000}), ("/v1/responses/input_tokens", {
+                "input": "word " * 2000})):
+            async with http.post(proxy.base_url + path, json=body) as resp:
+                assert resp.status == 200, path
+    await eventually(lambda: charged(redis_url, "counter") == 0, 3, "settled at nothing")

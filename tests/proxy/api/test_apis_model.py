@@ -52,6 +52,7 @@ async def test_the_anthropic_sdk_answers_and_streams(model_proxy: Running, llama
             model=llama.model, max_tokens=16, messages=[{"role": "user", "content": ASK}])
         assert whole.content[0].type == "text" and whole.content[0].text
         assert whole.model == llama.model  # the id the client knows, never a file path
+        assert whole._request_id  # the `request-id` header Anthropic's SDKs read
         assert whole.usage.output_tokens > 0
         pieces = []
         async with client.messages.stream(
@@ -247,9 +248,13 @@ def reported_usage(raw: bytes, stream: bool) -> int:
 
 
 @pytest.mark.parametrize("path,body", [
-    ("/v1/messages", {"messages": [{"role": "user", "content": "Tell me a long story."}],
-                      "max_tokens": 500}),
-    ("/v1/responses", {"input": "Tell me a long story.", "max_output_tokens": 500}),
+    # llama-server drops ignore_eos on /v1/messages: a prompt that makes 500 tokens at
+    # temperature 0 (about 5 s) instead.
+    ("/v1/messages", {"messages": [{"role": "user", "content": "Write a long essay about the "
+                                                                "history of Rome."}],
+                      "max_tokens": 500, "temperature": 0}),
+    ("/v1/responses", {"input": "Tell me a long story.", "max_output_tokens": 500,
+                       "ignore_eos": True}),
 ])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_a_client_leaving_frees_the_slot_on_each_api(
@@ -260,7 +265,7 @@ async def test_a_client_leaving_frees_the_slot_on_each_api(
     caplog.set_level(logging.INFO, logger="proxy.access")
     proxy = await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key,
                              admission_slots=1)
-    payload = orjson.dumps({**body, "model": llama.model, "stream": stream, "ignore_eos": True})
+    payload = orjson.dumps({**body, "model": llama.model, "stream": stream})
     head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"x-api-key: {token_for(proxy)}\r\nContent-Length: {len(payload)}\r\n\r\n")
     port = int(proxy.base_url.rsplit(":", 1)[1])
@@ -282,3 +287,30 @@ async def busy_slots(llama: Llama, count: int) -> bool:
         async with http.get(f"{llama.url}/slots",
                             headers={"Authorization": f"Bearer {llama.key}"}) as answer:
             return sum(1 for s in await answer.json() if s.get("is_processing")) == count
+
+
+async def test_a_trimmed_claude_code_request_streams_from_the_real_model(
+        model_proxy: Running, llama: Llama) -> None:
+    """What Claude Code sends, cut to fit the bundled model's context: system blocks with
+    cache_control, tools, thinking, metadata, the beta header, a stream."""
+    async with anthropic_client(model_proxy, jwt=token_for(model_proxy)) as client:
+        async with client.messages.stream(
+                model=llama.model, max_tokens=2048,
+                system=[{"type": "text", "text": "You are a coding agent. Be brief.",
+                         "cache_control": {"type": "ephemeral"}}],
+                messages=[{"role": "user", "content": [
+                    {"type": "text", "text": "Which file holds the config?",
+                     "cache_control": {"type": "ephemeral"}}]}],
+                tools=[{"name": "Read", "description": "Read a file",
+                        "input_schema": {"type": "object", "properties": {
+                            "file_path": {"type": "string"}}, "required": ["file_path"]}}],
+                thinking={"type": "enabled", "budget_tokens": 1024},
+                metadata={"user_id": "user_trimmed"},
+                extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14,"
+                                                 "fine-grained-tool-streaming-2025-05-14"},
+        ) as stream:
+            events = [event.type async for event in stream]
+            final = await stream.get_final_message()
+    assert events[0] == "message_start" and "message_stop" in events
+    assert final.content and final.usage.output_tokens > 0
+    assert final.model == llama.model

@@ -163,8 +163,8 @@ def test_a_messages_stream_becomes_the_whole_message_with_text_thinking_and_a_to
         {"type": "content_block_delta", "index": 1,
          "delta": {"type": "text_delta", "text": "check."}},
         {"type": "content_block_stop", "index": 1},
-        {"type": "content_block_start", "index": 2, "content_block": {
-            "type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}},
+        {"type": "content_block_start", "index": 2, "content_block": {  # no input, as sent
+            "type": "tool_use", "id": "toolu_1", "name": "get_weather"}},
         {"type": "content_block_delta", "index": 2,
          "delta": {"type": "input_json_delta", "partial_json": '{"city": "Pa'}},
         {"type": "content_block_delta", "index": 2,
@@ -182,6 +182,20 @@ def test_a_messages_stream_becomes_the_whole_message_with_text_thinking_and_a_to
                     {"type": "text", "text": "Let me check."},
                     {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
                      "input": {"city": "Paris"}}]}
+
+
+def test_a_tool_call_without_input_or_with_broken_json_has_an_empty_input() -> None:
+    """Anthropic's clients read `input` as an object: never missing, never a string."""
+    start = {"type": "message_start", "message": {"id": "msg_1", "content": []}}
+    tool = {"type": "content_block_start", "index": 0, "content_block": {
+        "type": "tool_use", "id": "toolu_1", "name": "f"}}
+    stop = {"type": "content_block_stop", "index": 0}
+    bare = fed("/v1/messages", typed(start, tool, stop, {"type": "message_stop"}))
+    broken = fed("/v1/messages", typed(start, tool, {
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "input_json_delta", "partial_json": '{"a": '}}, stop))
+    assert bare.answer()["content"][0]["input"] == {}
+    assert broken.answer()["content"][0]["input"] == {}
 
 
 def test_a_messages_stream_cut_short_or_failing_says_so() -> None:
