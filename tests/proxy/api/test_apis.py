@@ -331,3 +331,27 @@ async def test_token_counts_reserve_no_tokens(make_proxy: ProxyFactory, fake: Fa
             async with http.post(proxy.base_url + path, json=body) as resp:
                 assert resp.status == 200, path
     await eventually(lambda: charged(redis_url, "counter") == 0, 3, "settled at nothing")
+
+
+async def test_the_anthropic_sdk_reads_a_stream_that_waited_behind_keep_alives(
+        make_proxy: ProxyFactory, fake: Fake) -> None:
+    """Keep-alive comments while the model is slow to start, then Anthropic's typed events:
+    the SDK skips the comments and assembles the message."""
+    import anthropic
+
+    proxy = await make_proxy(upstreams=[fake.url], sse_keepalive=0.05)
+    slow = {**MESSAGES, "stream": True, "fake": {"ttfb": 0.4, "chunks": 5}}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.base_url + "/v1/messages", json=slow,
+                             headers={"x-api-key": token_for(proxy)}) as resp:
+            raw = await resp.read()
+    assert raw.startswith(b": keep-alive\n\n") and b"event: message_start" in raw
+    async with anthropic.AsyncAnthropic(base_url=proxy.base_url, api_key=token_for(proxy),
+                                        max_retries=0) as client:
+        async with client.messages.stream(
+                model="fake-model", max_tokens=64, messages=[{"role": "user", "content": "hi"}],
+                extra_body={"fake": {"ttfb": 0.4, "chunks": 5}}) as stream:
+            text = "".join([piece async for piece in stream.text_stream])
+            final = await stream.get_final_message()
+    assert text == "".join(f"tok{i} " for i in range(5))
+    assert final.usage.output_tokens == 5 and final.usage.cache_read_input_tokens == 2
