@@ -289,22 +289,27 @@ def targets(report: dict[str, Any]) -> list[str]:
     def of_nginx(system: str, scenario: str, metric: str) -> float:
         return s[scenario][system][metric] / s[scenario]["nginx"][metric]
 
+    def of_direct(system: str, scenario: str, metric: str) -> float:
+        return s[scenario][system][metric] / s[scenario]["direct"][metric]
+
     def added_p50(system: str) -> float:
         return s["whole c=1"][system]["p50_ms"] - s["whole c=1"]["direct"]["p50_ms"]
 
     whole = of_nginx("appliance", "whole c=32", "req_per_s")
     added = added_p50("appliance")
     chunks = of_nginx("appliance", "stream c=16", "chunks_per_s")
-    messages = (s["messages c=16"]["appliance"]["chunks_per_s"]
-                / s["stream c=16"]["appliance"]["chunks_per_s"])
+    # Each relative to the fake directly: the fake makes Anthropic's typed events more slowly
+    # than chat chunks, which says nothing of the appliance.
+    messages = (of_direct("appliance", "messages c=16", "chunks_per_s")
+                / of_direct("appliance", "stream c=16", "chunks_per_s"))
     ttft = s["ttft c=1"]["appliance"]["ttft_p50_ms"] - s["ttft c=1"]["direct"]["ttft_p50_ms"]
     streams = report["streams_1000"]
     checks = [
         ("non-streamed req/s vs nginx (target >= 35%)", f"{whole:.0%}", whole >= 0.35),
         ("added p50 over direct at c=1 (target < 1 ms)", f"{added:.3f} ms", added < 1.0),
         ("streamed chunks/s vs nginx (target >= 80%)", f"{chunks:.0%}", chunks >= 0.80),
-        ("/v1/messages chunks/s vs chat completions' (target >= 90%)", f"{messages:.0%}",
-         messages >= 0.90),
+        ("/v1/messages streams vs chat completions', each as a share of the fake's own "
+         "chunks/s (target >= 90%)", f"{messages:.0%}", messages >= 0.90),
         ("TTFT added at p50 (target < 2 ms)", f"{ttft:.3f} ms", ttft < 2.0),
         ("1000 open streams: errors (target 0)", str(streams["errors"]), streams["errors"] == 0),
         ("1000 open streams: RSS growth (target < 50 MB)", f"{streams['rss_growth_mb']:.1f} MB",
