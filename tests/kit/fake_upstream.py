@@ -7,7 +7,10 @@ Each request steers the fake through a "fake" object in its JSON body, which the
 forwards untouched:
   {"fake": {"chunks": 5, "gap": 0.01, "ttfb": 0.0, "status": 200, "raw": "text",
             "raw_size": 1000000, "content_type": "text/html", "stall_after": 2,
-            "set_cookie": "session=abc", "server": "llama.cpp"}}
+            "set_cookie": "session=abc", "server": "llama.cpp", "say": "text", "piece": 4}}
+or, where the appliance builds the request itself (/api/chat), through a last user message
+`fake:{...}` with the same fields. "say": the answer's text (`repeat` times), streamed `piece`
+characters an event (a token or so).
 It records what it saw so tests can check what reached the upstream, and each request its
 client (the appliance) gave up on, streamed or not.
 """
@@ -53,10 +56,29 @@ def chat_body(stream: bool = False, model: str = MODEL, **fake: object) -> dict[
     return out
 
 
-def chunk(i: int) -> bytes:
+def chunk(i: int, text: str | None = None) -> bytes:
     body = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": MODEL,
-            "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+            "choices": [{"index": 0, "delta": {"content": f"tok{i} " if text is None else text},
+                         "finish_reason": None}]}
     return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def steering(body: dict[str, Any]) -> dict[str, Any]:
+    """The request's "fake" object, and a last user message `fake:{...}`."""
+    fake = body.get("fake") if isinstance(body.get("fake"), dict) else {}
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    last = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
+    if isinstance(last, str) and last.startswith("fake:"):
+        fake = {**orjson.loads(last[5:]), **fake}
+    return fake
+
+
+def pieces(fake: dict[str, Any]) -> list[str] | None:
+    """What "say" streams: its text in pieces of `piece` characters (None: not steered)."""
+    if "say" not in fake:
+        return None
+    text, size = str(fake["say"]) * int(fake.get("repeat", 1)), int(fake.get("piece", 4))
+    return [text[i:i + size] for i in range(0, len(text), size)]
 
 
 def completion(text: str) -> dict[str, Any]:
@@ -134,7 +156,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
     body = await request.json()
     record.bodies.append(body)
-    fake = body.get("fake", {})
+    fake = steering(body)
     await asyncio.sleep(fake.get("ttfb", 0))
     if "raw" in fake or "raw_size" in fake:
         text = fake["raw"] if "raw" in fake else "A" * int(fake["raw_size"])
@@ -144,7 +166,10 @@ async def _answer(request: web.Request, record: Record) -> web.StreamResponse:
         return web.json_response({"error": {"message": "fake refusal", "type": "fake_error"}},
                                  status=fake["status"])
     if not body.get("stream"):
-        response = web.json_response(whole_answer(request.path, body),
+        whole = whole_answer(request.path, body)
+        if "say" in fake and request.path.endswith("/chat/completions"):
+            whole["choices"][0]["message"]["content"] = str(fake["say"])
+        response = web.json_response(whole,
                                      status=fake.get("status", 200))
         if "set_cookie" in fake:
             response.headers["Set-Cookie"] = fake["set_cookie"]
@@ -175,10 +200,11 @@ async def _stream(request: web.Request, record: Record, fake: dict[str, Any],
     await response.prepare(request)
     record.open_streams += 1
     record.max_open_streams = max(record.max_open_streams, record.open_streams)
-    chunks = fake.get("chunks", 3)
+    said = pieces(fake)
+    chunks = len(said) if said is not None else fake.get("chunks", 3)
     typed_api = TYPED.get(request.path)
     head, deltas, tail = typed_api(chunks) if typed_api else (
-        b"", [chunk(i) for i in range(chunks)],
+        b"", [chunk(i, said[i] if said else None) for i in range(chunks)],
         (usage_event(chunks) if usage else b"") + b"data: [DONE]\n\n")
     try:
         if head:

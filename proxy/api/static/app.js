@@ -1,6 +1,7 @@
-// llama-proxy's chat page: plain ES2020, no library, no build step. Served under a strict CSP
-// (script-src 'self', style-src 'self'): no inline code or styles, state shown with classes and
-// the `hidden` attribute. Model and user text are only ever set with textContent.
+// llama-proxy's chat page: plain ES2020, no build step. Served under a strict CSP (script-src
+// 'self', style-src 'self'): no inline code or styles, state shown with classes and the `hidden`
+// attribute. The user's text is only ever set with textContent; the model's answers are rendered
+// as Markdown by markdown.js (raw HTML off, safe links), everything else is textContent.
 "use strict";
 
 (() => {
@@ -416,14 +417,16 @@
 
   function addMessage(role, text) {
     ui.empty.hidden = true;
+    const mine = role === "user";
     const article = document.createElement("article");
-    article.className = "message " + (role === "user" ? "user" : "assistant");
+    article.className = "message " + (mine ? "user" : "assistant");
     const who = document.createElement("h3");
     who.className = "visually-hidden";
-    who.textContent = role === "user" ? "You" : "Assistant";
+    who.textContent = mine ? "You" : "Assistant";
     const body = document.createElement("div");
-    body.className = "message-text";
-    body.textContent = text || "";
+    body.className = "message-text" + (mine ? "" : " markdown");
+    if (mine) body.textContent = text || "";
+    else if (text) window.answerMarkdown.render(body, text);
     article.append(who, body);
     ui.messages.append(article);
     return { article, body };
@@ -500,6 +503,11 @@
 
     const mine = addMessage("user", text);
     const answer = addMessage("assistant", "");
+    const shown = window.answerMarkdown.stream(answer.body, (draw) => {
+      const follow = nearEnd();
+      draw();
+      if (follow) scrollToEnd(true);
+    });
     answer.article.classList.add("streaming");
     answer.article.setAttribute("aria-busy", "true");
     scrollToEnd(true);
@@ -526,14 +534,13 @@
         } else if (name === "delta") {
           started = true;
           if (typeof payload.content === "string" && payload.content) {
-            answer.body.textContent += payload.content;
-            scrollToEnd(false);
+            shown.append(payload.content);
           }
         } else if (name === "done") {
           finished = true;
           if (payload.conversation_id) state.conversationId = payload.conversation_id;
           if (typeof payload.response === "string" && payload.response) {
-            answer.body.textContent = payload.response;
+            shown.set(payload.response);
           }
           usage = payload.usage || null;
         } else if (name === "error") {
@@ -570,6 +577,7 @@
       }
     }
 
+    if (shown.text) shown.flush();  // what the last frame had not drawn yet
     answer.article.classList.remove("streaming");
     answer.article.removeAttribute("aria-busy");
     if (state.stopped || controller.signal.aborted) {

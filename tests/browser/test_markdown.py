@@ -1,0 +1,201 @@
+"""The chat page renders answers as Markdown while they stream, safely: code blocks with a copy
+button, tables, lists, links that open apart; nothing a model writes runs or loads anything.
+Answers come from the fast fake model server, steered by the message (`fake:{"say": ...}`)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from playwright.async_api import Browser, Page, expect
+
+from proxy.server import Running
+from tests.browser.conftest import ARTEFACTS, PHONE, Problems
+from tests.browser.test_page import (
+    TIMEOUT,
+    assert_clean,
+    open_page,
+    send,
+    sign_in,
+    signed_in,
+)
+from tests.conftest import Fake, ProxyFactory, token_for
+from tests.kit.fake_upstream import MODEL
+
+CODE = "def add(a, b):\n    return a + b  # " + "a long line that must scroll " * 4
+RICH = (f"Here is the function:\n\n```python\n{CODE}\n```\n\n"
+        "| name | use |\n|---|---|\n| `add` | sums two numbers |\n| `sub` | subtracts |\n\n"
+        "- one\n- two with `inline code`\n\n> a quote\n\n"
+        "See <https://example.com/docs> or [the site](https://example.com).")
+HOSTILE = (
+    "<script>window.__pwned = 'script'</script>\n\n"
+    "<img src=x onerror=\"window.__pwned='img'\">\n\n"
+    "[click me](javascript:window.__pwned='js') "
+    "[entity](javascript&#58;window.__pwned='entity') "
+    "[vb](vbscript:msgbox) [data](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)\n\n"
+    "![pixel](https://tracker.example/p.png)\n\n"
+    "[x](https://example.com\" onmouseover=\"window.__pwned='attr')\n\n"
+    "<a href=\"https://example.com\" onclick=\"window.__pwned='a'\">raw link</a>\n\n"
+    "```html\n<script>window.__pwned='fence'</script>\n```\n\n"
+    "<iframe src=\"https://example.com\"></iframe> <style>body{display:none}</style>")
+
+
+def say(text: str, piece: int = 4, gap: float = 0.0, repeat: int = 1) -> str:
+    """The message that makes the fake model answer `text` (`repeat` times), streamed `piece`
+    characters an event."""
+    return "fake:" + json.dumps({"say": text, "piece": piece, "gap": gap, "repeat": repeat})
+
+
+@pytest.fixture
+async def page_proxy(make_proxy: ProxyFactory, fake: Fake) -> Running:
+    return await make_proxy(upstreams=[fake.url])
+
+
+async def ask(page: Page, message: str) -> None:
+    """Send a message and wait for its whole answer."""
+    await send(page, message)
+    await expect(page.locator(".message.assistant").last).not_to_have_class(
+        re.compile(r"\bstreaming\b"), timeout=TIMEOUT)
+    await expect(page.get_by_role("button", name="Send")).to_be_visible()
+
+
+async def signed_in_page(browser: Browser, proxy: Running) -> tuple[Page, Problems]:
+    page, problems = await open_page(browser, proxy.base_url + "/")
+    await sign_in(page, token_for(proxy))
+    await signed_in(page, MODEL)
+    return page, problems
+
+
+async def test_code_tables_lists_and_links_render_while_streaming(
+        page_proxy: Running, browser: Browser) -> None:
+    page, problems = await signed_in_page(browser, page_proxy)
+    await page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    await ask(page, say(RICH, gap=0.002))
+    answer = page.locator(".message.assistant .markdown").last
+    code = answer.locator("pre > code.language-python")
+    await expect(code).to_have_text(CODE)
+    await expect(answer.locator(".code-bar")).to_contain_text("python")
+    await expect(answer.locator("table tr")).to_have_count(3)
+    await expect(answer.locator("table td code")).to_have_text(["add", "sub"])
+    await expect(answer.locator("ul > li")).to_have_count(2)
+    await expect(answer.locator("blockquote")).to_have_text("a quote")
+    links = answer.locator("a")
+    await expect(links).to_have_count(2)
+    for i in range(2):
+        assert await links.nth(i).get_attribute("target") == "_blank"
+        assert await links.nth(i).get_attribute("rel") == "noopener noreferrer"
+    # The long line scrolls inside its block; the page itself never gets wider than a phone.
+    pre = answer.locator("pre")
+    assert await pre.evaluate("p => p.scrollWidth > p.clientWidth")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    await answer.get_by_role("button", name="Copy the code").click()
+    await expect(answer.get_by_role("button", name="Copy the code")).to_have_text("Copied")
+    assert await page.evaluate("navigator.clipboard.readText()") == CODE + "\n"
+    # The user's own message stays plain text (its Markdown is not rendered).
+    mine = page.locator(".message.user .message-text").last
+    await expect(mine).to_have_text(say(RICH, gap=0.002))
+    assert await mine.locator("pre, table, a").count() == 0
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTEFACTS / "markdown-phone.png"))
+    assert_clean(problems)
+
+
+async def test_an_answer_that_tries_to_inject_runs_nothing(page_proxy: Running,
+                                                            browser: Browser) -> None:
+    page, problems = await signed_in_page(browser, page_proxy)
+    dialogs: list[str] = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    await ask(page, say(HOSTILE))
+    answer = page.locator(".message.assistant .markdown").last
+    await expect(answer).to_contain_text("<script>window.__pwned = 'script'</script>")
+    for link in await answer.locator("a").all():  # clicking any link runs nothing either
+        href = await link.get_attribute("href") or ""
+        assert href.startswith("https://"), href
+    assert await page.evaluate("window.__pwned") is None
+    # Only markdown-it's own elements, and none with an on* attribute or a script URL.
+    found = await answer.evaluate("""el => [...el.querySelectorAll('*')].map(e => [
+        e.tagName, [...e.attributes].map(a => a.name + '=' + a.value)])""")
+    tags = {tag for tag, _ in found}
+    assert tags <= {"P", "A", "PRE", "CODE", "DIV", "SPAN", "BUTTON", "EM", "STRONG"}, tags
+    for tag, attributes in found:
+        for attribute in attributes:
+            name, _, value = attribute.partition("=")
+            assert not name.startswith("on"), (tag, attribute)
+            assert not value.strip().lower().startswith(("javascript:", "data:", "vbscript:"))
+    assert not [u for u in requested if "tracker.example" in u or "example.com" in u]
+    assert not dialogs
+    assert_clean(problems)
+
+
+async def test_a_long_answer_renders_once_a_frame_not_once_a_token(
+        page_proxy: Running, browser: Browser) -> None:
+    """2,000 pieces as fast as the fake can send them: the page draws far fewer times than it
+    gets pieces, and ends with the whole answer (its cost is measured by make bench)."""
+    page, problems = await signed_in_page(browser, page_proxy)
+    line = "A line with `code` and **bold** text.\n\n"
+    await ask(page, say(line, piece=4, repeat=250))
+    answer = page.locator(".message.assistant .markdown").last
+    await expect(answer.locator("p")).to_have_count(250)
+    stats = await page.evaluate("window.answerMarkdown.stats")
+    pieces = -(-len(line) * 250 // 4)
+    assert pieces >= 2000 and 1 <= stats["renders"] < pieces / 4, stats
+    assert_clean(problems)
+
+
+async def test_a_reopened_conversation_shows_its_answers_as_markdown(
+        page_proxy: Running, browser: Browser) -> None:
+    page, problems = await signed_in_page(browser, page_proxy)
+    await ask(page, say(RICH))
+    await page.reload()
+    await signed_in(page, MODEL)
+    await page.get_by_role("button", name="Conversations").click()
+    await page.locator("#conversations .conversation-title").first.click()
+    answer = page.locator(".message.assistant .markdown").last
+    await expect(answer.locator("pre > code")).to_have_text(CODE)
+    assert_clean(problems)
+
+
+async def test_a_phone_shows_a_code_block(page_proxy: Running, browser: Browser) -> None:
+    """What docs/screenshots/phone-code.png shows (copied there by hand from build/): a
+    question typed as a person would, the fake model's answer steered on the way out."""
+    page, problems = await signed_in_page(browser, page_proxy)
+    answer_text = ("Here is a loop that prints the first three squares:\n\n"
+                   "```python\nfor n in range(1, 4):\n    print(f\"{n} squared is {n * n}\")\n"
+                   "```\n\nIt prints **1**, **4** and **9**, one per line. Use `range(1, 11)` "
+                   "for the first ten.")
+
+    async def steer(route: object) -> None:
+        body = json.loads(route.request.post_data or "{}")  # type: ignore[attr-defined]
+        body["message"] = say(answer_text, gap=0.01)
+        await route.continue_(post_data=json.dumps(body))  # type: ignore[attr-defined]
+
+    await page.route("**/api/chat", steer)
+    await ask(page, "Show me a loop in Python.")
+    answer = page.locator(".message.assistant .markdown").last
+    await expect(answer.locator("pre > code")).to_contain_text("for n in range(1, 4):")
+    await expect(page.locator(".message.user .message-text")).to_have_text(
+        "Show me a loop in Python.")
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTEFACTS / "phone-code.png"))
+    assert_clean(problems)
+
+
+async def test_blocks_render_while_the_answer_is_still_streaming(
+        page_proxy: Running, browser: Browser) -> None:
+    """A finished block shows as Markdown before the answer ends (not raw until the end), and
+    the text after a fence still being written stays inside its code block."""
+    page, problems = await signed_in_page(browser, page_proxy)
+    text = ("Intro paragraph.\n\n```js\nlet a = 1;\n\nlet b = 2;\n```\n\n"
+            + "More words follow here. " * 40)
+    await send(page, say(text, piece=3, gap=0.01))
+    streaming = page.locator(".message.assistant.streaming .markdown")
+    await expect(streaming.locator("pre > code")).to_have_text("let a = 1;\n\nlet b = 2;\n")
+    assert await streaming.count() == 1  # seen before the end
+    await expect(page.locator(".message.assistant.streaming")).to_have_count(0)
+    answer = page.locator(".message.assistant .markdown").last
+    await expect(answer.locator("pre")).to_have_count(1)
+    await expect(answer.locator(".live")).to_have_count(0)  # one full render at the end
+    assert_clean(problems)
