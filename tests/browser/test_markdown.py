@@ -11,7 +11,7 @@ import pytest
 from playwright.async_api import Browser, Page, expect
 
 from proxy.server import Running
-from tests.browser.conftest import ARTEFACTS, PHONE, Problems
+from tests.browser.conftest import ARTEFACTS, DESKTOP, PHONE, Problems
 from tests.browser.test_page import (
     TIMEOUT,
     assert_clean,
@@ -60,16 +60,18 @@ async def ask(page: Page, message: str) -> None:
     await expect(page.get_by_role("button", name="Send")).to_be_visible()
 
 
-async def signed_in_page(browser: Browser, proxy: Running) -> tuple[Page, Problems]:
-    page, problems = await open_page(browser, proxy.base_url + "/")
+async def signed_in_page(browser: Browser, proxy: Running, viewport: dict[str, int] = PHONE
+                         ) -> tuple[Page, Problems]:
+    page, problems = await open_page(browser, proxy.base_url + "/", viewport)
     await sign_in(page, token_for(proxy))
     await signed_in(page, MODEL)
     return page, problems
 
 
+@pytest.mark.parametrize("viewport", [PHONE, DESKTOP], ids=["phone", "desktop"])
 async def test_code_tables_lists_and_links_render_while_streaming(
-        page_proxy: Running, browser: Browser) -> None:
-    page, problems = await signed_in_page(browser, page_proxy)
+        page_proxy: Running, browser: Browser, viewport: dict[str, int]) -> None:
+    page, problems = await signed_in_page(browser, page_proxy, viewport)
     await page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     await ask(page, say(RICH, gap=0.002))
     answer = page.locator(".message.assistant .markdown").last
@@ -88,7 +90,7 @@ async def test_code_tables_lists_and_links_render_while_streaming(
     # The long line scrolls inside its block; the page itself never gets wider than a phone.
     pre = answer.locator("pre")
     assert await pre.evaluate("p => p.scrollWidth > p.clientWidth")
-    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    assert await page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
     await answer.get_by_role("button", name="Copy the code").click()
     await expect(answer.get_by_role("button", name="Copy the code")).to_have_text("Copied")
     assert await page.evaluate("navigator.clipboard.readText()") == CODE + "\n"
@@ -97,7 +99,7 @@ async def test_code_tables_lists_and_links_render_while_streaming(
     await expect(mine).to_have_text(say(RICH, gap=0.002))
     assert await mine.locator("pre, table, a").count() == 0
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(ARTEFACTS / "markdown-phone.png"))
+    await page.screenshot(path=str(ARTEFACTS / f"markdown-{viewport['width']}.png"))
     assert_clean(problems)
 
 
