@@ -41,6 +41,10 @@ for i, key in ipairs(KEYS) do
       redis.call("DECRBY", key .. ":sum", freed)
     end
     used = tonumber(redis.call("GET", key .. ":sum") or "0")
+    if used < 0 then  -- below zero by an entry that outlived its sum (settle.lua once let one)
+      redis.call("SET", key .. ":sum", 0, "PX", window + 1000)
+      used = 0
+    end
   else
     redis.call("ZREMRANGEBYSCORE", key, "-inf", horizon)
     used = redis.call("ZCARD", key)

@@ -34,6 +34,9 @@ from quota.windows import REQUEST_WINDOWS, WINDOW_NAMES, Admission, Limits
 
 LIMITER = web.AppKey("limiter", Limiter)
 QUEUE: web.AppKey[SlotQueue] = web.AppKey("queue")
+# Token counts, the tokenizer, the chat template: no model slot, but a lane of their own as wide
+# as the model's, so a flood of huge ones cannot take all of llama-server's CPU.
+CHEAP_LANE = web.AppKey("cheap_lane", FairQueue)
 DEFAULT_MAX_TOKENS = web.AppKey("default_max_tokens", int)
 STREAM_USAGE = web.AppKey("stream_usage", bool)  # ask upstreams for usage in streams
 ADMISSION = web.RequestKey("admission", Admission)  # set when rate limits apply
@@ -57,7 +60,9 @@ def setup_quota(app: web.Application, *, limits: Limits, fail_open: bool, defaul
         app.cleanup_ctx.append(functools.partial(_borrowed, borrower))
     else:
         app[QUEUE] = FairQueue(slots, queue_max, queue_timeout)
+    app[CHEAP_LANE] = FairQueue(slots, queue_max, queue_timeout)
     app[DRAIN].at_deadline.append(app[QUEUE].close)  # shutdown past its grace: no more waiting
+    app[DRAIN].at_deadline.append(app[CHEAP_LANE].close)
     app.on_response_prepare.append(_stamp_limit_headers)
 
 
@@ -177,9 +182,10 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
 @asynccontextmanager
 async def model_slot(call: ModelCall) -> AsyncIterator[None]:
     """A turn at the model, through the fair queue (when admission control is on); an API that
-    does not use the model's slots (tokenize, count tokens) needs none."""
-    queue = call.request.app[QUEUE]
-    if queue.slots <= 0 or not api_of(call.path).slot:
+    does not use the model's slots (tokenize, count tokens) waits in its own lane instead."""
+    app = call.request.app
+    queue = app[QUEUE] if api_of(call.path).slot else app[CHEAP_LANE]
+    if queue.slots <= 0:
         yield
         return
     outcome = call.outcome

@@ -58,8 +58,9 @@ def _anthropic(responses: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_request(summary: str, fields: dict[str, Any], *, anthropic: bool = False,
-                   slot: bool = True) -> dict[str, Any]:
-    """slot: whether it waits for a turn at the model (cheap APIs do not)."""
+                   slot: bool = True, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """slot: whether it waits for a turn at the model (cheap APIs do not); required: fields
+    the appliance itself insists on."""
     if not slot:
         summary += " (no model slot)"
     body = {
@@ -70,6 +71,7 @@ def _model_request(summary: str, fields: dict[str, Any], *, anthropic: bool = Fa
             "stream": {"type": "boolean", "description": "answer as server-sent events"},
             **fields,
         },
+        **({"required": list(required)} if required else {}),
     }
     responses = {
         "200": {"description": "the model's answer, whole or as text/event-stream",
@@ -197,12 +199,13 @@ def document() -> dict[str, Any]:
             "/v1/rerank": {"post": _model_request("Rerank documents (when the model server "
                                                   "has it)", {"query": {}, "documents": {}})},
             "/v1/messages": {"post": _model_request("Anthropic's Messages API", {
-                "messages": {"description": "Anthropic's messages"},
-                "max_tokens": {"description": "capped at what the token limit reserved"}},
-                anthropic=True)},
+                "messages": {"type": "array", "description": "Anthropic's messages"},
+                "max_tokens": {"type": "integer", "minimum": 1,
+                               "description": "capped at what the token limit reserved"}},
+                anthropic=True, required=("messages",))},
             "/v1/messages/count_tokens": {"post": _model_request(
-                "Anthropic's token count of a Messages request", {"messages": {}},
-                anthropic=True, slot=False)},
+                "Anthropic's token count of a Messages request", {"messages": {"type": "array"}},
+                anthropic=True, slot=False, required=("messages",))},
             "/v1/responses": {"post": _model_request("OpenAI's Responses API (nothing stored: "
                                                      "no `previous_response_id`, no `store`)", {
                 "input": {"description": "a string or a list of input items"},

@@ -97,7 +97,9 @@ def model_call(request: web.Request, path: str, model: str | None, stream: bool)
     default one (the first served)."""
     pool = request.app[POOL]
     model = model or next(iter(pool.model_ids()), None)
-    check_model_allowed(request, model)
+    # The allow-list is checked against the model that would answer: with one model served,
+    # any name reaches it, and a credential allowed only "gpt-4" must not get it that way.
+    check_model_allowed(request, pool.served(model, pool.serving(model)) or model)
     backends = pool.choose(model)
     outcome = outcome_of(request)
     outcome.model, outcome.stream = pool.served(model, backends), stream
@@ -109,12 +111,24 @@ async def model_request(request: web.Request, path: str) -> web.StreamResponse:
     raw, body = await read_json(request)
     if path == "/v1/responses":
         refuse_stored_state(body)
+    elif path in ("/v1/messages", "/v1/messages/count_tokens"):
+        check_messages(body, path == "/v1/messages")
     stream = body.get("stream") is True and api_of(path).streams  # tokenize never streams
     call = model_call(request, path, body.get("model"), stream)
     async with limited(call, raw, body) as (payload, meter):
         # A stream that waits (for a slot, for its first token) sends keep-alive comments.
         async with heartbeat(request, call.stream) as beat, model_slot(call):
             return await request.app[RELAY](call, payload, meter, beat)
+
+
+def check_messages(body: dict[str, Any], generates: bool) -> None:
+    """What Anthropic's API refuses and llama-server would not (or would with a 500)."""
+    if not isinstance(body.get("messages"), list):
+        raise OpenAIError(400, "`messages` must be a list of messages", param="messages")
+    cap = body.get("max_tokens")
+    if generates and "max_tokens" in body and (not isinstance(cap, int) or isinstance(cap, bool)
+                                               or cap < 1):
+        raise OpenAIError(400, "`max_tokens` must be a positive integer", param="max_tokens")
 
 
 def refuse_stored_state(body: dict[str, Any]) -> None:

@@ -17,6 +17,7 @@ carries whole.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -35,10 +36,11 @@ def stream_request(raw: bytes, openai: bool = True) -> bytes:
                          "stream_options": {**options, "include_usage": True}})
 
 
-def assembly_for(path: str) -> Events:
-    """The assembly of a whole answer for an API path."""
+def assembly_for(path: str, request_id: str = "", model: str = "") -> Events:
+    """The assembly of a whole answer for an API path; request_id and model stand in for what
+    a stream may leave out."""
     if path == "/v1/messages":
-        return MessageAssembly()
+        return MessageAssembly(request_id, model)
     if path == "/v1/responses":
         return ResponseAssembly()
     return Assembly(chat=path.endswith("/chat/completions"))
@@ -166,19 +168,41 @@ class Assembly(Events):
                 **{name: self.top[name] for name in _LAST if name in self.top}}
 
 
+def first_message(request_id: str, model: str) -> dict[str, Any]:
+    """What message_start says, when a stream leaves it out (llama-server does when the first
+    token is part of a character): the message's id, type, role and model."""
+    return {"id": f"msg_{request_id}", "type": "message", "role": "assistant", "content": [],
+            "model": model, "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}
+
+
+async def with_message_start(chunks: AsyncIterator[bytes], request_id: str, model: str
+                             ) -> AsyncIterator[bytes]:
+    """A Messages stream that begins with message_start, as Anthropic's clients require."""
+    first = True
+    async for chunk in chunks:
+        if first and not chunk.lstrip().startswith(b"event: message_start"):
+            start = {"type": "message_start", "message": first_message(request_id, model)}
+            yield b"event: message_start\ndata: " + orjson.dumps(start) + b"\n\n"
+        first = False
+        yield chunk
+
+
 class MessageAssembly(Events):
     """The whole answer of Anthropic's Messages API, from its typed events."""
 
-    def __init__(self) -> None:
+    def __init__(self, request_id: str = "", model: str = "") -> None:
         super().__init__()
-        self.message: dict[str, Any] = {}
+        # What message_start says; llama-server leaves that event out when the first token is
+        # part of a character, and the message still needs its id, type, role and model.
+        self.message = first_message(request_id, model)
         self.blocks: dict[int, dict[str, Any]] = {}
         self._json: dict[int, str] = {}  # a tool call's input, as it streams
 
     def _event(self, event: dict[str, Any]) -> None:
         kind, index = event.get("type"), event.get("index", 0)
         if kind == "message_start" and isinstance(event.get("message"), dict):
-            self.message = dict(event["message"])
+            self.message.update(event["message"])
         elif kind == "content_block_start" and isinstance(event.get("content_block"), dict):
             block = self.blocks[index] = dict(event["content_block"])
             if block.get("type") == "tool_use":  # as a whole answer has it, even when empty

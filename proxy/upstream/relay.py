@@ -44,7 +44,7 @@ from proxy.errors import (
 )
 from proxy.observe.outcome import Outcome, outcome_of
 from proxy.upstream.apis import api_of
-from proxy.upstream.assemble import assembly_for, stream_request
+from proxy.upstream.assemble import Events, assembly_for, stream_request, with_message_start
 from proxy.upstream.backends import (
     Backend,
     ModelLoading,
@@ -132,30 +132,30 @@ class Relay:
                                     meter)
         if assembled and is_stream(upstream):  # asked for, or sent unasked
             try:
+                assembly = assembly_for(path, call.request_id, outcome.model)
                 async with asyncio.timeout_at(deadline):
-                    return await self._read(upstream, meter, outcome, assemble=path)
+                    return await self._read(upstream, meter, outcome, assembly)
             except TimeoutError:
                 outcome.upstream_errors.append((outcome.backend, "timeout"))
                 raise UpstreamTimeout("The model server did not answer in time") from None
         return await self._read(upstream, meter, outcome)
 
     async def _read(self, upstream: ClientResponse, meter: UsageMeter | None,
-                    outcome: Outcome, assemble: str = "") -> web.Response:
-        """All of an answer as one response (a stream assembled, for the path `assemble`);
-        how the model server failed is noted on the outcome."""
+                    outcome: Outcome, assembly: Events | None = None) -> web.Response:
+        """All of an answer as one response (a stream put together by `assembly`); how the
+        model server failed is noted on the outcome."""
         try:
-            if assemble:
-                return await self._assembled(upstream, meter, assemble)
+            if assembly is not None:
+                return await self._assembled(upstream, meter, assembly)
             return await self._whole(upstream, meter)
         except (UpstreamTimeout, UpstreamBroke) as exc:
             outcome.upstream_errors.append((outcome.backend, failure_kind(exc)))
             raise
 
     async def _assembled(self, upstream: ClientResponse, meter: UsageMeter | None,
-                         path: str) -> web.Response:
+                         assembly: Events) -> web.Response:
         """A whole answer from a stream. Closing (not releasing) the stream at the end, or when
         the client leaves, drops the connection: llama-server frees the slot at once."""
-        assembly = assembly_for(path)
         try:
             async for events in self.chunks(upstream, meter):
                 assembly.feed(events)
@@ -274,7 +274,10 @@ class Relay:
                 try:
                     # Set as OPEN_STREAM: a shutdown past its grace ends it with an error event.
                     response = stream = await stalled.wait(limit, beat.start())
-                    async for chunk in self.chunks(upstream, meter):
+                    chunks = self.chunks(upstream, meter)
+                    if speaks_anthropic(request.path):
+                        chunks = with_message_start(chunks, request_id, outcome.model)
+                    async for chunk in chunks:
                         if outcome.first_token is None:
                             outcome.first_token = time.perf_counter() - outcome.started
                         await write(chunk)

@@ -134,6 +134,10 @@ class UsageMeter:
             return  # some servers send "usage": null in every chunk
         if prompt is not None:
             self.prompt = prompt
+        elif self.prompt is None and completion is not None:
+            # Output without a prompt: a Messages stream whose message_start never came
+            # (llama-server leaves it out when the first token is part of a character).
+            self.prompt = self.prompt_estimate
         self.completion = completion
         self.reported = total if total is not None else (self.prompt or 0) + (completion or 0)
         if self.prompt is None and self.completion is None:

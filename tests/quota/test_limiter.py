@@ -74,6 +74,31 @@ async def test_settlement_charges_real_use_and_frees_leases(redis_url: str) -> N
     await redis.aclose()
 
 
+async def test_a_settled_window_expires_whole_and_the_limit_holds_after(redis_url: str
+                                                                       ) -> None:
+    """A window whose only entry was settled keeps its expiry: when the window has passed,
+    the next requests find it empty, not a leftover entry that would drive its sum below zero
+    (and admit twice the limit)."""
+    redis = make_client(redis_url, 0.25)
+    limiter = Limiter.on_redis(redis, Limits(tpm=300, window_s=0.5))
+    key = "llp:rl:{user:lone}:tpm"
+    admission = await limiter.admit(rid(), "user:lone", "127.0.0.1", 250)
+    assert admission is not None and admission.allowed
+    admission.usage = 280
+    limiter.settle(admission)
+    await limiter.aclose()
+    assert redis_number(redis_url, "GET", key + ":sum") == 280
+    assert 0 < redis_number(redis_url, "PTTL", key) <= 1500
+    await eventually(lambda: redis_number(redis_url, "EXISTS", key) == 0, 3, "the window gone")
+    limiter = Limiter.on_redis(redis, Limits(tpm=300, window_s=0.5))
+    first = await limiter.admit(rid(), "user:lone", "127.0.0.1", 200)
+    second = await limiter.admit(rid(), "user:lone", "127.0.0.1", 200)
+    assert first is not None and first.allowed
+    assert second is not None and not second.allowed
+    await limiter.aclose()
+    await redis.aclose()
+
+
 async def test_per_credential_limits_beat_the_global_ones(redis_url: str) -> None:
     redis = make_client(redis_url, 0.25)
     limiter = Limiter.on_redis(redis, Limits(rpm=100))

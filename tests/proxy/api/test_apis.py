@@ -355,3 +355,53 @@ async def test_the_anthropic_sdk_reads_a_stream_that_waited_behind_keep_alives(
             final = await stream.get_final_message()
     assert text == "".join(f"tok{i} " for i in range(5))
     assert final.usage.output_tokens == 5 and final.usage.cache_read_input_tokens == 2
+
+
+async def test_the_messages_api_refuses_what_anthropic_refuses_before_the_model(
+        fake_proxy: Running, fake: Fake) -> None:
+    async with aiohttp.ClientSession() as http:
+        for body, param in (({"model": "fake-model", "max_tokens": 5}, "messages"),
+                            ({**MESSAGES, "messages": "hi"}, "messages"),
+                            ({**MESSAGES, "max_tokens": -5}, "max_tokens"),
+                            ({**MESSAGES, "max_tokens": "lots"}, "max_tokens"),
+                            ({**MESSAGES, "max_tokens": None}, "max_tokens")):
+            async with http.post(fake_proxy.base_url + "/v1/messages", json=body) as resp:
+                assert resp.status == 400, body
+                error = await resp.json()
+            anthropic_error(error, "invalid_request_error")
+            assert param in error["error"]["message"]
+    assert fake.record.requests == 0
+
+
+async def test_a_model_allow_list_is_checked_against_the_model_that_answers(
+        make_proxy: ProxyFactory, fake: Fake) -> None:
+    """One model served: any name reaches it, so a credential allowed only another model
+    must not get it by asking for that other name."""
+    proxy = await make_proxy(upstreams=[fake.url])
+    elsewhere = token_for(proxy, "elsewhere", models=["gpt-4"])
+    local = token_for(proxy, "local", models=["fake-model"])
+    async with aiohttp.ClientSession() as http:
+        for token, model, status in ((elsewhere, "gpt-4", 403), (elsewhere, "", 403),
+                                     (local, "gpt-4", 200), (local, "fake-model", 200)):
+            async with http.post(proxy.base_url + "/v1/messages", json={
+                    **MESSAGES, "model": model}, headers={"x-api-key": token}) as resp:
+                assert resp.status == status, (model, status)
+
+
+async def test_cheap_apis_take_turns_in_a_lane_as_wide_as_the_model(
+        make_proxy: ProxyFactory, fake: Fake) -> None:
+    """A flood of huge token counts must not take all of llama-server's CPU: with one slot,
+    two slow counts run one after the other, while generation still has its own slot."""
+    proxy = await make_proxy(upstreams=[fake.url], auth="disabled", admission_slots=1,
+                             queue_timeout=30)
+    slow = {**MESSAGES, "fake": {"ttfb": 0.5}}
+    async with aiohttp.ClientSession() as http:
+        counts = [asyncio.create_task(http.post(proxy.base_url + "/v1/messages/count_tokens",
+                                                json=slow)) for _ in range(2)]
+        await eventually(lambda: fake.record.in_flight == 1, 5, "the first count")
+        async with http.post(proxy.base_url + "/v1/messages", json=MESSAGES) as resp:
+            assert resp.status == 200  # generation is not behind the counts
+        assert fake.record.max_in_flight == 2  # that one, beside a single count
+        for task in counts:
+            (await task).close()
+    assert fake.record.max_in_flight == 2

@@ -314,3 +314,27 @@ async def test_a_trimmed_claude_code_request_streams_from_the_real_model(
     assert events[0] == "message_start" and "message_stop" in events
     assert final.content and final.usage.output_tokens > 0
     assert final.model == llama.model
+
+
+async def test_a_messages_answer_that_starts_inside_a_character_is_still_whole(
+        make_proxy: ProxyFactory, llama: Llama, redis_url: str) -> None:
+    """At temperature 0 the bundled model answers this prompt starting with part of an emoji;
+    llama-server's stream then leaves out message_start. The SDK still gets a message with its
+    id and model, streamed and whole, and the prompt is still charged."""
+    proxy = await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key,
+                             limit_tpm=1_000_000)
+    ask: dict[str, Any] = {
+        "model": llama.model, "max_tokens": 12, "extra_body": {"temperature": 0},
+        "messages": [{"role": "user", "content": "\U0001F600" * 50
+                      + " Write a long essay about the history of Rome."}]}
+    async with anthropic_client(proxy, jwt=token_for(proxy, "emoji")) as client:
+        whole = await client.messages.create(**ask)
+        async with client.messages.stream(**ask) as stream:
+            final = await stream.get_final_message()
+    for message in (whole, final):
+        assert message.id and message.type == "message" and message.model == llama.model
+        assert message.usage.output_tokens > 0 and message.content
+    # Each charged its prompt as estimated (the model's own count never came: 50 emoji are
+    # 200 bytes at least, 50 tokens by the estimate) besides the 12 tokens it made.
+    await eventually(lambda: charged(redis_url, "emoji") >= 2 * (50 + 12), 3,
+                     "the prompt charged")

@@ -198,6 +198,30 @@ def test_a_tool_call_without_input_or_with_broken_json_has_an_empty_input() -> N
     assert broken.answer()["content"][0]["input"] == {}
 
 
+def test_a_messages_stream_without_its_start_still_makes_a_whole_message() -> None:
+    """llama-server leaves message_start out when the first token is part of a character:
+    the message still has its id, type, role and model, and the usage it did report."""
+    data = typed(
+        {"type": "content_block_start", "index": 0,
+         "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0,
+         "delta": {"type": "text_delta", "text": "\U0001F600 hi"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "message_delta", "delta": {"stop_reason": "max_tokens"},
+         "usage": {"output_tokens": 3}},
+        {"type": "message_stop"})
+    whole = assembly_for("/v1/messages", "abc", "smollm2")
+    whole.feed(data)
+    whole.end()
+    answer = whole.answer()
+    assert whole.done
+    assert {k: answer[k] for k in ("id", "type", "role", "model", "stop_reason")} == {
+        "id": "msg_abc", "type": "message", "role": "assistant", "model": "smollm2",
+        "stop_reason": "max_tokens"}
+    assert answer["usage"] == {"input_tokens": 0, "output_tokens": 3}
+    assert answer["content"] == [{"type": "text", "text": "\U0001F600 hi"}]
+
+
 def test_a_messages_stream_cut_short_or_failing_says_so() -> None:
     start = {"type": "message_start", "message": {"id": "msg_1", "content": []}}
     cut = fed("/v1/messages", typed(start, {"type": "content_block_start", "index": 0,

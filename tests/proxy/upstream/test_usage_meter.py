@@ -112,6 +112,15 @@ def test_a_messages_client_that_left_is_charged_the_prompt_the_model_reported() 
     assert meter.spent() == (34, 3)  # the reported prompt, not the estimate; 3 events
 
 
+def test_a_messages_stream_without_its_start_is_charged_the_prompt_estimate() -> None:
+    """No message_start (llama-server drops it when the first token is part of a character):
+    the prompt is still charged, as estimated, not left out."""
+    meter = UsageMeter(strip=False, prompt_estimate=190, completion_cap=20)
+    meter.sent(True)
+    feed(meter, TEXT + MESSAGE_DELTA, [])
+    assert (meter.prompt, meter.completion, meter.total()) == (190, 2, 192)
+
+
 def test_a_responses_stream_is_metered_from_its_last_event() -> None:
     done = typed("response.completed", '{"type":"response.completed","response":{"id":"r",'
                  '"usage":{"input_tokens":31,"output_tokens":3,"total_tokens":34,'
