@@ -186,6 +186,12 @@ async def answered(page: Page, count: int) -> str:
     return text
 
 
+async def rendered(page: Page, markdown: str) -> str:
+    """The text of an answer as the page shows it (its Markdown rendered)."""
+    return str(await page.evaluate("""text => { const box = document.createElement('div');
+        window.answerMarkdown.render(box, text); return box.textContent; }""", markdown))
+
+
 async def conversation(proxy: Running, token: str, cid: str | None = None) -> dict:
     path = f"/api/conversations/{cid}" if cid else "/api/conversations"
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
@@ -213,8 +219,10 @@ async def test_chat_streams_and_conversations_can_be_reopened(
     listed = (await conversation(model_proxy, token))["data"]
     assert len(listed) == 1
     kept = await conversation(model_proxy, token, listed[0]["id"])
-    assert kept["messages"] == [{"role": "user", "content": COUNTING},
-                                {"role": "assistant", "content": first}]
+    assert [m["role"] for m in kept["messages"]] == ["user", "assistant"]
+    assert kept["messages"][0]["content"] == COUNTING
+    # What was kept is what the page showed: the answer's Markdown, rendered as the page does.
+    assert await rendered(page, kept["messages"][1]["content"]) == first
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=ARTEFACTS / "phone.png")
 
@@ -241,7 +249,8 @@ async def test_chat_streams_and_conversations_can_be_reopened(
     await answered(page, 2)
     assert len((await conversation(model_proxy, token))["data"]) == 2
     kept = await conversation(model_proxy, token, listed[0]["id"])
-    assert [m["content"] for m in kept["messages"]][:3] == [
+    contents = [m["content"] for m in kept["messages"]][:3]
+    assert [contents[0], await rendered(page, contents[1]), contents[2]] == [
         COUNTING, first, "And one more?"]
 
     # Deleting takes two clicks; the other conversation stays.
