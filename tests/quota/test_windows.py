@@ -65,24 +65,35 @@ async def test_nothing_is_recorded_unless_every_window_has_room(storage: Storage
 
 
 async def test_the_window_slides(storage: Storage) -> None:
-    window = requests(3, window_ms=600)
+    """Bounds from the clock, not from the sleeps: a busy machine may oversleep."""
+    window = requests(3, window_ms=1500)
+    started = time.monotonic()
     for _ in range(3):
         assert (await storage.admit(rid(), [window])).allowed
     refused = await storage.admit(rid(), [window])
-    assert not refused.allowed and 400 < refused.retry_ms <= 600
-    await asyncio.sleep(0.35)
-    assert not (await storage.admit(rid(), [window])).allowed  # a fixed window might reset here
-    await asyncio.sleep(0.3)  # the first three have left
+    spent_ms = (time.monotonic() - started) * 1000
+    assert not refused.allowed and 1500 - spent_ms - 50 <= refused.retry_ms <= 1500
+    await asyncio.sleep(0.8)  # past a fixed window's half: it might reset here, this one not
+    still = await storage.admit(rid(), [window])
+    assert not still.allowed or time.monotonic() - started >= 1.5, "a window let go early"
+    await asyncio.sleep(max(0.0, 1.55 - (time.monotonic() - started)))  # the three have left
     assert (await storage.admit(rid(), [window])).allowed
 
 
 async def test_retry_after_names_when_enough_leaves(storage: Storage) -> None:
+    """The first request leaves a window after it came, not a window from now; the bounds come
+    from the clock around each call (a busy machine may oversleep)."""
     window = requests(2, window_ms=1000)
+    before_first = time.monotonic()
     assert (await storage.admit(rid(), [window])).allowed
+    after_first = time.monotonic()
     await asyncio.sleep(0.4)
     assert (await storage.admit(rid(), [window])).allowed
+    before_refused = time.monotonic()
     refused = await storage.admit(rid(), [window])
-    assert 450 <= refused.retry_ms <= 600  # the first leaves 0.6 s from now, not in 1 s
+    after_refused = time.monotonic()
+    assert (1 - (after_refused - before_first)) * 1000 - 20 <= refused.retry_ms
+    assert refused.retry_ms <= (1 - (before_refused - after_first)) * 1000 + 20  # <= 0.6 s
 
 
 async def test_tokens_are_reserved_then_settled_to_real_use(storage: Storage) -> None:
@@ -96,12 +107,18 @@ async def test_tokens_are_reserved_then_settled_to_real_use(storage: Storage) ->
 
 
 async def test_token_retry_waits_for_enough_to_leave(storage: Storage) -> None:
+    before_first = time.monotonic()
     assert (await storage.admit(rid(), [tokens(100, 60, window_ms=800)])).allowed
+    after_first = time.monotonic()
     await asyncio.sleep(0.3)
     assert (await storage.admit(rid(), [tokens(100, 30, window_ms=800)])).allowed
+    before_refused = time.monotonic()
     refused = await storage.admit(rid(), [tokens(100, 50, window_ms=800)])
-    # 40 must leave: the first entry (60) does it, 0.5 s from now
-    assert not refused.allowed and 350 <= refused.retry_ms <= 550
+    after_refused = time.monotonic()
+    # 40 must leave: the first entry (60) does it, 0.8 s after it came (about 0.5 s from now)
+    assert not refused.allowed
+    assert (0.8 - (after_refused - before_first)) * 1000 - 20 <= refused.retry_ms
+    assert refused.retry_ms <= (0.8 - (before_refused - after_first)) * 1000 + 20
 
 
 async def test_leases_are_held_until_released(storage: Storage) -> None:
@@ -116,12 +133,18 @@ async def test_leases_are_held_until_released(storage: Storage) -> None:
 
 async def test_counts_report_use_and_reset(storage: Storage) -> None:
     window = requests(5, window_ms=2000)
+    before_first = time.monotonic()
     first = await storage.admit(rid(), [window])
+    after_first = time.monotonic()
     assert first == Counts(True, 0, [1], [0])  # nothing was there before it
     await asyncio.sleep(0.2)
+    before_second = time.monotonic()
     second = await storage.admit(rid(), [window])
+    after_second = time.monotonic()
     assert second.allowed and second.used == [2]
-    assert 1700 <= second.resets_ms[0] <= 1850  # when the first one leaves
+    # When the first one leaves: 2 s after it came.
+    assert (2 - (after_second - before_first)) * 1000 - 20 <= second.resets_ms[0]
+    assert second.resets_ms[0] <= (2 - (before_second - after_first)) * 1000 + 20
 
 
 async def test_redis_and_memory_agree_on_a_mixed_sequence(redis_url: str) -> None:
