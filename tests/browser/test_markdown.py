@@ -25,7 +25,7 @@ from tests.kit.fake_upstream import MODEL
 
 CODE = "def add(a, b):\n    return a + b  # " + "a long line that must scroll " * 4
 RICH = (f"Here is the function:\n\n```python\n{CODE}\n```\n\n"
-        "| name | use |\n|---|---|\n| `add` | sums two numbers |\n| `sub` | subtracts |\n\n"
+        "| name | use |\n|:---|---:|\n| `add` | sums two numbers |\n| `sub` | subtracts |\n\n"
         "- one\n- two with `inline code`\n\n> a quote\n\n"
         "See <https://example.com/docs> or [the site](https://example.com).")
 HOSTILE = (
@@ -35,6 +35,7 @@ HOSTILE = (
     "[entity](javascript&#58;window.__pwned='entity') "
     "[vb](vbscript:msgbox) [data](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)\n\n"
     "![pixel](https://tracker.example/p.png)\n\n"
+    "Session expired. [Continue here](#token=ATTACKER-TOKEN) and press OK.\n\n"
     "[x](https://example.com\" onmouseover=\"window.__pwned='attr')\n\n"
     "<a href=\"https://example.com\" onclick=\"window.__pwned='a'\">raw link</a>\n\n"
     "```html\n<script>window.__pwned='fence'</script>\n```\n\n"
@@ -80,6 +81,10 @@ async def test_code_tables_lists_and_links_render_while_streaming(
     await expect(answer.locator(".code-bar")).to_contain_text("python")
     await expect(answer.locator("table tr")).to_have_count(3)
     await expect(answer.locator("table td code")).to_have_text(["add", "sub"])
+    # Alignment as a class (the CSP refuses inline styles, and assert_clean would see it).
+    assert await answer.locator("th").nth(1).get_attribute("class") == "align-right"
+    assert await answer.locator("th").nth(1).evaluate(
+        "e => getComputedStyle(e).textAlign") == "right"
     await expect(answer.locator("ul > li")).to_have_count(2)
     await expect(answer.locator("blockquote")).to_have_text("a quote")
     links = answer.locator("a")
@@ -128,6 +133,8 @@ async def test_an_answer_that_tries_to_inject_runs_nothing(page_proxy: Running,
             assert not name.startswith("on"), (tag, attribute)
             assert not value.strip().lower().startswith(("javascript:", "data:", "vbscript:"))
     assert not [u for u in requested if "tracker.example" in u or "example.com" in u]
+    await expect(answer).to_contain_text("pixel")  # an image is its alt text, not a link
+    assert await answer.locator("a[href*='tracker'], a[href^='#']").count() == 0
     assert not dialogs
     assert_clean(problems)
 
@@ -200,4 +207,44 @@ async def test_blocks_render_while_the_answer_is_still_streaming(
     answer = page.locator(".message.assistant .markdown").last
     await expect(answer.locator("pre")).to_have_count(1)
     await expect(answer.locator(".live")).to_have_count(0)  # one full render at the end
+    assert_clean(problems)
+
+
+WATCH_BLOCKS = """() => { window.__seen = new Set();
+  new MutationObserver(() => document.querySelectorAll('.message.streaming .markdown *')
+    .forEach((e) => window.__seen.add(e.tagName + (e.closest('.live') ? ':live' : ''))))
+    .observe(document.getElementById('messages'), {childList: true, subtree: true}); }"""
+
+
+async def test_what_streams_inside_a_fence_stays_code_until_it_closes(
+        page_proxy: Running, browser: Browser) -> None:
+    """A fence that holds fences (a model explaining Markdown), a blank line and a heading
+    inside it: nothing in it ever shows as a heading, while it streams or after; and the
+    fence still being written has no Copy button (it would be redrawn under the pointer)."""
+    page, problems = await signed_in_page(browser, page_proxy)
+    await page.evaluate(WATCH_BLOCKS)
+    text = ("Intro.\n\n````md\n```js\nx\n```\n\n# not a heading\n\n__init__ stays code\n"
+            "````\n\nAfter " + "the fence, words. " * 30)
+    await ask(page, say(text, piece=2, gap=0.005))
+    seen = set(await page.evaluate("[...window.__seen]"))
+    assert "PRE" in seen or "PRE:live" in seen, seen  # it rendered while streaming
+    assert not {"H1", "H1:live", "STRONG", "STRONG:live"} & seen, seen
+    assert "BUTTON:live" not in seen, seen
+    answer = page.locator(".message.assistant .markdown").last
+    await expect(answer.locator("h1")).to_have_count(0)
+    await expect(answer.locator("pre > code")).to_contain_text("# not a heading")
+    await expect(answer.get_by_role("button", name="Copy the code")).to_have_count(1)
+    assert_clean(problems)
+
+
+async def test_a_wide_table_scrolls_inside_its_bubble_on_a_phone(
+        page_proxy: Running, browser: Browser) -> None:
+    page, problems = await signed_in_page(browser, page_proxy)
+    await ask(page, say("| Language | Typing | Paradigm | First release | Typical use |\n"
+                        "|---|---|---|---|---|\n| Python | dynamic, strong | multi-paradigm |"
+                        " 1991 | scripting, data science |\n"))
+    wrap = page.locator(".message.assistant .markdown .table-wrap").last
+    # It scrolls rather than squeezing its columns until words break.
+    assert await wrap.evaluate("w => w.scrollWidth > w.clientWidth")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
     assert_clean(problems)
