@@ -25,7 +25,7 @@ from proxy.edge.forwarded import client_group
 from proxy.edge.ids import new_id
 from proxy.errors import speaks_anthropic
 from proxy.state.store import REDIS
-from proxy.upstream.apis import ALL_CAPS, Api, api_of
+from proxy.upstream.apis import ALL_CAPS, Api
 from proxy.upstream.call import ModelCall
 from proxy.upstream.usage import UsageMeter, usage_requested, wants_usage_in_stream
 from quota.limiter import Limiter, RateLimited
@@ -132,10 +132,9 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
                   ) -> AsyncIterator[tuple[bytes, UsageMeter]]:
     """Admit the call or raise RateLimited; yield the body to send and its usage meter.
     At the end the real usage settles the reservation and goes into the request's outcome."""
-    request, principal, path, stream = call.request, call.principal, call.path, call.stream
+    request, principal, stream, api = call.request, call.principal, call.stream, call.api
     limiter = request.app[LIMITER]
     outcome = call.outcome
-    api = api_of(path)
     prompt = prompt_tokens(raw)
     completion = completion_budget(body, api, request.app[DEFAULT_MAX_TOKENS])
     if not api.slot:  # a token count or the tokenizer: a request, not tokens
@@ -184,7 +183,7 @@ async def model_slot(call: ModelCall) -> AsyncIterator[None]:
     """A turn at the model, through the fair queue (when admission control is on); an API that
     does not use the model's slots (tokenize, count tokens) waits in its own lane instead."""
     app = call.request.app
-    queue = app[QUEUE] if api_of(call.path).slot else app[CHEAP_LANE]
+    queue = app[QUEUE] if call.api.slot else app[CHEAP_LANE]
     if queue.slots <= 0:
         yield
         return

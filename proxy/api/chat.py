@@ -309,7 +309,8 @@ class Turn:
             upstream = await relay.open_stream(self.call, sent, meter)
             try:
                 if not is_stream(upstream):
-                    raise ModelRefused(upstream.status, await relay.read_whole(upstream))
+                    raise ModelRefused.from_body(upstream.status,
+                                                 await relay.read_whole(upstream))
                 async for piece in deltas(relay.chunks(upstream, meter), answer):
                     if outcome.first_token is None:
                         outcome.first_token = time.perf_counter() - outcome.started

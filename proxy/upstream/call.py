@@ -12,6 +12,7 @@ from aiohttp import web
 from auth.principal import Principal
 from proxy.edge.ids import REQUEST_ID
 from proxy.observe.outcome import Outcome, outcome_of
+from proxy.upstream.apis import Api, api_of
 from proxy.upstream.backends import Backend
 
 
@@ -23,9 +24,11 @@ class ModelCall:
     stream: bool  # the client's answer is a stream
     backends: list[Backend]  # ready ones, in the order to try them
     outcome: Outcome = field(init=False)  # the request's, taken once
+    api: Api = field(init=False)  # what the path's API needs (slot, cap, usage), looked up once
 
     def __post_init__(self) -> None:
         self.outcome = outcome_of(self.request)
+        self.api = api_of(self.path)
 
     @property
     def request_id(self) -> str:

@@ -43,7 +43,6 @@ from proxy.errors import (
     speaks_anthropic,
 )
 from proxy.observe.outcome import Outcome, outcome_of
-from proxy.upstream.apis import api_of
 from proxy.upstream.assemble import Events, assembly_for, stream_request, with_message_start
 from proxy.upstream.backends import (
     Backend,
@@ -104,7 +103,7 @@ class Relay:
         finally:
             await beat.stop()
         if beat.response is not None:  # the stream started while it waited
-            if api_of(call.path).typed:
+            if call.api.typed:
                 # A typed API's stream cannot carry a whole answer as one untyped event.
                 raise UpstreamBroke("The model server answered a stream request whole")
             return await as_events(answer, beat.response)
@@ -121,8 +120,7 @@ class Relay:
         """A whole answer; a model server's error is raised (ModelRefused). llama-server is asked
         for a stream that is assembled here (proxy/upstream/assemble.py): it stops a stream
         whose reader left, not a whole answer."""
-        outcome, path, backends = call.outcome, call.path, call.backends
-        api = api_of(path)
+        outcome, path, backends, api = call.outcome, call.path, call.backends, call.api
         assembled = api.assembled
         assemble = assembled and bool(backends) and backends[0].llama_cpp is True
         sent = stream_request(payload, api.stream_usage) if assemble else payload
@@ -165,8 +163,8 @@ class Relay:
         finally:
             upstream.close()
         if assembly.error is not None:  # the model server failed mid-answer
-            raise ModelRefused(error_status(assembly.error),
-                               orjson.dumps({"error": assembly.error}))
+            status = error_status(assembly.error)
+            raise ModelRefused(status, openai_fields(status, assembly.error))
         return web.Response(body=orjson.dumps(assembly.answer()), content_type="application/json")
 
     async def fetch(self, backends: list[Backend], path: str, raw: bytes, stream: bool,
@@ -244,7 +242,7 @@ class Relay:
         if meter is not None and status == 200:
             meter.from_body(body)
         if status >= 400:
-            raise ModelRefused(status, body, upstream.headers.get("Retry-After"))
+            raise ModelRefused.from_body(status, body, upstream.headers.get("Retry-After"))
         return web.Response(status=status, body=body, headers={
             "Content-Type": upstream.headers.get("Content-Type", "application/json")})
 
@@ -331,12 +329,36 @@ class ModelRefused(OpenAIError):
     """A model server answered an error: passed on with its status (503: with when to retry),
     its message, type and code kept; rendered in the shape of the client's API."""
 
-    def __init__(self, status: int, body: bytes, retry_after: str | None = None) -> None:
-        error = orjson.loads(as_openai_error(status, body))["error"]
+    def __init__(self, status: int, error: dict[str, Any], retry_after: str | None = None
+                 ) -> None:
+        """error: OpenAI's error fields (openai_fields)."""
         headers = {"Retry-After": retry_after or str(ModelLoading.retry_after)} \
             if status == 503 else {}
         super().__init__(status, error["message"], code=error["code"], type=error["type"],
                          param=error["param"], headers=headers)
+
+    @classmethod
+    def from_body(cls, status: int, body: bytes, retry_after: str | None = None
+                  ) -> ModelRefused:
+        """From a model server's error body: its fields kept if it has OpenAI's, the text
+        wrapped otherwise."""
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+            return cls(status, openai_fields(status, parsed["error"]), retry_after)
+        text = body.decode(errors="replace").strip()[:200] or f"HTTP {status}"
+        return cls(status, error_body(f"Model server error: {text}", error_type(status),
+                                      "upstream_error")["error"], retry_after)
+
+
+def openai_fields(status: int, error: dict[str, Any]) -> dict[str, Any]:
+    """A model server's error object as OpenAI's fields: message, type, code (a string), param."""
+    code = error.get("code")
+    return {"message": str(error.get("message") or "Model server error"),
+            "type": str(error.get("type") or error_type(status)),
+            "code": None if code is None else str(code), "param": error.get("param")}
 
 
 def error_status(error: dict[str, Any]) -> int:
@@ -363,24 +385,6 @@ async def as_events(answer: web.Response, stream: web.StreamResponse) -> web.Str
     await stream.write(b"data: " + body.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n")
     await stream.write_eof()
     return stream
-
-
-def as_openai_error(status: int, body: bytes) -> bytes:
-    """An upstream's error body in OpenAI's shape: kept if it already is, wrapped otherwise."""
-    try:
-        parsed = orjson.loads(body)
-        if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-            err = parsed["error"]
-            message = str(err.get("message") or "Model server error")
-            kind = str(err.get("type") or error_type(status))
-            code = err.get("code")
-            return orjson.dumps(error_body(message, kind, None if code is None else str(code),
-                                           err.get("param")))
-    except orjson.JSONDecodeError:
-        pass
-    text = body.decode(errors="replace").strip()[:200] or f"HTTP {status}"
-    return orjson.dumps(error_body(f"Model server error: {text}",
-                                   error_type(status), "upstream_error"))
 
 
 RELAY = web.AppKey("relay", Relay)
