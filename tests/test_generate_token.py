@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.kit.helpers import REPO, Appliance, wait_until
+from tests.kit.helpers import REPO, Appliance, redis_servers_with, wait_until
 
 
 def generate(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -87,19 +87,6 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def redis_servers_for(sock: Path) -> list[int]:
-    """Live redis-server processes serving this socket path."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"redis-server" in cmdline and str(sock).encode() in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
 def post_many(base: str, credential: str, count: int) -> list[int]:
     async def run() -> list[int]:
         async def one(http: aiohttp.ClientSession) -> int:
@@ -139,10 +126,10 @@ def test_the_readme_sequence_keeps_one_redis_and_revocations_apply(tmp_path: Pat
         assert raw.headers["x-ratelimit-limit-requests"] == "60"
         assert raw.headers["x-ratelimit-limit-tokens"] == "20000"
         assert sock.exists()
-        assert len(redis_servers_for(sock)) == 1
+        assert len(redis_servers_with(sock)) == 1
     finally:
         assert app.stop() == 0
-    wait_until(lambda: not redis_servers_for(sock), 10, "Redis to stop with the appliance")
+    wait_until(lambda: not redis_servers_with(sock), 10, "Redis to stop with the appliance")
 
 
 def test_what_the_appliance_prints_works_when_pasted(tmp_path: Path) -> None:

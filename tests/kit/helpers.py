@@ -45,6 +45,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def redis_servers_with(path: Path) -> list[int]:
+    """Live redis-server processes whose command line names this path (a data dir, a
+    socket)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"redis-server" in cmdline and str(path).encode() in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

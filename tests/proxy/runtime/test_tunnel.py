@@ -21,7 +21,7 @@ import pytest
 
 from proxy.runtime.tunnel import forward_target
 from tests.conftest import Fake, ProxyFactory
-from tests.kit.helpers import REPO, Appliance, free_port, wait_until
+from tests.kit.helpers import REPO, Appliance, free_port, redis_servers_with, wait_until
 
 TOKEN = "2fakeNgrokAuthtoken_0123456789abcdefghij"  # shaped like one; never sent anywhere
 PUBLIC = "https://fake-tunnel.ngrok-free.app"
@@ -130,18 +130,6 @@ def get(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
         return exc.code, dict(exc.headers)
 
 
-def redis_servers_in(data_dir: Path) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"redis-server" in cmdline and str(data_dir).encode() in cmdline:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_the_tunnel_opens_after_the_listener_prints_its_url_and_closes_on_shutdown(
     tmp_path: Path,
 ) -> None:
@@ -193,7 +181,7 @@ def test_a_tunnel_ngrok_refuses_stops_the_appliance_with_one_line(tmp_path: Path
     # What had started was stopped: the listener, and the embedded Redis.
     with pytest.raises(OSError):
         urllib.request.urlopen(app.base + "/health", timeout=2)
-    wait_until(lambda: not redis_servers_in(app.data_dir), 10, "the embedded Redis to stop")
+    wait_until(lambda: not redis_servers_with(app.data_dir), 10, "the embedded Redis to stop")
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import openai
 
-from tests.kit.helpers import Appliance, pid_alive, wait_until
-from tests.test_generate_token import chat, generate, last_line, redis_servers_for
+from tests.kit.helpers import Appliance, pid_alive, redis_servers_with, wait_until
+from tests.test_generate_token import chat, generate, last_line
 
 
 def redis_pids(app: Appliance) -> list[int]:
@@ -67,7 +67,7 @@ async def test_the_appliance_takes_over_a_redis_it_only_shared(tmp_path: Path) -
                                 "the appliance to start its own Redis")
         key = last_line(await asyncio.to_thread(generate, data, "after", "--api-key"))
         assert (await asyncio.to_thread(chat, app.base, key)).strip()
-        assert len(redis_servers_for(data / "redis.sock")) == 1
+        assert len(redis_servers_with(data / "redis.sock")) == 1
         client = make_client(tool.url, 0.25)
         assert await client.get("llp:test") == "kept"  # the same append-only data
         await client.aclose()

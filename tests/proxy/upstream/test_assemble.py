@@ -5,11 +5,13 @@ proxy/upstream/assemble.py)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from proxy.upstream.assemble import Assembly, Events, assembly_for, stream_request
+
+E = TypeVar("E", bound=Events)
 
 
 def sse(*events: dict[str, Any] | str, end: bytes = b"\n\n") -> bytes:
@@ -29,13 +31,16 @@ USAGE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "m
                                   "total_tokens": 8}, "timings": {"predicted_n": 3}}
 
 
-def assembled(data: bytes, chat: bool = True, pieces: int = 7) -> Assembly:
+def in_pieces(whole: E, data: bytes, pieces: int) -> E:
     """Fed in awkward pieces: events and lines cut anywhere."""
-    whole = Assembly(chat)
     for at in range(0, len(data), pieces):
         whole.feed(data[at:at + pieces])
     whole.end()
     return whole
+
+
+def assembled(data: bytes, chat: bool = True, pieces: int = 7) -> Assembly:
+    return in_pieces(Assembly(chat), data, pieces)
 
 
 @pytest.mark.parametrize("end", [b"\n\n", b"\r\n\r\n"])
@@ -135,11 +140,7 @@ def typed(*events: dict[str, Any]) -> bytes:
 
 
 def fed(path: str, data: bytes, pieces: int = 5) -> Events:
-    whole = assembly_for(path)
-    for at in range(0, len(data), pieces):
-        whole.feed(data[at:at + pieces])
-    whole.end()
-    return whole
+    return in_pieces(assembly_for(path), data, pieces)
 
 
 def test_a_messages_stream_becomes_the_whole_message_with_text_thinking_and_a_tool_call(
