@@ -94,7 +94,8 @@ uninstall-service:
 	else echo "    kept $(SERVICE_DATA) (keys, conversations) and $(SERVICE_HOME);" \
 	  "make uninstall-service PURGE=1 removes them too"; fi
 
-# A credential from generate_token.py, run as the service runs: its user, data dir and env file.
+# A credential from generate_token.py, run as the service runs: its user, data dir and env file
+# (where systemd is not PID 1, a container, through the imitation the tests start the unit with).
 service-token:
 	@if $(SYSTEMD_UP); then \
 	  $(SUDO) systemd-run --quiet --pipe --wait --collect --uid=$(SERVICE_USER) \
@@ -103,7 +104,7 @@ service-token:
 	    -E LLAMA_PROXY_CONFIG=$(SERVICE_ETC)/config.toml -E LLAMA_PROXY_DATA_DIR=$(SERVICE_DATA) \
 	    $(SERVICE_HOME)/.venv/bin/python generate_token.py $(ARGS); \
 	else \
-	  $(SUDO) $(SERVICE_HOME)/.venv/bin/python $(SERVICE_HOME)/systemd/imitate.py $(SERVICE_UNIT) \
+	  $(SUDO) $(SERVICE_HOME)/.venv/bin/python $(SERVICE_HOME)/tests/deploy/imitate.py $(SERVICE_UNIT) \
 	    -- $(SERVICE_HOME)/.venv/bin/python generate_token.py $(ARGS); \
 	fi
 

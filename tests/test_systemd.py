@@ -2,7 +2,7 @@
 
 systemd is not PID 1 on the machines these tests run on, so the unit is checked with
 `systemd-analyze verify` and `systemd-analyze security --offline=true`, and the installed service
-is started by systemd/imitate.py: the unit's user, environment file, state directory, mount
+is started by tests/deploy/imitate.py: the unit's user, environment file, state directory, mount
 sandbox, capabilities and seccomp filters, then its ExecStart. `make install-service` itself runs
 inside a private mount namespace whose /etc, /var and /opt are overlays on tmpfs, so it creates
 its user, files and directories there and nothing of it reaches this machine.
@@ -45,7 +45,7 @@ needs_analyze = pytest.mark.skipif(
 
 
 def imitate_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("imitate", REPO / "systemd" / "imitate.py")
+    spec = importlib.util.spec_from_file_location("imitate", REPO / "tests/deploy/imitate.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -311,7 +311,7 @@ def test_install_start_serve_stop_uninstall(host: Host, tmp_path: Path):
     script = ("for p in /var/lib/llama-proxy /tmp /opt/llama-proxy /etc /var/lib /usr/local; do "
               "touch $p/probe 2>/dev/null && rm $p/probe && echo $p; done; "
               "id -un; ls -A /home 2>/dev/null | wc -l")
-    probe = host.run(f"{HOME}/.venv/bin/python", f"{HOME}/systemd/imitate.py", INSTALLED, "--",
+    probe = host.run(f"{HOME}/.venv/bin/python", f"{HOME}/tests/deploy/imitate.py", INSTALLED, "--",
                      "/bin/sh", "-c", script)
     assert probe.stdout.split() == ["/var/lib/llama-proxy", "/tmp", USER, "0"], probe
 
@@ -319,7 +319,7 @@ def test_install_start_serve_stop_uninstall(host: Host, tmp_path: Path):
     log_path = tmp_path / "service.log"
     with log_path.open("wb") as log:
         service = subprocess.Popen(
-            host.argv(f"{HOME}/.venv/bin/python", f"{HOME}/systemd/imitate.py", INSTALLED),
+            host.argv(f"{HOME}/.venv/bin/python", f"{HOME}/tests/deploy/imitate.py", INSTALLED),
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     tree: dict[int, tuple[str, str]] = {}
     try:
@@ -354,6 +354,7 @@ def test_install_start_serve_stop_uninstall(host: Host, tmp_path: Path):
                    "the service's processes to be gone")
     finally:
         if service.poll() is None:
+            tree = tree or process_tree(service.pid)  # a failure before it was read leaks nothing
             service.kill()
             service.wait(10)
         for pid, started in tree.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run a unit's ExecStart the way systemd would, where systemd is not PID 1 (containers, CI).
 
-    imitate.py UNIT [--bind-ro PATH]... [-- COMMAND ARG...]
+    tests/deploy/imitate.py UNIT [--bind-ro PATH]... [-- COMMAND ARG...]
 
 As root: reads the unit, applies every restriction of it that plain Linux calls can reproduce,
 and execs its ExecStart (or COMMAND, as `systemd-run -p ...` would, for generate_token.py), so
