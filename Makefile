@@ -106,6 +106,8 @@ bench:
 	$(PY) -m bench.overhead --requests 2000
 	@echo "==> the chat page rendering a 2,000-token Markdown answer"
 	$(PY) -m bench.page
+	@echo "==> starting and swapping models: cold start, swap, warm, to the first token"
+	$(PY) -m bench.swap
 
 soak:
 	@echo "==> $(or $(SOAK_MINUTES),3) minutes of mixed, partly hostile traffic on loopback"

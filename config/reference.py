@@ -45,7 +45,7 @@ def _default(f: Field[Any]) -> str:
     if f.metadata.get("secret"):
         return "none (secret)"
     value = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
-    if value is None or value == []:
+    if value is None or value in ([], ()):
         return "none"
     if isinstance(value, bool):
         return "on" if value else "off"

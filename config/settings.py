@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-Kind = Literal["str", "int", "float", "path", "list", "choice", "bool"]
+from config.catalog import ModelEntry
+
+Kind = Literal["str", "int", "float", "path", "list", "choice", "bool", "table"]
 ENV_PREFIX = "LLAMA_PROXY_"
 
 
@@ -92,6 +94,30 @@ class Settings:
     )
     upstream_api_key: str | None = _opt(
         None, "str", "API key sent to --upstream servers", secret=True
+    )
+    # -- the model catalog: several models, started on demand (docs/models.md)
+    models: tuple[ModelEntry, ...] = _opt(
+        (), "table", "`[models.<id>]` tables, TOML only: `gguf` (a model run here) or `url` (a "
+        "server elsewhere, with `api_key`), and `llama_args`, `parallel`, `ctx_size`, "
+        "`cache_ram`, `ttl`, `startup_timeout` (the top-level settings are their defaults), "
+        "`aliases`, `preload`. Without any, the one model above is the catalog", flag=False,
+    )
+    max_loaded: int = _opt(0, "int", "supervised models running at once (0 = no cap)")
+    memory_budget: int = _opt(
+        0, "int", "MiB the running supervised models may take in all, estimated from each "
+        "model file, its KV cache and cache_ram, then measured (0 = no cap)"
+    )
+    ctx_size: int = _opt(
+        0, "int", "llama-server's --ctx-size, the total across its slots (0: not passed, so "
+        "each slot gets the model's trained context)"
+    )
+    cache_ram: int = _opt(
+        256, "int", "MiB of llama-server's host-RAM prompt cache per child (--cache-ram; its "
+        "own default is 8 GiB a process; 0 = off)"
+    )
+    ttl: float = _opt(
+        0.0, "float", "seconds a supervised catalog model may sit idle before it is stopped "
+        "(0 = never)"
     )
     # -- supervision
     startup_timeout: float = _opt(120.0, "float", "seconds llama-server may take to load")
@@ -255,8 +281,10 @@ class Settings:
 
     @property
     def supervise(self) -> bool:
-        """Run our own llama-server unless only upstreams were asked for."""
-        return self.model is not None or not self.upstreams
+        """Before the settings are resolved: whether the top-level settings name a model of
+        their own to run (unless only upstreams or only `[models]` tables were given). Once
+        resolved, every model is in `models`."""
+        return self.model is not None or not (self.upstreams or self.models)
 
     def masked(self) -> dict[str, Any]:
         """The effective settings as plain values with secrets hidden (for check-config)."""
@@ -269,8 +297,9 @@ class Settings:
                 value = [mask_secret(url) if urlsplit(url).password else url for url in value]
             elif isinstance(value, Path):
                 value = str(value)
+            elif f.name == "models":
+                value = [entry.public() for entry in value]
             out[f.name] = value
-        out["supervise"] = self.supervise
         return out
 
 

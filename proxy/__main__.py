@@ -32,10 +32,19 @@ def check_config(settings_dict: dict[str, object]) -> str:
 
     lines = []
     for key, value in settings_dict.items():
+        if key == "models":
+            continue
         if value is None:
             lines.append(f"# {key} = (unset)")
         else:
             lines.append(f"{key} = {orjson.dumps(value).decode()}")
+    lines.append("\n# the model catalog: the first is the default model")
+    for entry in settings_dict.get("models") or []:
+        assert isinstance(entry, dict)
+        name = entry.pop("id") or "(the upstreams' own)"
+        lines.append(f"\n[models.{orjson.dumps(name).decode()}]")
+        lines += [f"{key} = {orjson.dumps(value).decode()}" for key, value in entry.items()
+                  if value not in (None, [], ())]
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from proxy.api.admin import setup_admin
 from proxy.api.chat import ChatLimits, setup_chat
 from proxy.api.ledger import setup_ledger
 from proxy.api.metrics import Metrics, setup_metrics
+from proxy.api.models import setup_models
 from proxy.api.openapi import setup_openapi
 from proxy.api.page import setup_page
 from proxy.api.routes import setup_routes
@@ -30,7 +31,7 @@ from proxy.observe.logs import register_secret
 from proxy.state.files import prepare_data_dir
 from proxy.state.store import setup_store
 from proxy.upstream.apis import ROOT_PATHS
-from proxy.upstream.pool import setup_backends
+from proxy.upstream.pool import setup_backends, slots_for
 from proxy.upstream.relay import Timeouts, setup_relay
 from quota.windows import Limits
 
@@ -49,7 +50,7 @@ def trusted_proxies(settings: Settings) -> TrustedProxies:
 
 def create_app(settings: Settings, slots_from: Path | None = None,
                on_shutdown: Sequence[ShutdownHook] = ()) -> web.Application:
-    """slots_from: an extra --workers process borrows the model's slots from the first one.
+    """slots_from: an extra --workers process borrows the models from the first one.
     on_shutdown: run after this process's requests have drained (the workers', say)."""
     s = settings
     for secret in (s.upstream_api_key, s.admin_key, s.jwt_secret, s.redis_url,
@@ -69,17 +70,19 @@ def create_app(settings: Settings, slots_from: Path | None = None,
                dev_mode=is_loopback(s.host), admin_key=s.admin_key,
                key_cache_ttl=s.key_cache_ttl, fail_limit=s.auth_fail_limit,
                fail_window=s.auth_fail_window)
+    default = s.models[0]
+    # A request in a worker may wait for room, a start and a slot, all in the first process.
+    borrow = 2 * s.queue_timeout + float(max(m.startup_timeout or 0 for m in s.models))
     setup_quota(app, limits=limits_of(s), fail_open=s.limit_on_redis_down == "open",
-                default_max_tokens=s.limit_default_max_tokens, slots=s.admission_slots,
-                queue_max=s.queue_max, queue_timeout=s.queue_timeout, slots_from=slots_from,
+                default_max_tokens=s.limit_default_max_tokens,
+                cheap_slots=slots_for(default, s.admission_slots), queue_max=s.queue_max,
+                queue_timeout=s.queue_timeout, slots_from=slots_from, borrow_timeout=borrow,
                 stream_usage=s.upstream_stream_usage)
     timeouts = Timeouts(connect=s.connect_timeout, first_byte=s.first_byte_timeout,
                         idle=s.idle_timeout, request=s.request_timeout,
                         client_write=s.client_write_timeout)
     setup_relay(app, timeouts=timeouts, max_connections=s.upstream_connections)
-    setup_backends(app, child=s if s.supervise else None, upstreams=list(s.upstreams),
-                   upstream_key=s.upstream_api_key, check_timeout=s.connect_timeout,
-                   startup_grace=s.startup_timeout, health_interval=s.health_interval)
+    setup_backends(app, settings=s, lent=slots_from is not None)
     setup_routes(app, max_body=s.max_body_bytes, body_timeout=s.body_timeout,
                  sse_keepalive=s.sse_keepalive)
     setup_chat(app, limits=ChatLimits(max_message_chars=s.chat_max_message_chars,
@@ -90,6 +93,7 @@ def create_app(settings: Settings, slots_from: Path | None = None,
                ttl_s=s.chat_ttl_days * 86400, max_conversations=s.chat_max_conversations)
     setup_ledger(app, retention_days=s.usage_retention_days)
     setup_admin(app, issue=functools.partial(issue_token, s))
+    setup_models(app)
     setup_openapi(app)
     setup_page(app)
     setup_scrape(app, token=s.metrics_token, first_process=slots_from is None,

@@ -18,7 +18,7 @@ from aiohttp import web
 from config import ConfigError, Settings
 from config.paths import python_command
 from config.settings import default_data_dir
-from proxy.access.limits import QUEUE, describe_limits
+from proxy.access.limits import describe_limits
 from proxy.app import create_app, limits_of, trusted_proxies
 from proxy.edge.connection import EdgeLimits, EdgeRunner
 from proxy.edge.drain import ABORT_WAIT
@@ -30,7 +30,7 @@ from proxy.runtime.tunnel import (
     is_free_plan,
     open_tunnel,
 )
-from proxy.upstream.pool import SUPERVISOR
+from proxy.upstream.pool import CATALOG
 from proxy.workers import WorkerPool
 
 log = logging.getLogger("proxy")
@@ -57,6 +57,10 @@ class Running:
     base_url: str
     settings: Settings
     tls: Certificates | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.base_url.rsplit(":", 1)[1])
 
 
 def certificates(settings: Settings) -> Certificates | None:
@@ -174,9 +178,7 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
     print(limits, flush=True)
     _warn_if_open(settings)
     if pool is not None:
-        supervisor = running.app[SUPERVISOR]
-        await pool.start(int(base.rsplit(":", 1)[1]),
-                         supervisor.backend if supervisor else None, running.app[QUEUE])
+        await pool.start(running.port, running.app[CATALOG])
 
     announcer = asyncio.create_task(_announce_ready(running.app, base))
 
@@ -233,11 +235,11 @@ def _warn_if_open(settings: Settings) -> None:
 
 
 async def _announce_ready(app: web.Application, base: str) -> None:
-    supervisor = app[SUPERVISOR]
-    if supervisor is None:
+    model = app[CATALOG].models[0]
+    if model.supervisor is None or not model.entry.preload:
         return
-    await supervisor.ready.wait()
-    print(ready_hint(supervisor.settings, base), file=sys.stdout, flush=True)
+    await model.supervisor.ready.wait()
+    print(ready_hint(model.supervisor.settings, model.id, base), file=sys.stdout, flush=True)
 
 
 def _data_dir_flag(settings: Settings) -> str:
@@ -245,13 +247,13 @@ def _data_dir_flag(settings: Settings) -> str:
     return "" if settings.data_dir == default_data_dir() else f" --data-dir {settings.data_dir}"
 
 
-def ready_hint(settings: Settings, base: str) -> str:
+def ready_hint(settings: Settings, model: str, base: str) -> str:
     """Commands a user can paste as printed to get a first answer."""
     auth, first = "", ""
     if settings.auth == "required":
         first = (f"  TOKEN=$({python_command()} generate_token.py you 24{_data_dir_flag(settings)}"
                  " | tail -1)\n")
         auth = '-H "Authorization: Bearer $TOKEN" '
-    return (f"model {settings.model_alias} is ready: try\n{first}"
+    return (f"model {model} is ready: try\n{first}"
             f"  curl {base}/v1/chat/completions {auth}-H 'Content-Type: application/json' "
             "-d '{\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'")

@@ -1,9 +1,10 @@
 """--workers N: extra HTTP worker processes sharing the listening port (SO_REUSEPORT).
 
-The first process keeps everything stateful: the llama-server child, the embedded Redis and the
-model's slot queue. Each extra worker is the same appliance fronting that child as an upstream,
-using that Redis and borrowing slots from that queue (proxy/access/shared_slots.py), so credentials,
-limits, the bound on the model and the turn-taking are all shared. Workers get their settings
+The first process keeps everything stateful: the llama-server children, the embedded Redis and
+each model's slot queue. Each extra worker is the same appliance fronting those children as
+servers, using that Redis and borrowing each model (its start and its slots) from the first
+process (proxy/access/shared_slots.py), so credentials, limits, the bound on each model, the
+turn-taking and the decision to start or stop a model are all shared. Workers get their settings
 from an owner-only file, die with the first process (PR_SET_PDEATHSIG) and are restarted if they
 crash.
 """
@@ -27,8 +28,7 @@ from proxy.api.metrics import forget_process
 from proxy.runtime.child import ChildProcess, Phase, Restart
 from proxy.state.files import write_private
 from proxy.state.store import SOCKET
-from proxy.upstream.backends import Backend
-from quota.slots import FairQueue, SlotQueue
+from proxy.upstream.catalog import Catalog
 
 log = logging.getLogger("proxy.workers")
 SETTINGS_FILE = "worker-settings-{pid}.json"
@@ -36,14 +36,25 @@ SLOTS_SOCKET = "slots-{pid}.sock"  # named after the first process: two applianc
 RESTART_DELAY = 1.0
 
 
-def worker_settings(settings: Settings, port: int, child: Backend | None) -> dict[str, Any]:
-    """The settings of one extra worker: this appliance, minus the parts only one may run."""
+def worker_settings(settings: Settings, port: int, catalog: Catalog) -> dict[str, Any]:
+    """The settings of one extra worker: this appliance, minus the parts only one may run.
+    Each model run here is, to a worker, a server at its child's address (it asks this process
+    for it first, which starts it if it must); a pool of --upstream servers alone stays one."""
     values = {f.name: getattr(settings, f.name) for f in fields(settings)}
-    upstreams, key = list(settings.upstreams), settings.upstream_api_key
-    if child is not None:
-        upstreams, key = [child.base_url, *upstreams], child.api_key
+    models: dict[str, Any] = {}
+    for model in catalog.models:
+        if not model.entry.id:  # --upstream servers that name their own models
+            continue
+        child = model.child
+        urls = [b.base_url for b in model.backends]
+        key = child.api_key if child is not None else model.entry.api_key
+        table = {"url": urls, "api_key": key, "aliases": list(model.entry.aliases),
+                 "parallel": model.entry.parallel}
+        models[model.entry.id] = {k: v for k, v in table.items() if v is not None}
+    pool_only = not models
     values.update(
-        workers=1, model=None, llama_server=None, upstreams=upstreams, upstream_api_key=key,
+        workers=1, model=None, llama_server=None, models=models,
+        upstreams=list(settings.upstreams) if pool_only else [],
         redis_url=settings.redis_url or f"unix://{settings.data_dir / SOCKET}", port=port,
         health_interval=min(settings.health_interval, 1.0),
         tunnel="none", ngrok_authtoken=None,  # the first process runs the tunnel
@@ -85,18 +96,14 @@ class WorkerPool:
         self.children: list[ChildProcess] = []
         self._lender: SlotLender | None = None
 
-    async def start(self, port: int, child: Backend | None, queue: SlotQueue) -> None:
-        """port: the one we listen on; child: the supervised llama-server, if any; queue: the
-        slot queue, lent to the workers."""
+    async def start(self, port: int, catalog: Catalog) -> None:
+        """port: the one we listen on; catalog: the models, lent to the workers."""
         remove_stale_files(self.settings.data_dir)
-        slots_from = None
-        if isinstance(queue, FairQueue) and queue.slots > 0:
-            socket = self.settings.data_dir / SLOTS_SOCKET.format(pid=os.getpid())
-            self._lender = SlotLender(queue, socket)
-            await self._lender.start()
-            slots_from = str(self._lender.path)
-        config = {"settings": worker_settings(self.settings, port, child),
-                  "slots_from": slots_from}
+        socket = self.settings.data_dir / SLOTS_SOCKET.format(pid=os.getpid())
+        self._lender = SlotLender(catalog, socket)
+        await self._lender.start()
+        config = {"settings": worker_settings(self.settings, port, catalog),
+                  "slots_from": str(self._lender.path)}
         write_private(self.path, orjson.dumps(config).decode())
         command = [sys.executable, "-m", "proxy", "--worker-settings", str(self.path)]
         for index in range(1, self.settings.workers):

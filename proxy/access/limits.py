@@ -1,6 +1,7 @@
 """Quota at the edge: rate limits around one model request (admit or refuse, cap generation at
-what was reserved, meter the usage, settle afterwards), the slot queue in front of the model,
-and OpenAI's x-ratelimit-* headers. The rules themselves live in quota/."""
+what was reserved, meter the usage, settle afterwards), the model's slot queue (held through
+the catalog, which starts the model if it must), and OpenAI's x-ratelimit-* headers. The rules
+themselves live in quota/."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,15 +28,18 @@ from proxy.errors import speaks_anthropic
 from proxy.state.store import REDIS
 from proxy.upstream.apis import ALL_CAPS, Api
 from proxy.upstream.call import ModelCall
+from proxy.upstream.catalog import CatalogModel
+from proxy.upstream.pool import CATALOG
 from proxy.upstream.usage import UsageMeter, usage_requested, wants_usage_in_stream
 from quota.limiter import Limiter, RateLimited
-from quota.slots import Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout, SlotQueue
+from quota.slots import Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout
 from quota.windows import REQUEST_WINDOWS, WINDOW_NAMES, Admission, Limits
 
 LIMITER = web.AppKey("limiter", Limiter)
-QUEUE: web.AppKey[SlotQueue] = web.AppKey("queue")
+# An extra --workers process borrows each model (its start and its slots) from the first one.
+BORROWER = web.AppKey("borrower", SlotBorrower)
 # Token counts, the tokenizer, the chat template: no model slot, but a lane of their own as wide
-# as the model's, so a flood of huge ones cannot take all of llama-server's CPU.
+# as the default model's queue, so a flood of huge ones cannot take all of the model server's CPU.
 CHEAP_LANE = web.AppKey("cheap_lane", FairQueue)
 DEFAULT_MAX_TOKENS = web.AppKey("default_max_tokens", int)
 STREAM_USAGE = web.AppKey("stream_usage", bool)  # ask upstreams for usage in streams
@@ -44,26 +48,33 @@ BUSY_REASONS = {QueueFull: "full", QueueTimeout: "timeout", QueueClosed: "closed
 
 
 def setup_quota(app: web.Application, *, limits: Limits, fail_open: bool, default_max_tokens: int,
-                slots: int, queue_max: int, queue_timeout: float,
-                slots_from: Path | None = None, stream_usage: bool = True) -> None:
-    """Rate limits (on the store's Redis) and the slot queue; slots_from: an extra --workers
-    process borrows the first process's queue instead of keeping one. Call after setup_front
-    and setup_store."""
+                cheap_slots: int, queue_max: int, queue_timeout: float,
+                slots_from: Path | None = None, borrow_timeout: float = 0.0,
+                stream_usage: bool = True) -> None:
+    """Rate limits (on the store's Redis) and the lane of the cheap APIs; slots_from: an extra
+    --workers process borrows the first process's models (borrow_timeout: the longest the
+    first process may make a request wait). Call after setup_front and setup_store."""
     app[DEFAULT_MAX_TOKENS] = default_max_tokens
     app[STREAM_USAGE] = stream_usage
     app.cleanup_ctx.append(functools.partial(_limiter, limits, fail_open))
-    if slots_from is not None and slots > 0:
-        # A worker that lost the first process's queue shuts down; the first process restarts it.
-        borrower = SlotBorrower(slots_from, slots, queue_timeout,
+    if slots_from is not None:
+        # A worker that lost the first process's lender shuts down; the first one restarts it.
+        borrower = SlotBorrower(slots_from, borrow_timeout,
                                 on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
-        app[QUEUE] = borrower
+        app[BORROWER] = borrower
         app.cleanup_ctx.append(functools.partial(_borrowed, borrower))
-    else:
-        app[QUEUE] = FairQueue(slots, queue_max, queue_timeout)
-    app[CHEAP_LANE] = FairQueue(slots, queue_max, queue_timeout)
-    app[DRAIN].at_deadline.append(app[QUEUE].close)  # shutdown past its grace: no more waiting
-    app[DRAIN].at_deadline.append(app[CHEAP_LANE].close)
+        app[DRAIN].at_deadline.append(borrower.close)
+    app[CHEAP_LANE] = FairQueue(cheap_slots, queue_max, queue_timeout)
+    app[DRAIN].at_deadline.append(functools.partial(_close_queues, app))
     app.on_response_prepare.append(_stamp_limit_headers)
+
+
+def _close_queues(app: web.Application) -> None:
+    """Shutdown past its grace: no more waiting for a slot."""
+    app[CHEAP_LANE].close()
+    if CATALOG in app:
+        for model in app[CATALOG].models:
+            model.queue.close()
 
 
 async def _limiter(limits: Limits, fail_open: bool, app: web.Application
@@ -180,23 +191,34 @@ async def limited(call: ModelCall, raw: bytes, body: dict[str, Any]
 
 @asynccontextmanager
 async def model_slot(call: ModelCall) -> AsyncIterator[None]:
-    """A turn at the model, through the fair queue (when admission control is on); an API that
-    does not use the model's slots (tokenize, count tokens) waits in its own lane instead."""
+    """The model, started if it must be and held (never stopped while held), and a turn at it
+    through its fair queue; an API that takes no slot (tokenize, count tokens) waits in the
+    cheap lane instead. Which servers answer is known once the model is up."""
     app = call.request.app
-    queue = app[QUEUE] if call.api.slot else app[CHEAP_LANE]
-    if queue.slots <= 0:
-        yield
-        return
-    outcome = call.outcome
+    outcome, model, who = call.outcome, call.model, call.principal.id
     asked = time.perf_counter()
     try:
-        async with queue.slot(call.principal.id):
-            outcome.queue_wait = time.perf_counter() - asked
-            yield
+        async with _held(app, model, who, call.api.slot):
+            if call.api.slot or app[CHEAP_LANE].slots <= 0:
+                outcome.queue_wait = time.perf_counter() - asked
+                call.backends = model.ready_backends()
+                yield
+                return
+            async with app[CHEAP_LANE].slot(who):
+                outcome.queue_wait = time.perf_counter() - asked
+                call.backends = model.ready_backends()
+                yield
     except Busy as exc:
         if outcome.queue_wait is None:  # refused by the queue, not by something it guarded
             outcome.queue_refused = BUSY_REASONS.get(type(exc), "busy")
         raise
+
+
+def _held(app: web.Application, model: CatalogModel, who: str, slot: bool
+          ) -> AbstractAsyncContextManager[None]:
+    if BORROWER in app:
+        return app[BORROWER].use(model.id, who, slot)
+    return app[CATALOG].use(model, who, slot)
 
 
 def ratelimit_headers(admission: Admission, anthropic: bool = False) -> dict[str, str]:

@@ -1,15 +1,18 @@
-"""--workers N: the first process lends the model's slots to the other workers.
+"""--workers N: the first process lends its models to the other workers.
 
-The bound on requests reaching the model, and the turn-taking across principals, must hold across
-every worker, so there is one FairQueue, in the first process, and the extra workers borrow slots
-from it over an owner-only UNIX socket in the data dir. One process granting is simpler than
-leases in Redis: a grant is one local round trip, a waiter needs no polling, and a worker that
-dies gives its slots back the moment its connection closes.
+The bound on requests reaching each model, the turn-taking across principals and the decision to
+start or stop a model must hold across every worker, so they are made once, in the first
+process (its catalog and each model's FairQueue), and the extra workers borrow from it over an
+owner-only UNIX socket in the data dir. One process granting is simpler than leases in Redis: a
+grant is one local round trip, a waiter needs no polling, one start serves every worker, and a
+worker that dies gives its slots back the moment its connection closes.
 
-The protocol is JSON lines. Worker to lender: {"op": "acquire", "id": n, "who": principal},
-{"op": "release", "id": n} (for a slot held or still waited for: the lender knows which), and
-{"op": "stats", "id": n}. Lender to worker: {"id": n, "ok": true}, {"id": n, "busy": code,
-"message": text} or {"id": n, "stats": {...}}.
+The protocol is JSON lines. Worker to lender: {"op": "acquire", "id": n, "who": principal,
+"model": name, "slot": bool} (the model started if it must be, held, and one of its slots if
+slot), {"op": "release", "id": n} (for a lease granted or still waited for: the lender knows
+which), and {"op": "stats", "id": n}. Lender to worker: {"id": n, "ok": true}, {"id": n,
+"refused": kind, "message": text, "retry_after": s} or {"id": n, "stats": {...}}. An
+operator's {"op": "load" | "unload", "id": n, "model": name} is answered with the stats.
 """
 
 from __future__ import annotations
@@ -25,23 +28,61 @@ from typing import Any
 
 import orjson
 
-from quota.slots import SHUTTING_DOWN, Busy, FairQueue, QueueClosed, QueueFull, QueueTimeout
+from proxy.upstream.backends import ModelLoading, ModelNotFound, NoBackend
+from proxy.upstream.catalog import Catalog, NoRoom, Unloaded
+from quota.slots import SHUTTING_DOWN, Busy, QueueClosed, QueueFull, QueueTimeout
 
 log = logging.getLogger("proxy.slots")
 
 BUSY_ERRORS: dict[str, type[Busy]] = {e.code: e for e in (QueueFull, QueueTimeout, QueueClosed)}
-LENDER_GRACE = 5.0  # a borrower gives up this long after the lender's own queue timeout
-_HELD = object()  # a lease whose slot is granted (else its entry is the task waiting for it)
+LENDER_GRACE = 5.0  # a borrower gives up this long after the lender's own waits
+
+
+def refusal(exc: Exception) -> tuple[str, str, int]:
+    """An error of the lender's, as the borrower raises it again: kind, message, retry-after."""
+    match exc:
+        case Busy():
+            return exc.code, str(exc), exc.retry_after
+        case ModelNotFound():
+            return "model_not_found", str(exc.model), 0
+        case NoBackend():
+            return "backend_unavailable", exc.reasons, exc.retry_after
+        case ModelLoading() | NoRoom():
+            return type(exc).__name__, str(exc), exc.retry_after
+        case Unloaded():
+            return "Unloaded", str(exc), 0
+    raise exc
+
+
+def refused(kind: str, message: str, retry_after: int) -> Exception:
+    if kind in BUSY_ERRORS:
+        return BUSY_ERRORS[kind](message)
+    if kind == "model_not_found":
+        return ModelNotFound(message)
+    error: Exception
+    if kind == "backend_unavailable":
+        error = NoBackend(message)
+    elif kind == "NoRoom":
+        error = NoRoom(message)
+    elif kind == "ModelLoading":
+        error = ModelLoading(message)
+    elif kind == "Unloaded":
+        error = Unloaded(message)
+    else:
+        error = Busy(message)
+    error.retry_after = retry_after  # type: ignore[attr-defined]
+    return error
 
 
 class SlotLender:
-    """Serves the first process's FairQueue to the extra workers."""
+    """Serves the first process's catalog to the extra workers."""
 
-    def __init__(self, queue: FairQueue, path: Path) -> None:
-        self.queue = queue
+    def __init__(self, catalog: Catalog, path: Path) -> None:
+        self.catalog = catalog
         self.path = path
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)  # named after our pid: a stale one is ours to remove
@@ -65,12 +106,17 @@ class SlotLender:
                 message = orjson.loads(line)
                 lease = message["id"]
                 if message["op"] == "acquire":
-                    leases[lease] = asyncio.create_task(
-                        self._grant(writer, leases, lease, str(message["who"])))
+                    leases[lease] = asyncio.create_task(self._grant(
+                        writer, leases, lease, str(message["who"]), message.get("model"),
+                        bool(message.get("slot", True))))
                 elif message["op"] == "release":
                     self._end(leases.pop(lease, None))
-                else:
-                    _send(writer, {"id": lease, "stats": await self.queue.stats()})
+                elif message["op"] == "stats":
+                    _send(writer, {"id": lease, "stats": await self.stats()})
+                else:  # an operator's load or unload, asked of a worker
+                    self._tasks.add(task := asyncio.create_task(self._operate(
+                        writer, lease, message["op"], message.get("model"))))
+                    task.add_done_callback(self._tasks.discard)
         except (ConnectionError, orjson.JSONDecodeError, KeyError) as exc:
             log.warning("slot lender: a worker's connection failed (%s)", type(exc).__name__)
         finally:
@@ -79,20 +125,38 @@ class SlotLender:
             writer.close()
             self._writers.discard(writer)
 
+    async def stats(self) -> dict[str, Any]:
+        return {**await self.catalog.admin(), "status": self.catalog.status()}
+
     async def _grant(self, writer: asyncio.StreamWriter, leases: dict[int, Any], lease: int,
-                     who: str) -> None:
+                     who: str, name: str | None, slot: bool) -> None:
         try:
-            await self.queue.acquire(who)
-        except Busy as exc:
+            model = self.catalog.find(name)
+            held = await self.catalog.enter(model, who, slot)
+        except Exception as exc:
             leases.pop(lease, None)
-            _send(writer, {"id": lease, "busy": exc.code, "message": str(exc)})
+            kind, message, retry_after = refusal(exc)
+            _send(writer, {"id": lease, "refused": kind, "message": message,
+                           "retry_after": retry_after})
             return
-        leases[lease] = _HELD  # no await since the grant: a release now finds it held
+        leases[lease] = (model, held)  # no await since the grant: a release now finds it
         _send(writer, {"id": lease, "ok": True})
 
+    async def _operate(self, writer: asyncio.StreamWriter, lease: int, op: str,
+                       name: str | None) -> None:
+        try:
+            model = self.catalog.find(name)
+            await (self.catalog.load(model) if op == "load" else self.catalog.unload(model))
+        except Exception as exc:
+            kind, message, retry_after = refusal(exc)
+            _send(writer, {"id": lease, "refused": kind, "message": message,
+                           "retry_after": retry_after})
+            return
+        _send(writer, {"id": lease, "stats": await self.catalog.admin()})
+
     def _end(self, entry: Any) -> None:
-        if entry is _HELD:
-            self.queue.release()
+        if isinstance(entry, tuple):
+            self.catalog.leave(*entry)
         elif isinstance(entry, asyncio.Task):
             entry.cancel()  # still waiting; if granted this very turn, the queue passes it on
 
@@ -103,13 +167,13 @@ def _send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
 
 
 class SlotBorrower:
-    """A worker's view of the first process's queue, with the FairQueue's interface."""
+    """A worker's view of the first process's catalog: use() as Catalog.use()."""
 
-    def __init__(self, path: Path, slots: int, timeout: float,
-                 on_lost: Callable[[], None]) -> None:
-        """on_lost: called if the lender goes away while we still serve (the worker restarts)."""
+    def __init__(self, path: Path, timeout: float, on_lost: Callable[[], None]) -> None:
+        """timeout: the longest the lender may make a request wait (for room, a start and a
+        slot); on_lost: called if the lender goes away while we still serve (the worker
+        restarts)."""
         self.path = path
-        self.slots = slots
         self.timeout = timeout
         self.on_lost = on_lost
         self.closed = False
@@ -131,12 +195,12 @@ class SlotBorrower:
             await asyncio.gather(self._reader, return_exceptions=True)
 
     @asynccontextmanager
-    async def slot(self, who: str) -> AsyncIterator[None]:
+    async def use(self, model: str, who: str, slot: bool) -> AsyncIterator[None]:
         lease = next(self._ids)
-        reply = await self._ask({"op": "acquire", "id": lease, "who": who},
-                                self.timeout + LENDER_GRACE)
-        if "busy" in reply:
-            raise BUSY_ERRORS.get(reply["busy"], Busy)(reply["message"])
+        reply = await self._ask({"op": "acquire", "id": lease, "who": who, "model": model,
+                                 "slot": slot}, self.timeout + LENDER_GRACE)
+        if "refused" in reply:
+            raise refused(reply["refused"], reply["message"], int(reply["retry_after"]))
         try:
             yield
         finally:
@@ -146,8 +210,16 @@ class SlotBorrower:
         try:
             reply = await self._ask({"op": "stats", "id": next(self._ids)}, 2.0)
         except Busy:
-            return {"slots": self.slots, "shared": True, "lender": "unreachable"}
-        return {**reply["stats"], "shared": True}
+            return {"models": [], "status": "down", "lender": "unreachable"}
+        return reply["stats"]
+
+    async def operate(self, op: str, model: str) -> dict[str, Any]:
+        """An operator's load or unload, done by the first process: its catalog's view."""
+        reply = await self._ask({"op": op, "id": next(self._ids), "model": model},
+                                self.timeout + LENDER_GRACE)
+        if "refused" in reply:
+            raise refused(reply["refused"], reply["message"], int(reply["retry_after"]))
+        return reply["stats"]
 
     def close(self) -> None:
         """Shutting down: pending requests are refused (the lender releases what they had)."""

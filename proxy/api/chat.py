@@ -30,7 +30,7 @@ from proxy.state.conversations import ID, Conversations, new_id
 from proxy.state.store import REDIS
 from proxy.upstream.backends import Backend, UpstreamBroke
 from proxy.upstream.call import ModelCall
-from proxy.upstream.pool import POOL
+from proxy.upstream.catalog import CatalogModel
 from proxy.upstream.relay import HTTP_CLIENT, RELAY, ModelRefused, is_stream
 from proxy.upstream.usage import UsageMeter
 
@@ -97,15 +97,22 @@ def estimate(text: str) -> int:
 FALLBACK_CONTEXT = 2048
 
 
-async def context_of(request: web.Request, backend: Backend, configured: int) -> int:
-    """The context of one model slot: the setting, or (0) what llama-server's /props says,
-    asked once per backend; 2048 when it cannot tell."""
+async def context_of(request: web.Request, model: CatalogModel, configured: int) -> int:
+    """The context of one model slot: the setting, or its catalog entry's ctx_size over its
+    slots, or what llama-server's /props says (asked once per server, once it runs); 2048
+    when none can tell yet."""
     if configured:
         return configured
+    entry = model.entry
+    if entry.ctx_size and entry.parallel:
+        return entry.ctx_size // entry.parallel
+    up = model.ready_backends()
+    if not up:  # not running yet: asked again next time
+        return FALLBACK_CONTEXT
     known = request.app[CONTEXTS]
-    if backend.name not in known:
-        known[backend.name] = await _ask_context(request.app[HTTP_CLIENT], backend)
-    return known[backend.name]
+    if up[0].name not in known:
+        known[up[0].name] = await _ask_context(request.app[HTTP_CLIENT], up[0])
+    return known[up[0].name]
 
 
 async def _ask_context(client: ClientSession, backend: Backend) -> int:
@@ -221,8 +228,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         history = found.messages
     cid = cid or new_id()
     call = model_call(request, PATH, ask.model, ask.stream)
-    model = ask.model or next(iter(request.app[POOL].model_ids()), "")
-    context = await context_of(request, call.backends[0], limits.context_tokens)
+    model = ask.model or call.model.id
+    context = await context_of(request, call.model, limits.context_tokens)
     payload: dict[str, Any] = {"messages": fit(history, ask.message, context, ask.max_tokens),
                                "max_tokens": ask.max_tokens, "stream": ask.stream}
     if ask.model:

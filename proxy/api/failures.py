@@ -26,6 +26,7 @@ from proxy.upstream.backends import (
     UpstreamUnreachable,
     upstream_error,
 )
+from proxy.upstream.catalog import NoRoom
 from quota.limiter import LimitsUnavailable, RateLimited
 from quota.slots import Busy
 from quota.windows import WINDOW_NAMES
@@ -68,8 +69,10 @@ def to_openai(exc: BaseException, request: web.Request) -> OpenAIError | None:
             return OpenAIError(404, f"The model `{exc.model}` does not exist",
                                code="model_not_found", param="model")
         case ModelLoading():
-            return _unavailable("The model is loading; retry shortly", "model_loading",
-                                exc.retry_after)
+            return _unavailable(str(exc) or "The model is loading; retry shortly",
+                                "model_loading", exc.retry_after)
+        case NoRoom():
+            return _unavailable(str(exc), "no_room_for_model", exc.retry_after)
         case NoBackend():
             return _unavailable(f"No model server is available ({exc.reasons})",
                                 "backend_unavailable", exc.retry_after)

@@ -39,6 +39,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # 1 ms to 60 s: the relay's own cost at the bottom, a long generation at the top.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
            30.0, 60.0)
+MODEL_STATES = ("loaded", "loading", "unloaded", "failed")
 STATES = tuple(state.value for state in State)
 
 
@@ -68,15 +69,30 @@ class Metrics:
                                    "stopped reading a stream (write_timeout)",
                                    ["reason"], registry=r)
         self.queue_waiting = Gauge(p + "queue_waiting", "Requests waiting for a model slot",
-                                   registry=r, multiprocess_mode="livemax")
-        self.slots_busy = Gauge(p + "slots_busy", "Model slots in use", registry=r,
+                                   ["model"], registry=r, multiprocess_mode="livemax")
+        self.slots_busy = Gauge(p + "slots_busy", "Model slots in use", ["model"], registry=r,
                                 multiprocess_mode="livemax")
-        self.slots = Gauge(p + "slots", "Model slots (admission_slots)", registry=r,
-                           multiprocess_mode="livemax")
+        self.slots = Gauge(p + "slots", "Model slots (admission_slots, or the model's "
+                           "parallel)", ["model"], registry=r, multiprocess_mode="livemax")
         self.queue_max = Gauge(p + "queue_max", "Requests that may wait for a slot "
-                               "(queue_max)", registry=r, multiprocess_mode="livemax")
-        self.queue_wait = Histogram(p + "queue_wait_seconds", "Time waited for a model slot",
-                                    buckets=BUCKETS, registry=r)
+                               "(queue_max)", ["model"], registry=r, multiprocess_mode="livemax")
+        self.queue_wait = Histogram(p + "queue_wait_seconds", "Time waited for a model slot "
+                                    "(and for the model to start)", ["model"], buckets=BUCKETS,
+                                    registry=r)
+        self.model_state = Gauge(p + "model_state", "1 for the state each catalog model is in",
+                                 ["model", "state"], registry=r, multiprocess_mode="livemax")
+        self.model_loads = Counter(p + "model_loads", "Starts of a catalog model that came up",
+                                   ["model"], registry=r)
+        self.model_load_seconds = Counter(p + "model_load_seconds", "Seconds catalog models "
+                                          "took to come up, in all", ["model"], registry=r)
+        self.model_evictions = Counter(p + "model_evictions", "Catalog models stopped, by "
+                                       "reason (idle, room, unload)", ["model", "reason"],
+                                       registry=r)
+        self.model_swap_waits = Counter(p + "model_swap_waits", "Requests that waited for "
+                                        "their model to start", ["model"], registry=r)
+        self.model_memory = Gauge(p + "model_memory_mib", "Memory a catalog model is counted "
+                                  "for (estimated) and takes (measured, while it runs)",
+                                  ["model", "kind"], registry=r, multiprocess_mode="livemax")
         self.queue_refusals = Counter(p + "queue_refusals", "Requests refused by the slot "
                                       "queue (full, timeout, closed)", ["reason"], registry=r)
         self.rate_limited = Counter(p + "rate_limited", "Requests refused by a rate-limit "
@@ -122,7 +138,7 @@ class Metrics:
         if outcome.first_token is not None:
             self.ttft.labels(route, model).observe(outcome.first_token)
         if outcome.queue_wait is not None:
-            self.queue_wait.observe(outcome.queue_wait)
+            self.queue_wait.labels(model).observe(outcome.queue_wait)
         if outcome.limit not in ("", "ok", "local"):
             self.rate_limited.labels(outcome.limit).inc()
         if outcome.auth_failure:
@@ -149,13 +165,19 @@ class Metrics:
                 self.backend_state.labels(backend.name, state).set(
                     1 if backend.state.value == state else 0)
 
-    def queue(self, stats: dict[str, object]) -> None:
+    def queue(self, model: str, stats: dict[str, object]) -> None:
         slots, free, waiting, most = (_int(stats.get(k)) for k in (
             "slots", "free", "waiting", "max_waiting"))
-        self.slots.set(slots)
-        self.queue_max.set(most)
-        self.slots_busy.set(max(slots - free, 0))
-        self.queue_waiting.set(waiting)
+        self.slots.labels(model).set(slots)
+        self.queue_max.labels(model).set(most)
+        self.slots_busy.labels(model).set(max(slots - free, 0))
+        self.queue_waiting.labels(model).set(waiting)
+
+    def model(self, model: str, state: str, estimated: int, measured: int | None) -> None:
+        for each in MODEL_STATES:
+            self.model_state.labels(model, each).set(1 if each == state else 0)
+        self.model_memory.labels(model, "estimated").set(estimated)
+        self.model_memory.labels(model, "measured").set(measured or 0)
 
     # -- a scrape ------------------------------------------------------------------------------
     def render(self, fetched: list[Metric]) -> bytes:

@@ -105,6 +105,12 @@ def _admin(summary: str, *, body: dict[str, Any] | None = None, ok: str = "200",
     return operation
 
 
+def _model_admin(summary: str, errors: dict[str, Any]) -> dict[str, Any]:
+    operation = _admin(summary, path_param="model")
+    operation["responses"].update({"404": _error("no such model"), **errors})
+    return operation
+
+
 OPEN_OBJECT: dict[str, Any] = {"type": "object", "additionalProperties": True}
 STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}, "nullable": True}
 COUNT = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT, "nullable": True}
@@ -225,7 +231,8 @@ def document() -> dict[str, Any]:
             "/apply-template": {"post": _model_request("Messages through the chat template", {
                 "messages": {}}, slot=False)},
             "/v1/models": {"get": {
-                "summary": "The model ids clients pass as `model`", "security": SECURED,
+                "summary": "The model ids clients pass as `model`, each with its `state` "
+                           "(loaded, loading, unloaded, failed)", "security": SECURED,
                 "responses": {"200": {"description": "the models",
                                       "content": {JSON: {"schema": OPEN_OBJECT}}},
                               **AUTH_ERRORS}}},
@@ -301,6 +308,13 @@ def document() -> dict[str, Any]:
                     scopes=STRINGS, models=STRINGS, rpm=COUNT, tpm=COUNT)),
             },
             "/admin/tokens/{jti}": {"delete": _admin("Revoke a JWT by its id", path_param="jti")},
+            "/admin/models": {"get": _admin("The catalog: each model's state, memory, use, "
+                                            "loads and failures")},
+            "/admin/models/{model}/load": {"post": _model_admin(
+                "Start a model (waits until it is up)", {"503": _error(
+                    "no room (what runs is in use), or its start failed", retry_after=True)})},
+            "/admin/models/{model}/unload": {"post": _model_admin(
+                "Stop a model run here", {"409": _error("requests hold it, or it is remote")})},
             "/v1/usage": {"get": _usage("The caller's own usage per day", SECURED, False)},
             "/admin/usage": {"get": _usage("Anyone's usage per day", [{"bearer": []}], True)},
             # No security here: open to this host (the case a checker on loopback sees); from

@@ -13,13 +13,13 @@ from aiohttp import web
 
 from auth.errors import NotPermitted
 from proxy.access.authn import PRINCIPAL
-from proxy.access.limits import LIMITER, QUEUE, limited, model_slot
+from proxy.access.limits import BORROWER, LIMITER, limited, model_slot
 from proxy.errors import OpenAIError
 from proxy.observe.outcome import outcome_of
 from proxy.upstream.apis import APIS, api_of
 from proxy.upstream.call import ModelCall
 from proxy.upstream.heartbeat import Heartbeat
-from proxy.upstream.pool import POOL
+from proxy.upstream.pool import CATALOG
 from proxy.upstream.relay import RELAY
 
 CAN_SERVE = ("ok", "degraded")
@@ -72,14 +72,11 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def check_model_allowed(request: web.Request, model: str | None) -> None:
-    """A credential with a model allow-list may use only those (the default model included)."""
-    principal = request[PRINCIPAL]
-    if principal.models is None:
-        return
-    effective = model or next(iter(request.app[POOL].model_ids()), None)
-    if not principal.may_use(effective):
-        raise NotPermitted(f"This credential may not use the model `{effective}`",
+def check_model_allowed(request: web.Request, served: str) -> None:
+    """A credential with a model allow-list may use only those (the default model included;
+    an alias is allowed when the id it stands for is)."""
+    if not request[PRINCIPAL].may_use(served):
+        raise NotPermitted(f"This credential may not use the model `{served}`",
                            code="model_not_allowed", param="model")
 
 
@@ -92,18 +89,19 @@ def model_endpoint(path: str) -> Any:
 
 
 def model_call(request: web.Request, path: str, model: str | None, stream: bool) -> ModelCall:
-    """The call to a model, for every API: the credential's model allow-list and the choice of
-    backends come first, so a refusal there costs the caller nothing. No model named: the
-    default one (the first served)."""
-    pool = request.app[POOL]
-    model = model or next(iter(pool.model_ids()), None)
-    # The allow-list is checked against the model that would answer: with one model served,
-    # any name reaches it, and a credential allowed only "gpt-4" must not get it that way.
-    check_model_allowed(request, pool.served(model, pool.serving(model)) or model)
-    backends = pool.choose(model)
+    """The call to a model, for every API: the credential's model allow-list, and whether the
+    model can answer at all, come first, so a refusal there costs the caller nothing. No model
+    named: the default one (the catalog's first)."""
+    catalog = request.app[CATALOG]
+    chosen = catalog.find(model)
+    # Checked against the model that would answer: with one model served, any name reaches
+    # it, and a credential allowed only "gpt-4" must not get it that way.
+    served = catalog.served(model)
+    check_model_allowed(request, served)
+    catalog.refuse_early(chosen)
     outcome = outcome_of(request)
-    outcome.model, outcome.stream = pool.served(model, backends), stream
-    return ModelCall(request, request[PRINCIPAL], path, stream, backends)
+    outcome.model, outcome.stream = served, stream
+    return ModelCall(request, request[PRINCIPAL], path, stream, chosen)
 
 
 async def model_request(request: web.Request, path: str) -> web.StreamResponse:
@@ -149,25 +147,40 @@ def heartbeat(request: web.Request, stream: bool) -> Heartbeat:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """What the caller may use, each with its state (loaded, loading, unloaded, failed)."""
     principal = request[PRINCIPAL]
-    data = [{"id": m, "object": "model", "created": _STARTED, "owned_by": "llama-proxy"}
-            for m in request.app[POOL].model_ids() if principal.may_use(m)]
+    states = {row["id"]: row["state"] for row in (await models_public(request.app))["models"]}
+    catalog = request.app[CATALOG]
+    data = [{"id": m, "object": "model", "created": _STARTED, "owned_by": "llama-proxy",
+             "state": states.get(catalog.find(m).id, "loaded")}
+            for m in catalog.model_ids() if principal.may_use(m)]
     return json_response({"object": "list", "data": data})
 
 
+async def models_public(app: web.Application) -> dict[str, Any]:
+    """Each model's state and queue, and whether the appliance can serve: this process's
+    catalog, or (an extra --workers process) the first process's, which runs them."""
+    if BORROWER in app:
+        return await app[BORROWER].stats()
+    catalog = app[CATALOG]
+    return {"models": [{**m.public(), "queue": await m.queue.stats()} for m in catalog.models],
+            "status": catalog.status()}
+
+
 async def health(request: web.Request) -> web.Response:
-    pool = request.app[POOL]
-    status = pool.status()
-    models = pool.model_ids()
-    body = {"status": status, "model": models[0] if models else None,
-            "backends": [b.public() for b in pool.backends],
-            "queue": await request.app[QUEUE].stats(),
+    catalog = request.app[CATALOG]
+    models = await models_public(request.app)
+    status = models["status"]
+    rows = models["models"]
+    body = {"status": status, "model": rows[0]["id"] if rows else None,
+            "models": rows, "backends": [b.public() for b in catalog.backends()],
+            "queue": rows[0]["queue"] if rows else None,
             "limits": "local" if request.app[LIMITER].degraded else "redis"}
     return json_response(body, 200 if status in CAN_SERVE else 503)
 
 
 async def ready(request: web.Request) -> web.Response:
-    can = request.app[POOL].status() in CAN_SERVE
+    can = (await models_public(request.app))["status"] in CAN_SERVE
     return json_response({"ready": can}, 200 if can else 503)
 
 

@@ -23,11 +23,11 @@ from prometheus_client.core import Metric
 from auth.principal import ADMIN
 from config.loader import is_loopback
 from proxy.access.authn import authorize
-from proxy.access.limits import LIMITER, QUEUE
+from proxy.access.limits import LIMITER
 from proxy.api.metrics import CONTENT_TYPE, METRICS, Metrics, relabel
 from proxy.edge.forwarded import client_address
 from proxy.upstream.backends import Backend, State
-from proxy.upstream.pool import POOL, SUPERVISOR
+from proxy.upstream.pool import CATALOG
 from proxy.upstream.relay import HTTP_CLIENT
 
 log = logging.getLogger("proxy.metrics")
@@ -68,7 +68,8 @@ async def scrape(request: web.Request) -> web.Response:
         await authorize(request, ADMIN)
     metrics = request.app[METRICS]
     await sample(request.app)
-    fetched = await fetch_all(request.app[HTTP_CLIENT], request.app[POOL].backends, metrics)
+    fetched = await fetch_all(request.app[HTTP_CLIENT], request.app[CATALOG].backends(),
+                              metrics)
     return web.Response(body=metrics.render(fetched), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -103,15 +104,26 @@ async def sample(app: web.Application) -> None:
     _count_up(app, metrics.limit_round_trips, "limit_round_trips", limiter.round_trips)
     if not app[FIRST]:
         return
-    metrics.queue(await app[QUEUE].stats())
-    metrics.backends(app[POOL].backends)
-    supervisor = app.get(SUPERVISOR)
-    if supervisor is not None:
-        _count_up(app, metrics.child_restarts.labels("llama-server"), "restarts:llama-server",
-                  supervisor.child.restarts)
+    catalog = app[CATALOG]
+    metrics.backends(catalog.backends())
+    for model in catalog.models:
+        name = model.id
+        metrics.queue(name, await model.queue.stats())
+        metrics.model(name, model.state, model.estimate_mib, model.measured_mib)
+        for counter, key, total in (
+                (metrics.model_loads.labels(name), "loads", model.loads),
+                (metrics.model_load_seconds.labels(name), "load_seconds", model.load_seconds),
+                (metrics.model_swap_waits.labels(name), "swap_waits", model.swap_waits),
+                *((metrics.model_evictions.labels(name, why), f"evictions:{why}", n)
+                  for why, n in model.evictions.items())):
+            _count_up(app, counter, f"{key}:{name}", total)
+        if model.supervisor is not None:
+            child = model.supervisor.backend.name
+            _count_up(app, metrics.child_restarts.labels(child), f"restarts:{child}",
+                      model.supervisor.child.restarts)
 
 
-def _count_up(app: web.Application, counter: Any, name: str, total: int) -> None:
+def _count_up(app: web.Application, counter: Any, name: str, total: float) -> None:
     """A counter kept elsewhere as a running total: add what is new since the last look."""
     seen = app[_SEEN]
     if total > seen.get(name, 0):

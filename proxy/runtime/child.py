@@ -94,6 +94,7 @@ class ChildProcess:
         self._first_awaited = False
         self._stopping = asyncio.Event()
         self._crashes: list[float] = []
+        self._settled: list[asyncio.Future[None]] = []
         self.restarts = 0  # restarts after it ended, for the metrics
 
     @property
@@ -260,9 +261,26 @@ class ChildProcess:
                 self.tail.append(line)
                 self.on_line(line)
 
+    async def settled(self) -> Phase:
+        """Until it is ready, or has failed or stopped (at once if it already is)."""
+        while self.phase is Phase.STARTING:
+            waiter = asyncio.get_running_loop().create_future()
+            self._settled.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._settled:
+                    self._settled.remove(waiter)
+        return self.phase
+
     def _set(self, phase: Phase, reason: str | None = None) -> None:
         self.phase, self.reason = phase, reason
         self.on_phase(phase, reason)
+        if phase is not Phase.STARTING:
+            waiters, self._settled = self._settled, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _settle_first(self, ready: bool) -> None:
         if self._first is not None and not self._first.done():

@@ -140,3 +140,66 @@ def test_the_python_command_is_one_a_user_can_type(monkeypatch: pytest.MonkeyPat
     assert python_command() == ".venv/bin/python"
     monkeypatch.setattr(sys, "executable", "/opt/venv/bin/python")
     assert python_command() == "/opt/venv/bin/python"
+
+
+def test_a_catalog_takes_the_top_level_settings_as_its_defaults(tmp_path: Path) -> None:
+    model = bundled_model()
+    assert model is not None
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.gguf").write_bytes(model.read_bytes()[:64])
+    cfg = write(tmp_path / "c.toml", f"""parallel = 3
+cache_ram = 128
+ttl = 30
+max_loaded = 2
+
+[models.coder]
+gguf = "models/m.gguf"
+aliases = ["gpt-4o"]
+ctx_size = 4096
+ttl = 0
+
+[models.remote]
+url = "https://gpu.example/v1/"
+api_key = "sk-secret-remote"
+
+[models.only-gguf]
+gguf = "{model}"
+""")
+    s = load_settings({"config": str(cfg)}, env={})
+    coder, remote, only = s.models  # tables alone: the bundled model is not added
+    assert not s.supervise and s.max_loaded == 2
+    assert coder.gguf == tmp_path / "models" / "m.gguf"  # relative to the config file
+    assert (coder.parallel, coder.cache_ram, coder.ttl, coder.ctx_size) == (3, 128, 0, 4096)
+    assert coder.aliases == ("gpt-4o",) and not coder.preload
+    assert remote.urls == ("https://gpu.example",) and remote.parallel is None
+    assert (only.parallel, only.cache_ram, only.ttl, only.llama_args) == (3, 128, 30, ())
+    # --model beside the tables: that model first, the default, started with the appliance
+    both = load_settings({"config": str(cfg), "model": str(model)}, env={})
+    assert [m.id for m in both.models] == ["SmolLM2-135M-Instruct.Q4_1", "coder", "remote",
+                                           "only-gguf"]
+    assert both.models[0].preload
+
+
+@pytest.mark.parametrize(("table", "setting"), [
+    ('[models.x]\nllama_args = ["-c", "8"]', "models.x"),  # neither gguf nor url
+    ('[models.x]\ngguf = "/no/such.gguf"', "models.x.gguf"),
+    ('[models.x]\nurl = "ftp://host/"', "models.x.url"),
+    ('[models.x]\nurl = "http://h"\ngguf = "/m.gguf"', "models.x"),
+    ('[models.x]\nurl = "http://h"\nttl = -1', "models.x.ttl"),
+    ('[models.x]\nurl = "http://h"\nparallel = "2"', "models.x.parallel"),
+    ('[models.x]\nurl = "http://h"\nflavour = 1', "models.x.flavour"),
+    ('[models.x]\nurl = "http://h"\n[models.y]\nurl = "http://h"\naliases = ["x"]', "models.y"),
+    ('[models."bad id!"]\nurl = "http://h"', "models.bad id!"),
+    ('models = 3', "models"),
+])
+def test_a_bad_catalog_entry_is_named(tmp_path: Path, table: str, setting: str) -> None:
+    cfg = write(tmp_path / "c.toml", table + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings({"config": str(cfg)}, env={})
+    assert err.value.setting == setting, str(err.value)
+
+
+def test_the_catalog_is_set_in_the_config_file_only() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings({}, env={"LLAMA_PROXY_MODELS": "x"})
+    assert "config file only" in str(err.value)

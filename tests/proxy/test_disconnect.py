@@ -17,9 +17,9 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.access.limits import QUEUE, prompt_tokens
+from proxy.access.limits import prompt_tokens
 from proxy.server import Running
-from proxy.upstream.pool import POOL
+from proxy.upstream.pool import CATALOG
 from tests.conftest import Fake, Llama, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body
 from tests.kit.helpers import eventually
@@ -94,7 +94,7 @@ async def gone_line(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
 async def all_back_to_zero(proxy: Running, redis_url: str | None = None,
                            who: str = "") -> None:
     """Nothing left behind: no stream open, the queue empty, every slot and lease free."""
-    queue = proxy.app[QUEUE]
+    queue = proxy.app[CATALOG].models[0].queue
 
     async def idle() -> bool:
         stats = await queue.stats()
@@ -153,7 +153,7 @@ async def test_a_queued_client_that_leaves_gives_up_its_place_at_once(
 ) -> None:
     proxy = await make_proxy(upstreams=[fake.url], auth="disabled", admission_slots=1,
                              sse_keepalive=15)
-    queue = proxy.app[QUEUE]
+    queue = proxy.app[CATALOG].models[0].queue
     holder = await send(proxy, request_bytes(chat_body(False, ttfb=30))[0])
     await eventually(lambda: fake.record.in_flight == 1, 5, "the slot to be taken")
     waiter = await send(proxy, request_bytes(chat_body(stream))[0])
@@ -394,7 +394,7 @@ async def test_a_whole_answer_assembled_from_the_stream_is_llama_servers_own(
     """What the appliance assembles from llama-server's stream is the answer llama-server would
     have sent whole: same text, finish reason, usage and fields."""
     proxy = await make_proxy(upstreams=[llama.url], upstream_api_key=llama.key, auth="disabled")
-    assert proxy.app[POOL].backends[0].llama_cpp is True  # so its answers are assembled
+    assert proxy.app[CATALOG].backends()[0].llama_cpp is True  # so its answers are assembled
     ask = {"model": llama.model, "max_tokens": 24, "temperature": 0, "seed": 7,
            "messages": [{"role": "user", "content": "Name three colours."}]}
     async with aiohttp.ClientSession() as http:

@@ -12,8 +12,9 @@ import aiohttp
 import pytest
 import redis as redis_sync
 
-from proxy.access.limits import QUEUE, prompt_tokens
+from proxy.access.limits import prompt_tokens
 from proxy.server import Running
+from proxy.upstream.pool import CATALOG
 from tests.conftest import Fake, KillableRedis, ProxyFactory, token_for
 from tests.kit.fake_upstream import chat_body as body
 from tests.kit.helpers import eventually
@@ -203,7 +204,7 @@ async def test_fair_queue_keeps_a_light_user_fast_under_a_flood(
     heavy, light = token_for(proxy, "heavy"), token_for(proxy, "light")
     slow = body(ttfb=0.1)
     flood = [asyncio.create_task(post(proxy, heavy, slow)) for _ in range(16)]
-    queue = proxy.app[QUEUE]
+    queue = proxy.app[CATALOG].models[0].queue
     await eventually(lambda: queue.waiting == 15, 2, "the flood to be queued")
     started = time.monotonic()
     status, _, _ = await post(proxy, light, slow)

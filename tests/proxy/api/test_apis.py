@@ -13,9 +13,9 @@ import orjson
 import pytest
 
 from proxy.access.authn import PUBLIC, PUBLIC_PREFIXES
-from proxy.access.limits import QUEUE
 from proxy.server import Running
 from proxy.upstream.apis import APIS
+from proxy.upstream.pool import CATALOG
 from tests.conftest import ADMIN_HEADERS, Fake, ProxyFactory, token_for
 from tests.kit.helpers import eventually
 from tests.kit.limits import charged
@@ -231,7 +231,8 @@ async def test_cheap_apis_answer_while_every_slot_is_busy(make_proxy: ProxyFacto
             async with http.post(proxy.base_url + path, json=body) as resp:
                 assert resp.status == 200, path
                 assert (await resp.json())["echo"] == path
-        assert (await proxy.app[QUEUE].stats())["free"] == 0  # the holder's, alone
+        queue = proxy.app[CATALOG].models[0].queue
+        assert (await queue.stats())["free"] == 0  # the holder's, alone
         async with http.post(proxy.base_url + "/infill", json={
                 "input_prefix": "a", "fake": {"ttfb": 0}}) as resp:  # generates: waits
             assert resp.status == 200 and fake.record.in_flight == 0

@@ -11,12 +11,15 @@ import pytest
 from aiohttp import web
 
 from auth.principal import Principal
+from config.catalog import ModelEntry
 from proxy.api.failures import to_openai
 from proxy.api.routes import MAX_BODY
 from proxy.edge.ids import REQUEST_ID
 from proxy.upstream.backends import Backend, State
 from proxy.upstream.call import ModelCall
+from proxy.upstream.catalog import CatalogModel
 from proxy.upstream.relay import Relay, Timeouts
+from quota.slots import FairQueue
 from tests.conftest import Fake
 from tests.kit.helpers import free_port
 
@@ -43,7 +46,9 @@ async def relay_via() -> AsyncIterator[Callable[..., object]]:
         async def handler(request: web.Request) -> web.StreamResponse:
             try:
                 request[REQUEST_ID] = "rid-1"
-                call = ModelCall(request, Principal("user:t", "jwt"), CHAT, stream, backends)
+                model = CatalogModel(ModelEntry("m"), backends, FairQueue(0, 0, 1.0))
+                call = ModelCall(request, Principal("user:t", "jwt"), CHAT, stream, model,
+                                 backends)
                 return await relay(call, raw)
             except Exception as exc:
                 error = to_openai(exc, request)

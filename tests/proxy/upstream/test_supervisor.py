@@ -8,6 +8,7 @@ import re
 import signal
 import stat
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -164,14 +165,16 @@ def test_child_that_never_gets_healthy_is_killed(appliance, tmp_path: Path) -> N
 
 def test_loading_model_answers_503_with_retry_after(appliance, tmp_path: Path) -> None:
     slow = script(tmp_path / "slow.sh", "exec sleep 600\n")
-    app = appliance("--llama-server", str(slow))
+    app = appliance("--llama-server", str(slow), "--startup-timeout", "3")
     wait_until(lambda: http_status(app.base + "/health") is not None, 20, "the appliance")
     assert health(app.base)["status"] == "starting"
     req = urllib.request.Request(app.base + "/v1/chat/completions",
                                  data=json.dumps(HELLO).encode(),
                                  headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=5)
+    asked = time.monotonic()
+    with pytest.raises(urllib.error.HTTPError) as err:  # it waits for the start, up to its limit
+        urllib.request.urlopen(req, timeout=20)
+    assert 2.5 <= time.monotonic() - asked < 15
     assert err.value.code == 503 and err.value.headers["Retry-After"]
     assert json.loads(err.value.read())["error"]["code"] == "model_loading"
 

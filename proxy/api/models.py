@@ -1,0 +1,53 @@
+"""/admin/models: the catalog's models (state, memory, use, loads, failures) and an operator's
+load and unload. In an extra --workers process they are asked of the first process, which runs
+the models."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from proxy.access.authn import PRINCIPAL
+from proxy.access.limits import BORROWER
+from proxy.api.routes import json_response
+from proxy.errors import OpenAIError
+from proxy.upstream.catalog import Unloaded
+from proxy.upstream.pool import CATALOG
+
+log = logging.getLogger("proxy.admin")
+
+
+async def list_models(request: web.Request) -> web.Response:
+    if BORROWER in request.app:
+        return json_response(await request.app[BORROWER].stats())
+    return json_response(await request.app[CATALOG].admin())
+
+
+async def load(request: web.Request) -> web.Response:
+    return json_response(await _operate(request, "load"))
+
+
+async def unload(request: web.Request) -> web.Response:
+    return json_response(await _operate(request, "unload"))
+
+
+async def _operate(request: web.Request, op: str) -> dict[str, Any]:
+    name = request.match_info["model"]
+    log.info("admin %s: %s model %s", request[PRINCIPAL].id, op, name)
+    try:
+        if BORROWER in request.app:
+            return await request.app[BORROWER].operate(op, name)
+        catalog = request.app[CATALOG]
+        model = catalog.find(name)
+        await (catalog.load(model) if op == "load" else catalog.unload(model))
+        return await catalog.admin()
+    except Unloaded as exc:
+        raise OpenAIError(409, str(exc), code="model_busy") from None
+
+
+def setup_models(app: web.Application) -> None:
+    app.router.add_get("/admin/models", list_models)
+    app.router.add_post("/admin/models/{model}/load", load)
+    app.router.add_post("/admin/models/{model}/unload", unload)

@@ -1,0 +1,445 @@
+"""The model catalog at run time: every model a request may name, which of them run, and when
+they start and stop (app[CATALOG]).
+
+A supervised model starts on the first request that needs it (all of them share the one start),
+stops after `ttl` idle seconds, and is stopped to make room for another when `max_loaded` or
+`memory_budget` would be exceeded: the least recently used first, and never one that a request
+holds (waiting for it to start, queued for its slots, or in flight). A request that needs room
+waits until a holder lets go, up to `room_timeout`. A start that fails is tried again on a later
+request once its backoff has passed. Remote models (and --upstream servers) are never started or
+stopped, only health-checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from config.catalog import ModelEntry
+from proxy.runtime.child import Phase
+from proxy.runtime.gguf import footprint_mib
+from proxy.upstream.backends import Backend, ModelLoading, ModelNotFound, NoBackend, State
+from proxy.upstream.supervisor import LlamaSupervisor
+from quota.slots import FairQueue
+
+log = logging.getLogger("proxy.catalog")
+
+IDLE_CHECK_EVERY = 1.0
+FIRST_BACKOFF, MAX_BACKOFF = 5.0, 60.0  # after a failed start, before the next try
+
+
+class NoRoom(Exception):
+    """No room to start a model: what runs is busy (or the model alone is over the budget)."""
+
+    retry_after = 5
+
+
+class Unloaded(Exception):
+    """An operator's unload that cannot be done: requests hold the model, or it is remote."""
+
+
+@dataclass(eq=False)
+class CatalogModel:
+    entry: ModelEntry
+    backends: list[Backend]  # its child first when supervised, then its remote servers
+    queue: FairQueue  # its slots (admission_slots wide, or its parallel)
+    supervisor: LlamaSupervisor | None = None
+    users: int = 0  # requests holding it: waiting for its start, queued, in flight
+    last_used: float = field(default_factory=time.monotonic)
+    loaded_since: float | None = None  # wall clock, for the admin API
+    estimate_mib: int = 0  # before it runs: file + KV cache + cache_ram
+    measured_mib: int | None = None  # the child's RSS while it runs
+    loads: int = 0
+    load_seconds: float = 0.0
+    failures: int = 0
+    retry_at: float = 0.0  # a failed start is not tried again before this (monotonic)
+    evictions: collections.Counter[str] = field(default_factory=collections.Counter)
+    swap_waits: int = 0  # requests that waited for it to start
+    placing: bool = False  # room was made for it and its child is being started
+    _start: asyncio.Task[bool] | None = None
+
+    @property
+    def id(self) -> str:
+        """Its name: the entry's id, or (upstreams alone) the first the servers report."""
+        return self.entry.id or next((m for b in self.backends for m in b.models), "")
+
+    def names(self) -> tuple[str, ...]:
+        learned = tuple(m for b in self.backends for m in b.models)
+        return tuple(dict.fromkeys((*self.entry.names(), *learned)))
+
+    @property
+    def child(self) -> Backend | None:
+        return self.supervisor.backend if self.supervisor is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Its child is up or on its way up (it counts against max_loaded and the budget)."""
+        return self.supervisor is not None and (self.placing or self.supervisor.child.phase in (
+            Phase.STARTING, Phase.READY))
+
+    @property
+    def state(self) -> str:
+        """loaded, loading, unloaded or failed (what /v1/models and the admin API say)."""
+        if self.supervisor is None:
+            states = {b.state for b in self.backends}
+            if State.READY in states:
+                return "loaded"
+            return "loading" if State.STARTING in states else "failed"
+        phase = self.supervisor.child.phase
+        if phase is Phase.READY:
+            return "loaded"
+        if phase is Phase.STARTING:
+            return "loading"
+        if phase is Phase.FAILED or (self.failures and time.monotonic() < self.retry_at):
+            return "failed"
+        return "unloaded"
+
+    @property
+    def footprint_mib(self) -> int:
+        """What it counts against memory_budget: the estimate, or more once measured."""
+        return max(self.estimate_mib, self.measured_mib or 0)
+
+    def ready_backends(self) -> list[Backend]:
+        return [b for b in self.backends if b.state is State.READY]
+
+    def measure(self) -> None:
+        pid = self.supervisor.child.pid if self.supervisor is not None else None
+        self.measured_mib = rss_mib(pid) if pid and self.running else None
+
+    def public(self) -> dict[str, Any]:
+        """/health's row: no URLs or keys."""
+        return {"id": self.id, "state": self.state, "aliases": list(self.entry.aliases),
+                "supervised": self.supervisor is not None,
+                "reason": self._reason()}
+
+    def admin(self) -> dict[str, Any]:
+        """The admin API's row."""
+        tail = list(self.supervisor.child.tail)[-10:] if self.supervisor is not None else []
+        return {**self.public(), "loaded_since": self.loaded_since,
+                "idle_seconds": round(time.monotonic() - self.last_used, 1),
+                "in_use": self.users, "estimated_mib": self.estimate_mib,
+                "measured_mib": self.measured_mib, "loads": self.loads,
+                "load_seconds": round(self.load_seconds, 2), "failures": self.failures,
+                "evictions": dict(self.evictions), "ttl": self.entry.ttl,
+                "last_output": tail if self.state == "failed" else []}
+
+    def _reason(self) -> str | None:
+        reasons = [f"{b.name}: {b.reason}" for b in self.backends if b.reason]
+        return "; ".join(reasons) or None
+
+
+class Catalog:
+    def __init__(self, models: list[CatalogModel], *, max_loaded: int, memory_budget: int,
+                 room_timeout: float) -> None:
+        self.models = models
+        self.max_loaded = max_loaded
+        self.memory_budget = memory_budget
+        self.room_timeout = room_timeout
+        self._room = asyncio.Lock()  # one placement decision at a time
+        self._freed = asyncio.Event()  # set (and replaced) when a holder lets go or a model stops
+        self._names: dict[str, CatalogModel] = {}
+        self._idle: asyncio.Task[None] | None = None
+
+    # -- which model a request names ---------------------------------------------------
+    def find(self, name: str | None) -> CatalogModel:
+        """The model a request names (its id or an alias; no name: the first). With one model
+        (of one id), any name reaches it: tools like aider send their own model names."""
+        if not name:
+            return self.models[0]
+        for model in self.models:
+            if name in model.names():
+                return model
+        if len(self.models) == 1 and len(self.model_ids()) <= 1:
+            return self.models[0]
+        raise ModelNotFound(name)
+
+    def served(self, name: str | None) -> str:
+        """The model id that answers: the id asked for if its servers report it (an upstream
+        may serve several), else the model's own id (for an alias, or any name a lone model
+        takes); never a caller's free-form string."""
+        model = self.find(name)
+        learned = {m for b in model.backends for m in b.models}
+        return name if name and name in learned else model.id
+
+    def model_ids(self) -> list[str]:
+        return [m for model in self.models for m in dict.fromkeys(
+            [model.id] + [m for b in model.backends for m in b.models]) if m]
+
+    def backends(self) -> list[Backend]:
+        return [b for model in self.models for b in model.backends]
+
+    # -- using a model ---------------------------------------------------------------------
+    @asynccontextmanager
+    async def use(self, model: CatalogModel, who: str, slot: bool) -> AsyncIterator[None]:
+        """Hold the model for one request: started if it must be (never stopped while held),
+        then one of its slots (slot=False: none, e.g. a token count)."""
+        held = await self.enter(model, who, slot)
+        try:
+            yield
+        finally:
+            self.leave(model, held)
+
+    async def enter(self, model: CatalogModel, who: str, slot: bool) -> bool:
+        """use() in two halves, for the slot lender: whether a slot is held. Nothing awaits
+        after the slot is granted, so a cancel lands in the queue, which passes it on."""
+        model.users += 1
+        try:
+            await self.ready(model)
+            if slot and model.queue.slots > 0:
+                await model.queue.acquire(who)
+                return True
+            return False
+        except BaseException:
+            self._let_go(model)
+            raise
+
+    def leave(self, model: CatalogModel, held: bool) -> None:
+        if held:
+            model.queue.release()
+        self._let_go(model)
+
+    def _let_go(self, model: CatalogModel) -> None:
+        model.users -= 1
+        model.last_used = time.monotonic()
+        if not model.users:
+            self._notify()
+
+    def refuse_early(self, model: CatalogModel) -> None:
+        """What is refused before rate limits are charged: a remote model with no server up,
+        a model whose start failed, within its backoff."""
+        if model.supervisor is None:
+            if not model.ready_backends():
+                _raise_unavailable(model)
+        elif model.failures and time.monotonic() < model.retry_at and not model.running:
+            _raise_unavailable(model)
+
+    async def ready(self, model: CatalogModel) -> None:
+        """Until the model can answer: started (or its start joined) and ready, or why not."""
+        if model.supervisor is None:
+            if not model.ready_backends():
+                _raise_unavailable(model)
+            return
+        if model.supervisor.child.phase is Phase.READY:
+            return
+        start = self.start(model)
+        model.swap_waits += 1
+        try:  # the start goes on for those who come later; room is bounded inside it
+            async with asyncio.timeout(model.entry.startup_timeout or None):
+                await asyncio.shield(start)
+        except TimeoutError:
+            raise ModelLoading(f"The model `{model.id}` is still loading; retry shortly"
+                               ) from None
+        if model.supervisor.child.phase is not Phase.READY:
+            _raise_unavailable(model)
+
+    def start(self, model: CatalogModel) -> asyncio.Task[bool]:
+        """The model's start, begun now or joined; a start that failed is tried again only
+        once its backoff has passed."""
+        if model._start is not None and not model._start.done():
+            return model._start
+        if model.running:  # a preloaded child still loading, or restarting after a crash
+            model._start = asyncio.create_task(self._settled(model))
+            return model._start
+        if model.failures and time.monotonic() < model.retry_at:
+            _raise_unavailable(model)
+        model._start = asyncio.create_task(self._load(model), name=f"load {model.id}")
+        model._start.add_done_callback(_retrieved)  # every waiter may have left
+        return model._start
+
+    async def load(self, model: CatalogModel) -> None:
+        """An operator's load: as a request's, without a slot."""
+        async with self.use(model, "admin", slot=False):
+            pass
+
+    async def unload(self, model: CatalogModel) -> None:
+        """An operator's unload: refused while requests hold the model."""
+        if model.supervisor is None:
+            raise Unloaded(f"The model `{model.id}` is served elsewhere; nothing to unload")
+        if model.users:
+            raise Unloaded(f"The model `{model.id}` is in use by {model.users} requests; "
+                           "not unloaded")
+        if model.running:
+            await self._stop(model, "unload")
+
+    async def admin(self) -> dict[str, Any]:
+        """The admin API's view: each model and its queue, and what runs against the caps."""
+        running = [m for m in self.models if m.running]
+        return {"models": [{**m.admin(), "queue": await m.queue.stats()} for m in self.models],
+                "max_loaded": self.max_loaded, "memory_budget": self.memory_budget,
+                "running": len(running), "memory_mib": sum(m.footprint_mib for m in running)}
+
+    # -- starting and stopping ------------------------------------------------------------
+    async def _load(self, model: CatalogModel) -> bool:
+        assert model.supervisor is not None
+        async with self._room:
+            await self._make_room(model)
+            model.placing = True  # counts against the caps from now on
+        began = time.monotonic()
+        log.info("model %s: starting (%d MiB estimated)", model.id, model.estimate_mib)
+        try:
+            ok = await model.supervisor.start(wait=True)
+        finally:
+            model.placing = False
+        if ok:
+            model.loads += 1
+            model.load_seconds += time.monotonic() - began
+            model.loaded_since, model.failures = time.time(), 0
+            model.last_used = time.monotonic()
+            log.info("model %s: loaded in %.2fs", model.id, time.monotonic() - began)
+        else:
+            self._failed(model)
+        return ok
+
+    async def _settled(self, model: CatalogModel) -> bool:
+        assert model.supervisor is not None
+        phase = await model.supervisor.child.settled()
+        if phase is Phase.READY and model.loaded_since is None:
+            model.loads, model.loaded_since = model.loads + 1, time.time()
+        return phase is Phase.READY
+
+    def _failed(self, model: CatalogModel) -> None:
+        model.failures += 1
+        backoff = min(FIRST_BACKOFF * 2 ** (model.failures - 1), MAX_BACKOFF)
+        model.retry_at = time.monotonic() + backoff
+        log.error("model %s: start failed (%s); tried again on a request after %.0fs",
+                  model.id, model.supervisor.child.reason if model.supervisor else "", backoff)
+
+    async def _make_room(self, model: CatalogModel) -> None:
+        """Stop idle models, least recently used first, until this one fits; wait for holders
+        to let go when none is idle, up to room_timeout."""
+        if self.memory_budget and model.estimate_mib > self.memory_budget:
+            raise NoRoom(f"The model `{model.id}` needs about {model.estimate_mib} MiB, more than "
+                         f"the memory budget of {self.memory_budget} MiB")
+        deadline = time.monotonic() + self.room_timeout
+        while not self._fits(model):
+            idle = sorted((m for m in self.models if m.running and not m.users and m is not model),
+                          key=lambda m: m.last_used)
+            if idle:
+                await self._stop(idle[0], "room")
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                busy = ", ".join(m.id for m in self.models if m.running)
+                raise NoRoom(f"No room to load `{model.id}`: the models running ({busy}) are "
+                             "all in use; retry shortly")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), left)
+
+    def _fits(self, model: CatalogModel) -> bool:
+        running = [m for m in self.models if m.running and m is not model]
+        if self.max_loaded and len(running) + 1 > self.max_loaded:
+            return False
+        used = sum(m.footprint_mib for m in running)
+        return not self.memory_budget or used + model.estimate_mib <= self.memory_budget
+
+    async def _stop(self, model: CatalogModel, reason: str) -> None:
+        assert model.supervisor is not None
+        log.info("model %s: stopping (%s)", model.id, reason)
+        model.evictions[reason] += 1
+        await model.supervisor.stop()
+        model.loaded_since, model.measured_mib = None, None
+        self._notify()
+
+    def _notify(self) -> None:
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+    # -- the catalog's life ---------------------------------------------------------------
+    async def preload(self) -> None:
+        """Start the models marked preload, without waiting (their restarts are their own)."""
+        for model in self.models:
+            if model.supervisor is not None and model.entry.preload:
+                await model.supervisor.start()
+
+    def watch(self) -> None:
+        self._idle = asyncio.create_task(self._watch_idle(), name="catalog idle")
+
+    async def close(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._idle
+        await asyncio.gather(*(m.supervisor.stop() for m in self.models
+                               if m.supervisor is not None))
+        for model in self.models:
+            if model._start is not None:
+                model._start.cancel()
+
+    async def _watch_idle(self) -> None:
+        """Measure what runs; stop what sat idle past its ttl."""
+        while True:
+            await asyncio.sleep(IDLE_CHECK_EVERY)
+            now = time.monotonic()
+            for model in self.models:
+                model.measure()
+                ttl = model.entry.ttl or 0
+                if (ttl and model.running and not model.users
+                        and now - model.last_used >= ttl and not self._room.locked()):
+                    await self._stop(model, "idle")
+
+    def status(self) -> str:
+        """ok: every model can answer now or be started; degraded: some; starting: the only
+        ones are loading; down: none can."""
+        states = [_serving(m) for m in self.models]
+        if all(s == "up" for s in states):
+            return "ok"
+        if "up" in states or "partly" in states:
+            return "degraded"
+        return "starting" if "loading" in states else "down"
+
+
+def _serving(model: CatalogModel) -> str:
+    state = model.state
+    if model.supervisor is not None:
+        extra = [b.state for b in model.backends[1:]]
+        if state in ("loaded", "unloaded"):
+            return "partly" if any(s is not State.READY for s in extra) else "up"
+        return "loading" if state == "loading" else "down"
+    states = [b.state for b in model.backends]
+    if all(s is State.READY for s in states):
+        return "up"
+    if State.READY in states:
+        return "partly"
+    return "loading" if State.STARTING in states else "down"
+
+
+def _raise_unavailable(model: CatalogModel) -> None:
+    """Why the model cannot answer now: loading (retry soon) or failed (after its backoff)."""
+    if model.state == "loading":
+        raise ModelLoading(f"The model `{model.id}` is loading; retry shortly")
+    reasons = "; ".join(f"{b.name}: {b.reason or b.state}" for b in model.backends)
+    error = NoBackend(reasons)
+    if model.failures and model.retry_at > time.monotonic():
+        error.retry_after = max(1, round(model.retry_at - time.monotonic()))
+    raise error
+
+
+def _retrieved(task: asyncio.Task[bool]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def rss_mib(pid: int) -> int | None:
+    """A process's resident memory in MiB (Linux), None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def estimate(entry: ModelEntry) -> int:
+    if entry.gguf is None:
+        return 0
+    return footprint_mib(entry.gguf, entry.ctx_size or 0, entry.cache_ram or 0,
+                         parallel=entry.parallel or 1)
