@@ -63,6 +63,7 @@ class CatalogModel:
     evictions: collections.Counter[str] = field(default_factory=collections.Counter)
     swap_waits: int = 0  # requests that waited for it to start
     placing: bool = False  # room was made for it and its child is being started
+    stopping: asyncio.Event | None = None  # set once a stop under way is done
     _start: asyncio.Task[bool] | None = None
 
     @property
@@ -226,6 +227,8 @@ class Catalog:
             if not model.ready_backends():
                 _raise_unavailable(model)
             return
+        while model.stopping is not None:  # chosen to stop before this request came: the
+            await model.stopping.wait()  # child still answers, but not for long
         if model.supervisor.child.phase is Phase.READY:
             return
         start = self.start(model)
@@ -293,7 +296,7 @@ class Catalog:
             model.loaded_since, model.failures = time.time(), 0
             model.last_used = time.monotonic()
             log.info("model %s: loaded in %.2fs", model.id, time.monotonic() - began)
-        else:
+        elif model.supervisor.child.phase is Phase.FAILED:  # not stopped at shutdown
             self._failed(model)
         return ok
 
@@ -319,8 +322,9 @@ class Catalog:
                          f"the memory budget of {self.memory_budget} MiB")
         deadline = time.monotonic() + self.room_timeout
         while not self._fits(model):
-            idle = sorted((m for m in self.models if m.running and not m.users and m is not model),
-                          key=lambda m: m.last_used)
+            # Only models up and unheld: a start under way finishes first (then it is idle).
+            idle = sorted((m for m in self.models if m.state == "loaded" and not m.users
+                           and not m.placing and m is not model), key=lambda m: m.last_used)
             if idle:
                 await self._stop(idle[0], "room")
                 continue
@@ -343,7 +347,12 @@ class Catalog:
         assert model.supervisor is not None
         log.info("model %s: stopping (%s)", model.id, reason)
         model.evictions[reason] += 1
-        await model.supervisor.stop()
+        model.stopping = stopped = asyncio.Event()
+        try:
+            await model.supervisor.stop()
+        finally:
+            model.stopping = None
+            stopped.set()
         model.loaded_since, model.measured_mib = None, None
         self._notify()
 
@@ -380,7 +389,7 @@ class Catalog:
             for model in self.models:
                 model.measure()
                 ttl = model.entry.ttl or 0
-                if (ttl and model.running and not model.users
+                if (ttl and model.state == "loaded" and not model.users
                         and now - model.last_used >= ttl and not self._room.locked()):
                     await self._stop(model, "idle")
 

@@ -117,7 +117,9 @@ async def test_clients_leaving_anywhere_leave_nothing_held(catalog_app) -> None:
         assert sum(m["evictions"].get("room", 0) for m in view["models"]) >= 2
         for model in MODELS:  # and every model still serves
             assert await one(http, app.base, model, True, None) == ("done", 200)
-    assert "Traceback" not in app.log and "Task exception" not in app.log, app.log[-3000:]
+    own = [line for line in app.log.splitlines() if " llama-server[" not in line]  # the
+    # stand-in's own complaints about connections the appliance closed are not ours
+    assert not [line for line in own if "Traceback" in line or "Task exception" in line], own
 
 
 async def test_clients_leaving_during_one_slow_start_share_and_finish_it(catalog_app) -> None:
