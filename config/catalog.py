@@ -90,8 +90,11 @@ def _entry(model_id: str, table: Any, source: str, base: Path) -> ModelEntry:
         values[name] = _typed(f"{where}.{key}", name, value)
     if "gguf" in values:
         values["gguf"] = base / values["gguf"]  # an absolute path stays as it is
-    if "gguf" in values and "urls" in values and "urls" in values:
+    if "gguf" in values and "urls" in values:
         raise CatalogError(where, "is either `gguf` (run here) or `url` (remote), not both")
+    if "api_key" in values and "urls" not in values:
+        raise CatalogError(f"{where}.api_key", "goes with `url`: a model run here gets a "
+                           "random key of its own")
     return ModelEntry(**values)
 
 

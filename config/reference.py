@@ -71,7 +71,8 @@ def render() -> str:
         for name in names:
             f = fields[name]
             flag = f"`{flag_for(name)}`" if f.metadata.get("flag", True) else ""
-            parts.append(f"| `{name}` | {flag} | `{env_for(name)}` | {_default(f)} | "
+            env = "" if f.metadata.get("kind") == "table" else f"`{env_for(name)}`"
+            parts.append(f"| `{name}` | {flag} | {env} | {_default(f)} | "
                          f"{_meaning(f)} |\n")
     return "".join(parts)
 

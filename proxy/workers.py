@@ -51,10 +51,10 @@ def worker_settings(settings: Settings, port: int, catalog: Catalog) -> dict[str
         table = {"url": urls, "api_key": key, "aliases": list(model.entry.aliases),
                  "parallel": model.entry.parallel}
         models[model.entry.id] = {k: v for k, v in table.items() if v is not None}
-    pool_only = not models
+    pool = not catalog.models[0].entry.id  # --upstream servers alone: they stay first
     values.update(
         workers=1, model=None, llama_server=None, models=models,
-        upstreams=list(settings.upstreams) if pool_only else [],
+        upstreams=list(settings.upstreams) if pool else [],
         redis_url=settings.redis_url or f"unix://{settings.data_dir / SOCKET}", port=port,
         health_interval=min(settings.health_interval, 1.0),
         tunnel="none", ngrok_authtoken=None,  # the first process runs the tunnel

@@ -12,7 +12,8 @@ The protocol is JSON lines. Worker to lender: {"op": "acquire", "id": n, "who": 
 slot), {"op": "release", "id": n} (for a lease granted or still waited for: the lender knows
 which), and {"op": "stats", "id": n}. Lender to worker: {"id": n, "ok": true}, {"id": n,
 "refused": kind, "message": text, "retry_after": s} or {"id": n, "stats": {...}}. An
-operator's {"op": "load" | "unload", "id": n, "model": name} is answered with the stats.
+operator's {"op": "admin" | "load" | "unload", "id": n, "model": name} is answered with the
+admin view, {"id": n, "stats": {...}}.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def refusal(exc: Exception) -> tuple[str, str, int]:
             return type(exc).__name__, str(exc), exc.retry_after
         case Unloaded():
             return "Unloaded", str(exc), 0
-    raise exc
+    log.exception("slot lender: an unexpected error")  # the worker hears of it at once
+    return "backend_unavailable", "an internal error (see the appliance's log)", 5
 
 
 def refused(kind: str, message: str, retry_after: int) -> Exception:
@@ -112,11 +114,13 @@ class SlotLender:
                 elif message["op"] == "release":
                     self._end(leases.pop(lease, None))
                 elif message["op"] == "stats":
-                    _send(writer, {"id": lease, "stats": await self.stats()})
-                else:  # an operator's load or unload, asked of a worker
+                    _send(writer, {"id": lease, "stats": await self.catalog.public()})
+                elif message["op"] in ("admin", "load", "unload"):  # an operator's, via a worker
                     self._tasks.add(task := asyncio.create_task(self._operate(
                         writer, lease, message["op"], message.get("model"))))
                     task.add_done_callback(self._tasks.discard)
+                else:
+                    raise KeyError(message["op"])
         except (ConnectionError, orjson.JSONDecodeError, KeyError) as exc:
             log.warning("slot lender: a worker's connection failed (%s)", type(exc).__name__)
         finally:
@@ -124,9 +128,6 @@ class SlotLender:
                 self._end(entry)
             writer.close()
             self._writers.discard(writer)
-
-    async def stats(self) -> dict[str, Any]:
-        return {**await self.catalog.admin(), "status": self.catalog.status()}
 
     async def _grant(self, writer: asyncio.StreamWriter, leases: dict[int, Any], lease: int,
                      who: str, name: str | None, slot: bool) -> None:
@@ -145,8 +146,9 @@ class SlotLender:
     async def _operate(self, writer: asyncio.StreamWriter, lease: int, op: str,
                        name: str | None) -> None:
         try:
-            model = self.catalog.find(name)
-            await (self.catalog.load(model) if op == "load" else self.catalog.unload(model))
+            if op != "admin":
+                model = self.catalog.find(name)
+                await (self.catalog.load(model) if op == "load" else self.catalog.unload(model))
         except Exception as exc:
             kind, message, retry_after = refusal(exc)
             _send(writer, {"id": lease, "refused": kind, "message": message,
@@ -213,8 +215,9 @@ class SlotBorrower:
             return {"models": [], "status": "down", "lender": "unreachable"}
         return reply["stats"]
 
-    async def operate(self, op: str, model: str) -> dict[str, Any]:
-        """An operator's load or unload, done by the first process: its catalog's view."""
+    async def operate(self, op: str, model: str = "") -> dict[str, Any]:
+        """An operator's view (admin), load or unload, done by the first process: its
+        catalog's admin view."""
         reply = await self._ask({"op": op, "id": next(self._ids), "model": model},
                                 self.timeout + LENDER_GRACE)
         if "refused" in reply:

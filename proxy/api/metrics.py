@@ -94,7 +94,8 @@ class Metrics:
                                   "for (estimated) and takes (measured, while it runs)",
                                   ["model", "kind"], registry=r, multiprocess_mode="livemax")
         self.queue_refusals = Counter(p + "queue_refusals", "Requests refused by the slot "
-                                      "queue (full, timeout, closed)", ["reason"], registry=r)
+                                      "queue (full, timeout, closed)", ["reason", "model"],
+                                      registry=r)
         self.rate_limited = Counter(p + "rate_limited", "Requests refused by a rate-limit "
                                     "window (rpm, rpd, tpm, concurrency, ip_rpm)", ["window"],
                                     registry=r)
@@ -144,7 +145,7 @@ class Metrics:
         if outcome.auth_failure:
             self.auth_failures.labels(outcome.auth_failure).inc()
         if outcome.queue_refused:
-            self.queue_refusals.labels(outcome.queue_refused).inc()
+            self.queue_refusals.labels(outcome.queue_refused, model).inc()
         for backend, kind in outcome.upstream_errors:
             self.upstream_errors.labels(backend, kind).inc()
         if outcome.disconnect:

@@ -21,7 +21,7 @@ log = logging.getLogger("proxy.admin")
 
 async def list_models(request: web.Request) -> web.Response:
     if BORROWER in request.app:
-        return json_response(await request.app[BORROWER].stats())
+        return json_response(await request.app[BORROWER].operate("admin"))
     return json_response(await request.app[CATALOG].admin())
 
 

@@ -17,6 +17,7 @@ from proxy.access.limits import BORROWER, LIMITER, limited, model_slot
 from proxy.errors import OpenAIError
 from proxy.observe.outcome import outcome_of
 from proxy.upstream.apis import APIS, api_of
+from proxy.upstream.backends import ModelNotFound
 from proxy.upstream.call import ModelCall
 from proxy.upstream.heartbeat import Heartbeat
 from proxy.upstream.pool import CATALOG
@@ -93,7 +94,12 @@ def model_call(request: web.Request, path: str, model: str | None, stream: bool)
     model can answer at all, come first, so a refusal there costs the caller nothing. No model
     named: the default one (the catalog's first)."""
     catalog = request.app[CATALOG]
-    chosen = catalog.find(model)
+    try:
+        chosen = catalog.find(model)
+    except ModelNotFound:  # to a credential with an allow-list, the same as one it may not use
+        if request[PRINCIPAL].models is not None:
+            check_model_allowed(request, str(model))
+        raise
     # Checked against the model that would answer: with one model served, any name reaches
     # it, and a credential allowed only "gpt-4" must not get it that way.
     served = catalog.served(model)
@@ -162,9 +168,7 @@ async def models_public(app: web.Application) -> dict[str, Any]:
     catalog, or (an extra --workers process) the first process's, which runs them."""
     if BORROWER in app:
         return await app[BORROWER].stats()
-    catalog = app[CATALOG]
-    return {"models": [{**m.public(), "queue": await m.queue.stats()} for m in catalog.models],
-            "status": catalog.status()}
+    return await app[CATALOG].public()
 
 
 async def health(request: web.Request) -> web.Response:

@@ -8,7 +8,6 @@ A backend is either the supervised llama-server (its state set by the supervisor
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import Mapping
@@ -115,66 +114,6 @@ class Backend:
         """What /health shows: no URLs or keys, as it needs no credential."""
         return {"name": self.name, "state": self.state.value, "models": list(self.models),
                 "reason": self.reason}
-
-
-class BackendPool:
-    def __init__(self, backends: list[Backend]) -> None:
-        self.backends = backends
-        self._turn = itertools.count()
-
-    def model_ids(self) -> list[str]:
-        return list(dict.fromkeys(m for b in self.backends for m in b.models))
-
-    def serving(self, model: str | None) -> list[Backend]:
-        """Backends that can answer for this model, in any state.
-
-        An unknown or missing model goes to every backend when only one model is served: tools
-        like aider send their own model names, and one local model is the common case.
-        """
-        named = [b for b in self.backends if model in b.models]
-        if named or len(self.model_ids()) > 1:
-            return named
-        return list(self.backends)
-
-    def choose(self, model: str | None) -> list[Backend]:
-        """The ready backends for this model, in round-robin order, or why there are none.
-        Decided before rate limits are charged, so a refused request costs the caller nothing."""
-        candidates = self.serving(model)
-        if not candidates:
-            raise ModelNotFound(model)
-        ready = self.ready(candidates)
-        if ready:
-            return ready
-        if any(b.state is State.STARTING for b in candidates):
-            raise ModelLoading
-        raise NoBackend("; ".join(f"{b.name}: {b.reason or b.state}" for b in candidates))
-
-    @staticmethod
-    def served(model: str | None, backends: list[Backend]) -> str:
-        """The model id that answers: the one asked for if a backend has it, else (any name
-        goes to a lone model) that model's own id; never a caller's free-form string."""
-        for backend in backends:
-            if model in backend.models:
-                return str(model)
-        return next((m for b in backends for m in b.models), "")
-
-    def ready(self, candidates: list[Backend]) -> list[Backend]:
-        """The ready ones, rotated so load spreads round-robin."""
-        up = [b for b in candidates if b.state is State.READY]
-        if len(up) > 1:
-            shift = next(self._turn) % len(up)
-            up = up[shift:] + up[:shift]
-        return up
-
-    def status(self) -> str:
-        states = [b.state for b in self.backends]
-        if states and all(s is State.READY for s in states):
-            return "ok"
-        if State.READY in states:
-            return "degraded"
-        if State.STARTING in states:
-            return "starting"
-        return "down"
 
 
 async def check_upstream(client: ClientSession, backend: Backend, limit: float,

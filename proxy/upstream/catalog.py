@@ -7,7 +7,11 @@ stops after `ttl` idle seconds, and is stopped to make room for another when `ma
 holds (waiting for it to start, queued for its slots, or in flight). A request that needs room
 waits until a holder lets go, up to `room_timeout`. A start that fails is tried again on a later
 request once its backoff has passed. Remote models (and --upstream servers) are never started or
-stopped, only health-checked.
+stopped, only health-checked, and take turns (round robin).
+
+Every await below is a place where a request can leave or another can come: a model chosen to
+stop is marked first (`stopping`), so a request arriving meanwhile waits for the stop and starts
+it again rather than being sent to a child on its way out.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -53,6 +58,7 @@ class CatalogModel:
     supervisor: LlamaSupervisor | None = None
     users: int = 0  # requests holding it: waiting for its start, queued, in flight
     last_used: float = field(default_factory=time.monotonic)
+    last_used_at: float | None = None  # wall clock, for the admin API
     loaded_since: float | None = None  # wall clock, for the admin API
     estimate_mib: int = 0  # before it runs: file + KV cache + cache_ram
     measured_mib: int | None = None  # the child's RSS while it runs
@@ -65,6 +71,7 @@ class CatalogModel:
     placing: bool = False  # room was made for it and its child is being started
     stopping: asyncio.Event | None = None  # set once a stop under way is done
     _start: asyncio.Task[bool] | None = None
+    _turn: itertools.count[int] = field(default_factory=itertools.count)
 
     @property
     def id(self) -> str:
@@ -94,13 +101,17 @@ class CatalogModel:
                 return "loaded"
             return "loading" if State.STARTING in states else "failed"
         phase = self.supervisor.child.phase
-        if phase is Phase.READY:
+        if phase is Phase.READY and self.stopping is None:
             return "loaded"
-        if phase is Phase.STARTING:
+        if phase is Phase.STARTING or self.placing:
             return "loading"
-        if phase is Phase.FAILED or (self.failures and time.monotonic() < self.retry_at):
+        if phase is Phase.FAILED or self.backing_off:
             return "failed"
         return "unloaded"
+
+    @property
+    def backing_off(self) -> bool:
+        return bool(self.failures) and time.monotonic() < self.retry_at
 
     @property
     def footprint_mib(self) -> int:
@@ -108,27 +119,38 @@ class CatalogModel:
         return max(self.estimate_mib, self.measured_mib or 0)
 
     def ready_backends(self) -> list[Backend]:
-        return [b for b in self.backends if b.state is State.READY]
+        """The servers that can answer now, rotated so load spreads round robin; a child on
+        its way out is not one of them."""
+        up = [b for b in self.backends
+              if b.state is State.READY and not (b is self.child and self.stopping)]
+        if len(up) > 1:
+            shift = next(self._turn) % len(up)
+            up = up[shift:] + up[:shift]
+        return up
 
     def measure(self) -> None:
         pid = self.supervisor.child.pid if self.supervisor is not None else None
         self.measured_mib = rss_mib(pid) if pid and self.running else None
 
+    def used(self) -> None:
+        self.last_used, self.last_used_at = time.monotonic(), time.time()
+
     def public(self) -> dict[str, Any]:
-        """/health's row: no URLs or keys."""
+        """/health's row: no URLs, keys or log lines (it needs no credential)."""
         return {"id": self.id, "state": self.state, "aliases": list(self.entry.aliases),
-                "supervised": self.supervisor is not None,
-                "reason": self._reason()}
+                "supervised": self.supervisor is not None, "reason": self._reason()}
 
     def admin(self) -> dict[str, Any]:
         """The admin API's row."""
         tail = list(self.supervisor.child.tail)[-10:] if self.supervisor is not None else []
-        return {**self.public(), "loaded_since": self.loaded_since,
+        return {**self.public(), "preload": self.entry.preload,
+                "loaded_since": self.loaded_since, "last_used": self.last_used_at,
                 "idle_seconds": round(time.monotonic() - self.last_used, 1),
                 "in_use": self.users, "estimated_mib": self.estimate_mib,
                 "measured_mib": self.measured_mib, "loads": self.loads,
                 "load_seconds": round(self.load_seconds, 2), "failures": self.failures,
-                "evictions": dict(self.evictions), "ttl": self.entry.ttl,
+                "retry_in": round(self.retry_at - time.monotonic(), 1) if self.backing_off
+                else None, "evictions": dict(self.evictions), "ttl": self.entry.ttl,
                 "last_output": tail if self.state == "failed" else []}
 
     def _reason(self) -> str | None:
@@ -143,9 +165,9 @@ class Catalog:
         self.max_loaded = max_loaded
         self.memory_budget = memory_budget
         self.room_timeout = room_timeout
-        self._room = asyncio.Lock()  # one placement decision at a time
-        self._freed = asyncio.Event()  # set (and replaced) when a holder lets go or a model stops
-        self._names: dict[str, CatalogModel] = {}
+        self._room = asyncio.Lock()  # one placement decision (and one stop for it) at a time
+        self._freed = asyncio.Event()  # set (and replaced) when a holder lets go, a model
+        # stops or a start ends: someone waiting for room looks again
         self._idle: asyncio.Task[None] | None = None
 
     # -- which model a request names ---------------------------------------------------
@@ -208,28 +230,28 @@ class Catalog:
 
     def _let_go(self, model: CatalogModel) -> None:
         model.users -= 1
-        model.last_used = time.monotonic()
+        model.used()
         if not model.users:
             self._notify()
 
     def refuse_early(self, model: CatalogModel) -> None:
-        """What is refused before rate limits are charged: a remote model with no server up,
-        a model whose start failed, within its backoff."""
-        if model.supervisor is None:
-            if not model.ready_backends():
-                _raise_unavailable(model)
-        elif model.failures and time.monotonic() < model.retry_at and not model.running:
+        """What is refused before rate limits are charged: a model none of whose servers is
+        up that cannot be started, or whose start failed, within its backoff."""
+        if model.ready_backends():
+            return
+        if model.supervisor is None or (model.backing_off and not model.running):
             _raise_unavailable(model)
 
     async def ready(self, model: CatalogModel) -> None:
-        """Until the model can answer: started (or its start joined) and ready, or why not."""
-        if model.supervisor is None:
-            if not model.ready_backends():
-                _raise_unavailable(model)
+        """Until the model can answer: started (or its start joined) and ready, or why not.
+        --upstream servers beside a child answer while the child is down."""
+        if model.ready_backends():
             return
-        while model.stopping is not None:  # chosen to stop before this request came: the
-            await model.stopping.wait()  # child still answers, but not for long
-        if model.supervisor.child.phase is Phase.READY:
+        if model.supervisor is None:
+            _raise_unavailable(model)
+        while model.stopping is not None:  # chosen to stop before this request came
+            await model.stopping.wait()
+        if model.ready_backends():
             return
         start = self.start(model)
         model.swap_waits += 1
@@ -239,7 +261,7 @@ class Catalog:
         except TimeoutError:
             raise ModelLoading(f"The model `{model.id}` is still loading; retry shortly"
                                ) from None
-        if model.supervisor.child.phase is not Phase.READY:
+        if not model.ready_backends():
             _raise_unavailable(model)
 
     def start(self, model: CatalogModel) -> asyncio.Task[bool]:
@@ -249,10 +271,10 @@ class Catalog:
             return model._start
         if model.running:  # a preloaded child still loading, or restarting after a crash
             model._start = asyncio.create_task(self._settled(model))
-            return model._start
-        if model.failures and time.monotonic() < model.retry_at:
-            _raise_unavailable(model)
-        model._start = asyncio.create_task(self._load(model), name=f"load {model.id}")
+        else:
+            if model.backing_off:
+                _raise_unavailable(model)
+            model._start = asyncio.create_task(self._load(model), name=f"load {model.id}")
         model._start.add_done_callback(_retrieved)  # every waiter may have left
         return model._start
 
@@ -265,11 +287,12 @@ class Catalog:
         """An operator's unload: refused while requests hold the model."""
         if model.supervisor is None:
             raise Unloaded(f"The model `{model.id}` is served elsewhere; nothing to unload")
-        if model.users:
-            raise Unloaded(f"The model `{model.id}` is in use by {model.users} requests; "
-                           "not unloaded")
-        if model.running:
-            await self._stop(model, "unload")
+        async with self._room:  # not in the middle of a placement that counts on it
+            if model.users or model.placing:
+                raise Unloaded(f"The model `{model.id}` is in use by {model.users} requests;"
+                               " not unloaded")
+            if model.running and model.stopping is None:
+                await self._stop(model, "unload")
 
     async def admin(self) -> dict[str, Any]:
         """The admin API's view: each model and its queue, and what runs against the caps."""
@@ -278,34 +301,47 @@ class Catalog:
                 "max_loaded": self.max_loaded, "memory_budget": self.memory_budget,
                 "running": len(running), "memory_mib": sum(m.footprint_mib for m in running)}
 
+    async def public(self) -> dict[str, Any]:
+        """/health's view: each model's state and queue, and whether the appliance serves."""
+        return {"models": [{**m.public(), "queue": await m.queue.stats()} for m in self.models],
+                "status": self.status()}
+
     # -- starting and stopping ------------------------------------------------------------
     async def _load(self, model: CatalogModel) -> bool:
         assert model.supervisor is not None
-        async with self._room:
-            await self._make_room(model)
-            model.placing = True  # counts against the caps from now on
+        await self._place(model)
         began = time.monotonic()
         log.info("model %s: starting (%d MiB estimated)", model.id, model.estimate_mib)
         try:
             ok = await model.supervisor.start(wait=True)
+        except Exception as exc:  # e.g. its key file cannot be written: a failed start too
+            log.exception("model %s: could not be started", model.id)
+            model.supervisor.backend.set_state(State.FAILED, f"could not be started ({exc})")
+            ok = False
         finally:
             model.placing = False
+            self._notify()  # a start that ended makes a model idle, or frees its room
         if ok:
-            model.loads += 1
+            self._counted(model)
             model.load_seconds += time.monotonic() - began
-            model.loaded_since, model.failures = time.time(), 0
-            model.last_used = time.monotonic()
+            model.failures = 0
+            model.used()
             log.info("model %s: loaded in %.2fs", model.id, time.monotonic() - began)
-        elif model.supervisor.child.phase is Phase.FAILED:  # not stopped at shutdown
+        elif model.supervisor.child.phase is not Phase.STOPPED:  # not stopped at shutdown
             self._failed(model)
         return ok
 
     async def _settled(self, model: CatalogModel) -> bool:
         assert model.supervisor is not None
         phase = await model.supervisor.child.settled()
-        if phase is Phase.READY and model.loaded_since is None:
-            model.loads, model.loaded_since = model.loads + 1, time.time()
+        self._counted(model)
         return phase is Phase.READY
+
+    def _counted(self, model: CatalogModel) -> None:
+        """A start the catalog did not make (preload, a restart after a crash), once up."""
+        if model.supervisor is not None and model.supervisor.child.phase is Phase.READY \
+                and model.loaded_since is None:
+            model.loads, model.loaded_since = model.loads + 1, time.time()
 
     def _failed(self, model: CatalogModel) -> None:
         model.failures += 1
@@ -314,27 +350,35 @@ class Catalog:
         log.error("model %s: start failed (%s); tried again on a request after %.0fs",
                   model.id, model.supervisor.child.reason if model.supervisor else "", backoff)
 
-    async def _make_room(self, model: CatalogModel) -> None:
-        """Stop idle models, least recently used first, until this one fits; wait for holders
-        to let go when none is idle, up to room_timeout."""
+    async def _place(self, model: CatalogModel) -> None:
+        """Make room for the model: stop idle models, least recently used first, until it
+        fits; when none is idle, wait (not holding the room) for a holder to let go, up to
+        room_timeout."""
         if self.memory_budget and model.estimate_mib > self.memory_budget:
             raise NoRoom(f"The model `{model.id}` needs about {model.estimate_mib} MiB, more than "
                          f"the memory budget of {self.memory_budget} MiB")
         deadline = time.monotonic() + self.room_timeout
-        while not self._fits(model):
-            # Only models up and unheld: a start under way finishes first (then it is idle).
-            idle = sorted((m for m in self.models if m.state == "loaded" and not m.users
-                           and not m.placing and m is not model), key=lambda m: m.last_used)
-            if idle:
-                await self._stop(idle[0], "room")
-                continue
+        while True:
+            freed = self._freed
+            async with self._room:
+                while not self._fits(model) and (idle := self._idle_models(model)):
+                    await self._stop(idle[0], "room")
+                if self._fits(model):
+                    model.placing = True  # counts against the caps from now on
+                    return
             left = deadline - time.monotonic()
             if left <= 0:
                 busy = ", ".join(m.id for m in self.models if m.running)
                 raise NoRoom(f"No room to load `{model.id}`: the models running ({busy}) are "
                              "all in use; retry shortly")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), left)
+                await asyncio.wait_for(freed.wait(), left)
+
+    def _idle_models(self, model: CatalogModel) -> list[CatalogModel]:
+        """Models that may be stopped for room: up, unheld, not already stopping (a start
+        under way finishes first; then it is idle), least recently used first."""
+        return sorted((m for m in self.models if m is not model and _stoppable(m)),
+                      key=lambda m: m.last_used)
 
     def _fits(self, model: CatalogModel) -> bool:
         running = [m for m in self.models if m.running and m is not model]
@@ -347,14 +391,14 @@ class Catalog:
         assert model.supervisor is not None
         log.info("model %s: stopping (%s)", model.id, reason)
         model.evictions[reason] += 1
-        model.stopping = stopped = asyncio.Event()
+        model.stopping = stopped = asyncio.Event()  # before any await: see the module's note
         try:
             await model.supervisor.stop()
         finally:
             model.stopping = None
             stopped.set()
-        model.loaded_since, model.measured_mib = None, None
-        self._notify()
+            model.loaded_since, model.measured_mib = None, None
+            self._notify()
 
     def _notify(self) -> None:
         self._freed.set()
@@ -362,40 +406,53 @@ class Catalog:
 
     # -- the catalog's life ---------------------------------------------------------------
     async def preload(self) -> None:
-        """Start the models marked preload, without waiting (their restarts are their own)."""
+        """Start the models marked preload, without waiting, as far as the caps allow (their
+        restarts after a crash are their supervisor's)."""
         for model in self.models:
-            if model.supervisor is not None and model.entry.preload:
-                await model.supervisor.start()
+            if model.supervisor is None or not model.entry.preload:
+                continue
+            if not self._fits(model):
+                log.warning("model %s: not preloaded: max_loaded or memory_budget is reached",
+                            model.id)
+                continue
+            await model.supervisor.start()
+            model._start = asyncio.create_task(self._settled(model))
+            model._start.add_done_callback(_retrieved)
 
     def watch(self) -> None:
         self._idle = asyncio.create_task(self._watch_idle(), name="catalog idle")
 
     async def close(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._idle
+        tasks = [t for t in (self._idle, *(m._start for m in self.models)) if t is not None]
+        for task in tasks:  # no start may begin while the children stop
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(m.supervisor.stop() for m in self.models
                                if m.supervisor is not None))
-        for model in self.models:
-            if model._start is not None:
-                model._start.cancel()
 
     async def _watch_idle(self) -> None:
-        """Measure what runs; stop what sat idle past its ttl."""
+        """Measure what runs; stop what sat idle past its ttl. Never ends on an error."""
         while True:
             await asyncio.sleep(IDLE_CHECK_EVERY)
-            now = time.monotonic()
-            for model in self.models:
-                model.measure()
-                ttl = model.entry.ttl or 0
-                if (ttl and model.state == "loaded" and not model.users
-                        and now - model.last_used >= ttl and not self._room.locked()):
+            try:
+                await self._idle_pass()
+            except Exception:
+                log.exception("the catalog's idle check failed; it goes on")
+
+    async def _idle_pass(self) -> None:
+        for model in self.models:
+            model.measure()
+            self._counted(model)
+            ttl = model.entry.ttl or 0
+            if not ttl or not _stoppable(model) or self._room.locked():
+                continue
+            async with self._room:  # checked again: a request may have come meanwhile
+                if _stoppable(model) and time.monotonic() - model.last_used >= ttl:
                     await self._stop(model, "idle")
 
     def status(self) -> str:
         """ok: every model can answer now or be started; degraded: some; starting: the only
-        ones are loading; down: none can."""
+        ones are loading at start-up; down: none can."""
         states = [_serving(m) for m in self.models]
         if all(s == "up" for s in states):
             return "ok"
@@ -404,19 +461,34 @@ class Catalog:
         return "starting" if "loading" in states else "down"
 
 
+def _stoppable(model: CatalogModel) -> bool:
+    return (model.state == "loaded" and not model.users and not model.placing
+            and model.stopping is None)
+
+
 def _serving(model: CatalogModel) -> str:
-    state = model.state
+    """up, partly (some of its servers down), loading (a preloaded model starting) or down."""
+    states = [b.state for b in model.backends if b is not model.child]
     if model.supervisor is not None:
-        extra = [b.state for b in model.backends[1:]]
-        if state in ("loaded", "unloaded"):
-            return "partly" if any(s is not State.READY for s in extra) else "up"
-        return "loading" if state == "loading" else "down"
-    states = [b.state for b in model.backends]
+        child = {"up": State.READY, "loading": State.STARTING}.get(_child(model), State.DOWN)
+        states.append(child)
     if all(s is State.READY for s in states):
         return "up"
     if State.READY in states:
         return "partly"
     return "loading" if State.STARTING in states else "down"
+
+
+def _child(model: CatalogModel) -> str:
+    """Whether a model run here can serve: up (loaded, or started on demand: a request waits
+    for its start), loading (a preloaded one starting: not ready yet), or down (a preloaded
+    one that gave up, or a start within its backoff)."""
+    state = model.state
+    if state == "loading" and model.entry.preload:
+        return "loading"
+    if state == "failed" and (model.entry.preload or model.backing_off):
+        return "down"
+    return "up"
 
 
 def _raise_unavailable(model: CatalogModel) -> None:
@@ -425,7 +497,7 @@ def _raise_unavailable(model: CatalogModel) -> None:
         raise ModelLoading(f"The model `{model.id}` is loading; retry shortly")
     reasons = "; ".join(f"{b.name}: {b.reason or b.state}" for b in model.backends)
     error = NoBackend(reasons)
-    if model.failures and model.retry_at > time.monotonic():
+    if model.backing_off:
         error.retry_after = max(1, round(model.retry_at - time.monotonic()))
     raise error
 

@@ -44,11 +44,15 @@ def build(settings: Settings, client: ClientSession, lent: bool) -> Catalog:
                             state=State.STOPPED)
             supervisor = LlamaSupervisor(settings, entry, index, client, child)
             backends.append(child)
+        # In a worker a model of the first process's is its child's address: the first
+        # process knows its state and grants a slot only when it is up. A pool of --upstream
+        # servers that name their own models is health-checked here too, to learn them.
+        borrowed = lent and bool(entry.id)
         for number, url in enumerate(entry.urls, 1):
             name = f"upstream-{number}" if index == 0 else f"{entry.id}-{number}"
             backend = Backend(name, url, entry.api_key,
-                              models=(entry.id,) if entry.id else (), supervised=lent)
-            if lent:  # the first process knows its state; it grants a slot only when it is up
+                              models=(entry.id,) if entry.id else (), supervised=borrowed)
+            if borrowed:
                 backend.set_state(State.READY)
             backends.append(backend)
         queue = FairQueue(slots_for(entry, settings.admission_slots), settings.queue_max,
@@ -66,7 +70,7 @@ async def _backends(settings: Settings, lent: bool, app: web.Application
     lock = None
     if any(m.supervisor is not None for m in catalog.models):
         lock = hold_data_dir(settings.data_dir)
-    remotes = [] if lent else [b for b in catalog.backends() if not b.supervised]
+    remotes = [b for b in catalog.backends() if not b.supervised]
     grace, interval = settings.startup_timeout, settings.health_interval
     # One check before serving, so /v1/models knows the upstreams' model ids.
     await asyncio.gather(*(check_upstream(client, b, settings.connect_timeout, grace)

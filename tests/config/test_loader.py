@@ -185,6 +185,7 @@ gguf = "{model}"
     ('[models.x]\ngguf = "/no/such.gguf"', "models.x.gguf"),
     ('[models.x]\nurl = "ftp://host/"', "models.x.url"),
     ('[models.x]\nurl = "http://h"\ngguf = "/m.gguf"', "models.x"),
+    ('[models.x]\ngguf = "/m.gguf"\napi_key = "k"', "models.x.api_key"),
     ('[models.x]\nurl = "http://h"\nttl = -1', "models.x.ttl"),
     ('[models.x]\nurl = "http://h"\nparallel = "2"', "models.x.parallel"),
     ('[models.x]\nurl = "http://h"\nflavour = 1', "models.x.flavour"),
