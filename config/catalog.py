@@ -92,6 +92,10 @@ def _entry(model_id: str, table: Any, source: str, base: Path) -> ModelEntry:
         values["gguf"] = base / values["gguf"]  # an absolute path stays as it is
     if "gguf" in values and "urls" in values:
         raise CatalogError(where, "is either `gguf` (run here) or `url` (remote), not both")
+    if "api_key" in values and any(urlsplit(u).password or urlsplit(u).username
+                                   for u in values.get("urls", ())):
+        raise CatalogError(f"{where}.api_key", "a URL with a user or password already says "
+                           "how to sign in: give one or the other")
     if "api_key" in values and "urls" not in values:
         raise CatalogError(f"{where}.api_key", "goes with `url`: a model run here gets a "
                            "random key of its own")

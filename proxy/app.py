@@ -56,6 +56,8 @@ def create_app(settings: Settings, slots_from: Path | None = None,
     for secret in (s.upstream_api_key, s.admin_key, s.jwt_secret, s.redis_url,
                    s.ngrok_authtoken, s.metrics_token):
         register_secret(secret)
+    for entry in s.models:  # a remote model's key: never in a log line or an error body
+        register_secret(entry.api_key)
     prepare_data_dir(s.data_dir)
     app = web.Application(client_max_size=s.max_body_bytes)
     setup_front(app, shutdown_grace=s.shutdown_grace)

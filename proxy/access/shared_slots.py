@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -183,6 +184,17 @@ class SlotBorrower:
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._reader: asyncio.Task[None] | None = None
+        # Models the lender said cannot answer (a start failed), until their backoff ends: so
+        # this worker refuses them before rate limits are charged, as the first process does.
+        self._down: dict[str, tuple[float, str]] = {}
+
+    def refuse_early(self, model: str) -> None:
+        until, reasons = self._down.get(model, (0.0, ""))
+        left = until - time.monotonic()
+        if left > 0:
+            error = NoBackend(reasons)
+            error.retry_after = max(1, round(left))
+            raise error
 
     async def connect(self) -> None:
         reader, self._writer = await asyncio.open_unix_connection(str(self.path))
@@ -202,6 +214,8 @@ class SlotBorrower:
         reply = await self._ask({"op": "acquire", "id": lease, "who": who, "model": model,
                                  "slot": slot}, self.timeout + LENDER_GRACE)
         if "refused" in reply:
+            if reply["refused"] == "backend_unavailable" and reply["retry_after"]:
+                self._down[model] = (time.monotonic() + reply["retry_after"], reply["message"])
             raise refused(reply["refused"], reply["message"], int(reply["retry_after"]))
         try:
             yield

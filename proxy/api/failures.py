@@ -66,7 +66,7 @@ def to_openai(exc: BaseException, request: web.Request) -> OpenAIError | None:
         case Busy():
             return _unavailable(str(exc), exc.code, exc.retry_after)
         case ModelNotFound():
-            return OpenAIError(404, f"The model `{exc.model}` does not exist",
+            return OpenAIError(404, f"The model `{str(exc.model)[:200]}` does not exist",
                                code="model_not_found", param="model")
         case ModelLoading():
             return _unavailable(str(exc) or "The model is loading; retry shortly",

@@ -35,7 +35,7 @@ async def unload(request: web.Request) -> web.Response:
 
 async def _operate(request: web.Request, op: str) -> dict[str, Any]:
     name = request.match_info["model"]
-    log.info("admin %s: %s model %s", request[PRINCIPAL].id, op, name)
+    log.info("admin %s: %s model %r", request[PRINCIPAL].id, op, name[:200])
     try:
         if BORROWER in request.app:
             return await request.app[BORROWER].operate(op, name)
@@ -44,10 +44,11 @@ async def _operate(request: web.Request, op: str) -> dict[str, Any]:
         await (catalog.load(model) if op == "load" else catalog.unload(model))
         return await catalog.admin()
     except Unloaded as exc:
-        raise OpenAIError(409, str(exc), code="model_busy") from None
+        raise OpenAIError(409, str(exc), code=exc.code) from None
 
 
 def setup_models(app: web.Application) -> None:
     app.router.add_get("/admin/models", list_models)
-    app.router.add_post("/admin/models/{model}/load", load)
-    app.router.add_post("/admin/models/{model}/unload", unload)
+    # Model ids may hold a slash (org/model), as Hugging Face names do.
+    app.router.add_post("/admin/models/{model:.+}/load", load)
+    app.router.add_post("/admin/models/{model:.+}/unload", unload)

@@ -104,7 +104,10 @@ def model_call(request: web.Request, path: str, model: str | None, stream: bool)
     # it, and a credential allowed only "gpt-4" must not get it that way.
     served = catalog.served(model)
     check_model_allowed(request, served)
-    catalog.refuse_early(chosen)
+    if BORROWER in request.app:  # an extra worker: what the first process last said
+        request.app[BORROWER].refuse_early(chosen.id)
+    else:
+        catalog.refuse_early(chosen)
     outcome = outcome_of(request)
     outcome.model, outcome.stream = served, stream
     return ModelCall(request, request[PRINCIPAL], path, stream, chosen)
@@ -176,8 +179,9 @@ async def health(request: web.Request) -> web.Response:
     models = await models_public(request.app)
     status = models["status"]
     rows = models["models"]
+    backends = models.get("backends") or [b.public() for b in catalog.backends()]
     body = {"status": status, "model": rows[0]["id"] if rows else None,
-            "models": rows, "backends": [b.public() for b in catalog.backends()],
+            "models": rows, "backends": backends,
             "queue": rows[0]["queue"] if rows else None,
             "limits": "local" if request.app[LIMITER].degraded else "redis"}
     return json_response(body, 200 if status in CAN_SERVE else 503)

@@ -194,6 +194,7 @@ class ChildProcess:
     async def _run_once(self) -> str:
         """Start the child once, wait until it is ready, then until it exits; say why it ended."""
         self._set(Phase.STARTING, self.starting)
+        self.tail.clear()  # the last lines are this run's, for its crash report
         started = time.monotonic()
         try:
             proc = await self._spawn()

@@ -78,6 +78,7 @@ class Backend:
     state: State = State.STARTING
     reason: str | None = None
     supervised: bool = False  # the child's state belongs to its supervisor, not to the relay
+    learns: bool = True  # takes its model ids from the server (a catalog entry's are its own)
     # Whether it is llama-server (its Server header says; None until it has answered).
     llama_cpp: bool | None = None
     changed: float = field(default_factory=time.monotonic)
@@ -131,7 +132,8 @@ async def check_upstream(client: ClientSession, backend: Backend, limit: float,
             backend.learn(resp.headers)
             data = await resp.json(content_type=None)
         ids = tuple(str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and "id" in m)
-        backend.models = ids or backend.models
+        if backend.learns:
+            backend.models = ids or backend.models
         backend.set_state(State.READY)
     except (ClientError, TimeoutError, ValueError, AttributeError) as exc:
         reason = str(exc) if isinstance(exc, ValueError) else type(exc).__name__

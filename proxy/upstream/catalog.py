@@ -49,6 +49,10 @@ class NoRoom(Exception):
 class Unloaded(Exception):
     """An operator's unload that cannot be done: requests hold the model, or it is remote."""
 
+    def __init__(self, message: str, code: str = "model_busy") -> None:
+        super().__init__(message)
+        self.code = code
+
 
 @dataclass(eq=False)
 class CatalogModel:
@@ -176,6 +180,9 @@ class Catalog:
         (of one id), any name reaches it: tools like aider send their own model names."""
         if not name:
             return self.models[0]
+        for model in self.models:  # the catalog's own names first, then what servers report
+            if name in model.entry.names():
+                return model
         for model in self.models:
             if name in model.names():
                 return model
@@ -192,8 +199,10 @@ class Catalog:
         return name if name and name in learned else model.id
 
     def model_ids(self) -> list[str]:
-        return [m for model in self.models for m in dict.fromkeys(
-            [model.id] + [m for b in model.backends for m in b.models]) if m]
+        """The ids to list: each entry's, and those a pool of upstreams reports, once each."""
+        return [m for m in dict.fromkeys(
+            m for model in self.models for m in (model.id, *(m for b in model.backends
+                                                             for m in b.models))) if m]
 
     def backends(self) -> list[Backend]:
         return [b for model in self.models for b in model.backends]
@@ -286,7 +295,8 @@ class Catalog:
     async def unload(self, model: CatalogModel) -> None:
         """An operator's unload: refused while requests hold the model."""
         if model.supervisor is None:
-            raise Unloaded(f"The model `{model.id}` is served elsewhere; nothing to unload")
+            raise Unloaded(f"The model `{model.id}` is served elsewhere; nothing to unload",
+                           "model_not_local")
         async with self._room:  # not in the middle of a placement that counts on it
             if model.users or model.placing:
                 raise Unloaded(f"The model `{model.id}` is in use by {model.users} requests;"
@@ -304,7 +314,7 @@ class Catalog:
     async def public(self) -> dict[str, Any]:
         """/health's view: each model's state and queue, and whether the appliance serves."""
         return {"models": [{**m.public(), "queue": await m.queue.stats()} for m in self.models],
-                "status": self.status()}
+                "backends": [b.public() for b in self.backends()], "status": self.status()}
 
     # -- starting and stopping ------------------------------------------------------------
     async def _load(self, model: CatalogModel) -> bool:

@@ -50,8 +50,8 @@ def build(settings: Settings, client: ClientSession, lent: bool) -> Catalog:
         borrowed = lent and bool(entry.id)
         for number, url in enumerate(entry.urls, 1):
             name = f"upstream-{number}" if index == 0 else f"{entry.id}-{number}"
-            backend = Backend(name, url, entry.api_key,
-                              models=(entry.id,) if entry.id else (), supervised=borrowed)
+            backend = Backend(name, url, entry.api_key, models=(entry.id,) if entry.id else (),
+                              supervised=borrowed, learns=not entry.id)
             if borrowed:
                 backend.set_state(State.READY)
             backends.append(backend)

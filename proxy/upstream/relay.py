@@ -42,6 +42,7 @@ from proxy.errors import (
     error_type,
     speaks_anthropic,
 )
+from proxy.observe.logs import redact
 from proxy.observe.outcome import Outcome, outcome_of
 from proxy.upstream.assemble import Events, assembly_for, stream_request, with_message_start
 from proxy.upstream.backends import (
@@ -342,13 +343,17 @@ class ModelRefused(OpenAIError):
                   ) -> ModelRefused:
         """From a model server's error body: its fields kept if it has OpenAI's, the text
         wrapped otherwise."""
+        if status in (401, 403):  # about the appliance's key to it, not the client's
+            return cls(502, error_body("The model server refused this appliance's credential "
+                                       "for it (see its api_key)", "api_error",
+                                       "upstream_auth")["error"])
         try:
             parsed = orjson.loads(body)
         except orjson.JSONDecodeError:
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
             return cls(status, openai_fields(status, parsed["error"]), retry_after)
-        text = body.decode(errors="replace").strip()[:200] or f"HTTP {status}"
+        text = redact(body.decode(errors="replace").strip()[:200]) or f"HTTP {status}"
         return cls(status, error_body(f"Model server error: {text}", error_type(status),
                                       "upstream_error")["error"], retry_after)
 
@@ -356,7 +361,7 @@ class ModelRefused(OpenAIError):
 def openai_fields(status: int, error: dict[str, Any]) -> dict[str, Any]:
     """A model server's error object as OpenAI's fields: message, type, code (a string), param."""
     code = error.get("code")
-    return {"message": str(error.get("message") or "Model server error"),
+    return {"message": redact(str(error.get("message") or "Model server error")),
             "type": str(error.get("type") or error_type(status)),
             "code": None if code is None else str(code), "param": error.get("param")}
 

@@ -68,3 +68,34 @@ async def test_slots_and_turns_hold_across_workers(fake: Fake, tmp_path: Path) -
     assert code == 0
     assert not pid_alive(worker)
     assert not list(app.data_dir.glob("slots-*.sock"))
+
+
+async def test_an_upstream_pool_and_a_catalog_look_the_same_from_every_worker(
+        fake: Fake, tmp_path: Path) -> None:
+    # --upstream servers naming their own model, beside a [models] table: the pool stays the
+    # default model in every process, its ids learned there too.
+    config = tmp_path / "config.toml"
+    config.write_text(f'[models.other]\nurl = "{fake.url}"\naliases = ["o"]\n')
+    app = Appliance(tmp_path, "--config", str(config), "--upstream", fake.url, "--workers", "2",
+                    "--auth", "disabled")
+    try:
+        await asyncio.to_thread(app.wait_ready)
+        await asyncio.to_thread(wait_until, lambda: "worker listening" in app.log, 20,
+                                "the extra worker")
+        seen: set[str] = set()
+        for _ in range(12):  # fresh connections: the kernel spreads them over both processes
+            async with aiohttp.ClientSession() as http:
+                async with http.get(app.base + "/v1/models") as resp:
+                    ids = [m["id"] for m in (await resp.json())["data"]]
+                assert ids == ["fake-model", "other"], ids
+                async with http.post(app.base + "/v1/chat/completions", json={
+                        "model": "no-such", "messages": [{"role": "user", "content": "x"}]}
+                        ) as resp:
+                    assert resp.status == 404  # two models: an unknown name is not guessed
+                async with http.post(app.base + "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "x"}]}) as resp:
+                    assert resp.status == 200
+        seen = set(re.findall(r"proxy\.access\[(\d+)\].*model=fake-model", app.log))
+        assert len(seen) == 2, "both processes answered for the default model"
+    finally:
+        app.stop()

@@ -141,3 +141,61 @@ async def test_clients_leaving_during_one_slow_start_share_and_finish_it(catalog
         view = await admin_models(http, app.base)
         assert next(m for m in view["models"] if m["id"] == "a")["loads"] == 1
     assert app.log.count("model a: starting") == 1
+
+
+async def test_upstream_servers_take_turns(make_proxy, fake) -> None:
+    from aiohttp import web
+
+    from tests.kit import fake_upstream
+    from tests.kit.helpers import free_port
+
+    second = fake_upstream.make_app()
+    runner = web.AppRunner(second)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        proxy = await make_proxy(upstreams=[fake.url, f"http://127.0.0.1:{port}"],
+                                 auth="disabled")
+        async with aiohttp.ClientSession() as http:
+            for _ in range(6):
+                async with http.post(proxy.base_url + "/v1/chat/completions", json={
+                        "messages": [{"role": "user", "content": "x"}]}) as resp:
+                    assert resp.status == 200
+        assert fake.record.requests == 3 and second[fake_upstream.RECORD].requests == 3
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_request_for_a_model_being_stopped_waits_and_is_served(catalog_app) -> None:
+    # b is idle and loaded; c's request stops it for room, and b's request comes while b's
+    # child is on its way out: it waits for the stop, then b starts again (c idle by then).
+    app = catalog_app("max_loaded = 1", start_seconds=0.2)
+    async with aiohttp.ClientSession() as http:
+        for gap in (0.0, 0.01, 0.03, 0.06):
+            assert await one(http, app.base, "b", False, None) == ("done", 200)
+            first = asyncio.create_task(one(http, app.base, "c", False, None))
+            await asyncio.sleep(gap)
+            assert await one(http, app.base, "b", True, None) == ("done", 200)
+            assert await first == ("done", 200)
+    assert "unreachable" not in app.log, app.log[-3000:]
+
+
+async def test_a_remote_models_key_stays_out_of_answers(make_proxy, fake, tmp_path) -> None:
+    secret = "sk-remote-" + "s3cret" * 4
+    config = tmp_path / "models.toml"
+    config.write_text(f'[models.far]\nurl = "{fake.url}"\napi_key = "{secret}"\n')
+    proxy = await make_proxy(config=str(config), auth="disabled")
+    async with aiohttp.ClientSession() as http:
+        for fake_steer, status, code in (
+                ({"status": 500, "raw": f"internal error, header Bearer {secret}"}, 500,
+                 "upstream_error"),
+                ({"status": 401, "raw": f"Invalid API key: {secret}"}, 502, "upstream_auth")):
+            for stream in (False, True):
+                async with http.post(proxy.base_url + "/v1/chat/completions", json={
+                        "model": "far", "stream": stream, "fake": fake_steer,
+                        "messages": [{"role": "user", "content": "x"}]}) as resp:
+                    text = await resp.text()
+                assert secret not in text and "s3cret" not in text, text
+                assert resp.status == status and code in text, (resp.status, text)
+    assert fake.record.headers[-1]["Authorization"] == f"Bearer {secret}"  # it was sent
