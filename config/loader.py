@@ -193,7 +193,7 @@ def _resolve(s: Settings, serving: bool) -> Settings:
                  "limit_concurrency", "limit_ip_rpm", "queue_max", "max_connections",
                  "max_connections_per_client", "client_send_buffer", "sse_keepalive",
                  "chat_context_tokens", "max_loaded", "memory_budget", "ctx_size", "cache_ram",
-                 "ttl"):
+                 "ttl", "slot_save_mib"):
         if getattr(s, name) < 0:
             raise ConfigError(name, "must not be negative")
     if not 1 <= s.ipv6_prefix <= 128:

@@ -119,6 +119,14 @@ class Settings:
         0.0, "float", "seconds a supervised catalog model may sit idle before it is stopped "
         "(0 = never)"
     )
+    slot_save: bool = _opt(
+        True, "bool", "save the KV cache of a model's slots to <data_dir>/slots before it is "
+        "stopped (idle, for room, unload, restart) and restore it when it starts again, so a "
+        "long conversation does not recompute its history"
+    )
+    slot_save_mib: int = _opt(
+        2048, "int", "MiB the saved slots may take on disk in all (the oldest go first)"
+    )
     # -- supervision
     startup_timeout: float = _opt(120.0, "float", "seconds llama-server may take to load")
     restart_limit: int = _opt(5, "int", "crashes within restart_window after which restarts stop")

@@ -332,6 +332,9 @@ class Catalog:
             model.placing = False
             self._notify()  # a start that ended makes a model idle, or frees its room
         if ok:
+            restored = await model.supervisor.restore_slots()
+            if restored:
+                log.info("model %s: %d tokens of its saved slots restored", model.id, restored)
             self._counted(model)
             model.load_seconds += time.monotonic() - began
             model.failures = 0
@@ -403,6 +406,10 @@ class Catalog:
         model.evictions[reason] += 1
         model.stopping = stopped = asyncio.Event()  # before any await: see the module's note
         try:
+            if model.supervisor.child.phase is Phase.READY:
+                saved = await model.supervisor.save_slots()
+                if saved:
+                    log.info("model %s: %d tokens of its slots saved", model.id, saved)
             await model.supervisor.stop()
         finally:
             model.stopping = None

@@ -10,9 +10,12 @@ starts and stops is the catalog's decision (proxy/upstream/catalog.py).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import logging.handlers
 import os
+import re
 import secrets
 import socket
 from pathlib import Path
@@ -51,6 +54,9 @@ class LlamaSupervisor:
         name = "llama-server.key" if index == 0 else f"llama-server-{index}.key"
         self._key_file = settings.data_dir / name
         self._prefix = f"[{entry.id}] " if index else ""
+        # Where its slots are saved: its own settings' directory, so a changed model never
+        # restores another's cache.
+        self.slots_dir = slot_dir(settings.data_dir, entry) if settings.slot_save else None
         # One port for the child's whole life: worker processes reach it there across restarts.
         self.port = free_loopback_port()
         backend.base_url = f"http://127.0.0.1:{self.port}"
@@ -74,6 +80,8 @@ class LlamaSupervisor:
         """wait: until it is ready (True) or its first start failed (False, not retried)."""
         write_private(self._key_file, self.backend.api_key + "\n")
         attach_log_file(self.settings.data_dir)
+        if self.slots_dir is not None:  # llama-server wants it there
+            self.slots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return await self.child.start(wait=wait)
 
     async def stop(self) -> None:
@@ -83,12 +91,53 @@ class LlamaSupervisor:
     def _command(self) -> list[str]:
         e = self.entry
         sized = ["--ctx-size", str(e.ctx_size)] if e.ctx_size else []
+        if self.slots_dir is not None:
+            sized += ["--slot-save-path", str(self.slots_dir)]
         return [
             str(self.settings.llama_server), "--model", str(e.gguf), "--alias", e.id,
             "--host", "127.0.0.1", "--port", str(self.port),
             "--api-key-file", str(self._key_file), "--parallel", str(e.parallel), "--metrics",
             "--no-webui", "--cache-ram", str(e.cache_ram), *sized, *(e.llama_args or ()),
         ]
+
+    async def save_slots(self) -> int:
+        """Each slot's KV cache to its file, before the child stops: the tokens saved."""
+        if self.slots_dir is None:
+            return 0
+        self.slots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        saved = sum([await self._slot(n, "save", "n_saved") for n in range(self._slots())])
+        prune_slots(self.settings.data_dir / SLOTS, self.settings.slot_save_mib)
+        return saved
+
+    async def restore_slots(self) -> int:
+        """The saved slots back into a child that just started: the tokens restored."""
+        if self.slots_dir is None or not self.slots_dir.is_dir():
+            return 0
+        return sum([await self._slot(n, "restore", "n_restored") for n in range(self._slots())
+                    if (self.slots_dir / SLOT_FILE.format(n=n)).is_file()])
+
+    def _slots(self) -> int:
+        return int(self.entry.parallel or 1)
+
+    async def _slot(self, n: int, action: str, counted: str) -> int:
+        """One slot saved or restored; 0 (logged) when the child cannot (an empty slot, a
+        file from an older build): a cache, never a reason to fail."""
+        try:
+            async with self.client.post(
+                    f"{self.backend.base_url}/slots/{n}?action={action}",
+                    json={"filename": SLOT_FILE.format(n=n)},
+                    headers=self.backend.auth_headers(),
+                    timeout=ClientTimeout(total=SLOT_TIMEOUT)) as resp:
+                body = await resp.json(content_type=None) if resp.status == 200 else {}
+                if resp.status != 200:
+                    log.info("model %s: slot %d not %sd (%s)", self.entry.id, n, action,
+                             resp.status)
+        except (ClientError, TimeoutError, ValueError) as exc:
+            log.info("model %s: slot %d not %sd (%s)", self.entry.id, n, action,
+                     type(exc).__name__)
+            return 0
+        count = body.get(counted) if isinstance(body, dict) else None
+        return count if isinstance(count, int) else 0
 
     async def _healthy(self) -> bool:
         try:
@@ -100,6 +149,37 @@ class LlamaSupervisor:
 
     def _log_line(self, line: str) -> None:
         child_log.info("%s%s", self._prefix, line)
+
+
+SLOTS = "slots"
+SLOT_FILE = "slot-{n}.bin"
+SLOT_TIMEOUT = 30.0
+
+
+def slot_dir(data_dir: Path, entry: ModelEntry) -> Path:
+    """<data_dir>/slots/<id>-<digest of what shapes its KV cache>: the model file (path, size,
+    time), its context, slots and arguments."""
+    gguf = Path(str(entry.gguf))
+    try:
+        stat = gguf.stat()
+        file = [str(gguf), stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        file = [str(gguf)]
+    shape = [file, entry.ctx_size, entry.parallel, list(entry.llama_args or ())]
+    digest = hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", entry.id)[:64]
+    return data_dir / SLOTS / f"{name}-{digest}"
+
+
+def prune_slots(root: Path, limit_mib: int) -> None:
+    """Saved slots within limit_mib on disk, the oldest removed first."""
+    files = sorted((p for p in root.glob("*/*.bin") if p.is_file()),
+                   key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in files)
+    while files and total > limit_mib * 1024 * 1024:
+        oldest = files.pop(0)
+        total -= oldest.stat().st_size
+        oldest.unlink(missing_ok=True)
 
 
 def hold_data_dir(data_dir: Path) -> int:

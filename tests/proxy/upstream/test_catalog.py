@@ -5,6 +5,7 @@ refused with Retry-After when there is no room, retried after a failed start."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -310,3 +311,42 @@ def test_a_stream_waiting_for_its_model_gets_keep_alives(appliance, tmp_path: Pa
     first_data = next(i for i, line in enumerate(lines) if line.startswith(b"data:"))
     assert lines[:first_data] and set(lines[:first_data]) == {b": keep-alive"}, lines[:5]
     assert lines[-1] == b"data: [DONE]" and starts(app, "alpha") == 1
+
+
+def test_a_swapped_out_conversation_comes_back_from_its_saved_slots(appliance, tmp_path: Path
+                                                                    ) -> None:
+    config = catalog(tmp_path, "", alpha=f'gguf = "{MODEL}"\nctx_size = 2048\nparallel = 1')
+    app = appliance(config)
+    story = " ".join(f"Line {i}: the fox jumps over the dog near river {i}." for i in range(40))
+    talk = [{"role": "user", "content": "Read this: " + story},
+            {"role": "assistant", "content": "Done."}]
+
+    def cache_n(messages: list[dict[str, str]]) -> int:
+        status, body, _ = ask(app.base, "alpha", messages=messages, temperature=0)
+        assert status == 200, body
+        return int(body["timings"]["cache_n"]) if "timings" in body else -1
+
+    ask(app.base, "alpha", messages=talk[:1], temperature=0)
+    for action in ("unload", "load"):
+        req = urllib.request.Request(f"{app.base}/admin/models/alpha/{action}", method="POST",
+                                     headers={"Authorization": f"Bearer {ADMIN}"})
+        urllib.request.urlopen(req, timeout=60).read()
+    assert re.search(r"model alpha: \d+ tokens of its slots saved", app.log)
+    assert re.search(r"model alpha: \d+ tokens of its saved slots restored", app.log)
+    cached = cache_n([*talk, {"role": "user", "content": "What was on line 7?"}])
+    assert cached > 300, cached  # the history read from the restored cache, not recomputed
+    saved = list((app.data_dir / "slots").glob("alpha-*/slot-0.bin"))
+    assert len(saved) == 1 and saved[0].parent.stat().st_mode & 0o077 == 0
+
+
+def test_saved_slots_stay_within_their_disk_budget(tmp_path: Path) -> None:
+    from proxy.upstream.supervisor import prune_slots
+
+    for n, name in enumerate(("a-1/slot-0.bin", "b-2/slot-0.bin", "b-2/slot-1.bin")):
+        path = tmp_path / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 600 * 1024)
+        os.utime(path, (1000 + n, 1000 + n))
+    prune_slots(tmp_path, 1)  # 1 MiB: the oldest go until the rest fit
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*.bin")) == [
+        "b-2/slot-1.bin"]
