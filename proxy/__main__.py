@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.server import serve
 
         setup_logging(settings.log_level, settings.log_format)
-        _run(serve(settings))
+        _run(serve(settings, reload_from=functools.partial(load_settings, args)))
     except ConfigError as exc:
         print(f"llama-proxy: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import resource
@@ -12,6 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -19,10 +21,12 @@ from config import ConfigError, Settings
 from config.paths import python_command
 from config.settings import default_data_dir
 from proxy.access.limits import describe_limits
+from proxy.api.models import RELOAD
 from proxy.app import create_app, limits_of, trusted_proxies
 from proxy.edge.connection import EdgeLimits, EdgeRunner
 from proxy.edge.drain import ABORT_WAIT
 from proxy.edge.tls import CertificateError, Certificates
+from proxy.errors import OpenAIError
 from proxy.runtime.tunnel import (
     SKIP_WARNING_HEADER,
     Tunnel,
@@ -148,8 +152,10 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
 
 
-async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | None = None
-                ) -> None:
+async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | None = None,
+                reload_from: Callable[[], Settings] | None = None) -> None:
+    """reload_from: the settings as the config file (and environment, and the same flags)
+    now say, for SIGHUP and POST /admin/reload."""
     if worker:
         running = await start(settings, reuse_port=True, slots_from=slots_from)
         tune_gc()
@@ -177,15 +183,25 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
     log.info("%s", limits)
     print(limits, flush=True)
     _warn_if_open(settings)
+    catalog_reload = None
+    if reload_from is not None:
+        catalog_reload = functools.partial(reload_catalog, running, reload_from, pool)
+        running.app[RELOAD] = catalog_reload
     if pool is not None:
-        await pool.start(running.port, running.app[CATALOG])
+        await pool.start(running.port, running.app[CATALOG], catalog_reload)
 
     announcer = asyncio.create_task(_announce_ready(running.app, base))
+    reloads: set[asyncio.Task[Any]] = set()
 
     def reload() -> None:
         reload_tls(running)
         if pool is not None:
             pool.reload()
+        if catalog_reload is not None:  # errors are logged there; nothing changes then
+            task = asyncio.create_task(catalog_reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     await _wait_for_signal(reload)
     announcer.cancel()
@@ -197,6 +213,28 @@ async def serve(settings: Settings, *, worker: bool = False, slots_from: Path | 
         pool.terminate()  # the workers drain alongside us
     await running.runner.cleanup()
     log.info("stopped")
+
+
+async def reload_catalog(running: Running, reload_from: Callable[[], Settings],
+                         pool: WorkerPool | None) -> dict[str, Any]:
+    """Re-read the configuration and apply the model catalog's difference
+    (proxy/upstream/catalog.py, reload). A configuration that does not load changes nothing
+    and says why; other settings that changed are named: they need a restart."""
+    try:
+        fresh = reload_from()
+    except ConfigError as exc:
+        log.error("reload: the configuration does not load; nothing changed: %s", exc)
+        raise OpenAIError(400, f"The configuration does not load; nothing changed: {exc}",
+                          code="invalid_config") from None
+    done: dict[str, Any] = dict(await running.app[CATALOG].reload(fresh.models))
+    now, then = fresh.masked(), running.settings.masked()
+    done["needs_restart"] = [k for k in now if k != "models" and now[k] != then.get(k)]
+    if done["needs_restart"]:
+        log.warning("reload: only the model catalog is reloaded; %s change at a restart",
+                    ", ".join(done["needs_restart"]))
+    if pool is not None:
+        pool.refresh(running.app[CATALOG])
+    return done
 
 
 async def _wait_for_signal(on_hangup: Callable[[], None]) -> None:

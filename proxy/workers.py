@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -95,16 +96,18 @@ class WorkerPool:
         self.path = settings.data_dir / SETTINGS_FILE.format(pid=os.getpid())
         self.children: list[ChildProcess] = []
         self._lender: SlotLender | None = None
+        self.port = 0
 
-    async def start(self, port: int, catalog: Catalog) -> None:
-        """port: the one we listen on; catalog: the models, lent to the workers."""
+    async def start(self, port: int, catalog: Catalog,
+                    reload: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """port: the one we listen on; catalog: the models, lent to the workers; reload: the
+        catalog's reload, which a worker may be asked for."""
         remove_stale_files(self.settings.data_dir)
         socket = self.settings.data_dir / SLOTS_SOCKET.format(pid=os.getpid())
-        self._lender = SlotLender(catalog, socket)
+        self._lender = SlotLender(catalog, socket, reload)
         await self._lender.start()
-        config = {"settings": worker_settings(self.settings, port, catalog),
-                  "slots_from": str(self._lender.path)}
-        write_private(self.path, orjson.dumps(config).decode())
+        self.port = port
+        self._write(catalog)
         command = [sys.executable, "-m", "proxy", "--worker-settings", str(self.path)]
         for index in range(1, self.settings.workers):
             worker = ChildProcess(
@@ -115,6 +118,19 @@ class WorkerPool:
             self.children.append(worker)
             await worker.start()
         log.info("started %d extra worker processes", self.settings.workers - 1)
+
+    def _write(self, catalog: Catalog) -> None:
+        assert self._lender is not None
+        config = {"settings": worker_settings(self.settings, self.port, catalog),
+                  "slots_from": str(self._lender.path)}
+        write_private(self.path, orjson.dumps(config).decode())
+
+    def refresh(self, catalog: Catalog) -> None:
+        """After a reload: the workers' catalog rewritten, and each worker restarted on it
+        (SIGTERM: it drains its own requests; this process serves on the port meanwhile)."""
+        self._write(catalog)
+        for worker in self.children:
+            worker.send_signal(signal.SIGTERM)
 
     def terminate(self) -> None:
         """SIGTERM every worker: each drains its own requests."""

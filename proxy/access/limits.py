@@ -27,6 +27,7 @@ from proxy.edge.ids import new_id
 from proxy.errors import speaks_anthropic
 from proxy.state.store import REDIS
 from proxy.upstream.apis import ALL_CAPS, Api
+from proxy.upstream.backends import Backend
 from proxy.upstream.call import ModelCall
 from proxy.upstream.catalog import CatalogModel
 from proxy.upstream.pool import CATALOG
@@ -198,15 +199,15 @@ async def model_slot(call: ModelCall) -> AsyncIterator[None]:
     outcome, model, who = call.outcome, call.model, call.principal.id
     asked = time.perf_counter()
     try:
-        async with _held(app, model, who, call.api.slot):
+        async with _held(app, model, who, call.api.slot) as child:
             if call.api.slot or app[CHEAP_LANE].slots <= 0:
                 outcome.queue_wait = time.perf_counter() - asked
-                call.backends = model.ready_backends()
+                call.backends = [child] if child else model.ready_backends()
                 yield
                 return
             async with app[CHEAP_LANE].slot(who):
                 outcome.queue_wait = time.perf_counter() - asked
-                call.backends = model.ready_backends()
+                call.backends = [child] if child else model.ready_backends()
                 yield
     except Busy as exc:
         if outcome.queue_wait is None:  # refused by the queue, not by something it guarded
@@ -215,7 +216,9 @@ async def model_slot(call: ModelCall) -> AsyncIterator[None]:
 
 
 def _held(app: web.Application, model: CatalogModel, who: str, slot: bool
-          ) -> AbstractAsyncContextManager[None]:
+          ) -> AbstractAsyncContextManager[Backend | None]:
+    """The model held, here or (an extra worker) in the first process, which names the child
+    to send to."""
     if BORROWER in app:
         return app[BORROWER].use(model.id, who, slot)
     return app[CATALOG].use(model, who, slot)

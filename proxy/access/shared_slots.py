@@ -12,8 +12,9 @@ The protocol is JSON lines. Worker to lender: {"op": "acquire", "id": n, "who": 
 slot), {"op": "release", "id": n} (for a lease granted or still waited for: the lender knows
 which), and {"op": "stats", "id": n}. Lender to worker: {"id": n, "ok": true}, {"id": n,
 "refused": kind, "message": text, "retry_after": s} or {"id": n, "stats": {...}}. An
-operator's {"op": "admin" | "load" | "unload", "id": n, "model": name} is answered with the
-admin view, {"id": n, "stats": {...}}.
+operator's {"op": "admin" | "load" | "unload" | "restart" | "reload", "id": n, "model": name}
+is answered with the admin view, {"id": n, "stats": {...}}. A grant names the child to send
+to ("child": [name, url, key]) when the model runs in the first process: a restart moves it.
 """
 
 from __future__ import annotations
@@ -23,20 +24,22 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from proxy.upstream.backends import ModelLoading, ModelNotFound, NoBackend
-from proxy.upstream.catalog import Catalog, NoRoom, Unloaded
+from proxy.observe.logs import register_secret
+from proxy.upstream.backends import Backend, ModelLoading, ModelNotFound, NoBackend, State
+from proxy.upstream.catalog import Catalog, Hold, NoRoom, Unloaded
 from quota.slots import SHUTTING_DOWN, Busy, QueueClosed, QueueFull, QueueTimeout
 
 log = logging.getLogger("proxy.slots")
 
 BUSY_ERRORS: dict[str, type[Busy]] = {e.code: e for e in (QueueFull, QueueTimeout, QueueClosed)}
+OPERATIONS = ("admin", "load", "unload", "restart", "reload")
 LENDER_GRACE = 5.0  # a borrower gives up this long after the lender's own waits
 
 
@@ -80,8 +83,11 @@ def refused(kind: str, message: str, retry_after: int) -> Exception:
 class SlotLender:
     """Serves the first process's catalog to the extra workers."""
 
-    def __init__(self, catalog: Catalog, path: Path) -> None:
+    def __init__(self, catalog: Catalog, path: Path,
+                 reload: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """reload: re-reads the configuration (an operator's, asked of a worker)."""
         self.catalog = catalog
+        self.reload = reload
         self.path = path
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -116,7 +122,7 @@ class SlotLender:
                     self._end(leases.pop(lease, None))
                 elif message["op"] == "stats":
                     _send(writer, {"id": lease, "stats": await self.catalog.public()})
-                elif message["op"] in ("admin", "load", "unload"):  # an operator's, via a worker
+                elif message["op"] in OPERATIONS:  # an operator's, asked of a worker
                     self._tasks.add(task := asyncio.create_task(self._operate(
                         writer, lease, message["op"], message.get("model"))))
                     task.add_done_callback(self._tasks.discard)
@@ -134,22 +140,30 @@ class SlotLender:
                      who: str, name: str | None, slot: bool) -> None:
         try:
             model = self.catalog.find(name)
-            held = await self.catalog.enter(model, who, slot)
+            hold = await self.catalog.enter(model, who, slot)
         except Exception as exc:
             leases.pop(lease, None)
             kind, message, retry_after = refusal(exc)
             _send(writer, {"id": lease, "refused": kind, "message": message,
                            "retry_after": retry_after})
             return
-        leases[lease] = (model, held)  # no await since the grant: a release now finds it
-        _send(writer, {"id": lease, "ok": True})
+        leases[lease] = hold  # no await since the grant: a release now finds it
+        grant: dict[str, Any] = {"id": lease, "ok": True}
+        child = model.child
+        if child is not None and child in model.ready_backends():  # where it runs now (a
+            grant["child"] = [child.name, child.base_url, child.api_key]  # restart moves it)
+        _send(writer, grant)
 
     async def _operate(self, writer: asyncio.StreamWriter, lease: int, op: str,
                        name: str | None) -> None:
         try:
-            if op != "admin":
+            if op == "reload" and self.reload is not None:
+                await self.reload()
+            elif op != "admin":
                 model = self.catalog.find(name)
-                await (self.catalog.load(model) if op == "load" else self.catalog.unload(model))
+                work = {"load": self.catalog.load, "unload": self.catalog.unload,
+                        "restart": self.catalog.restart}[op]
+                await work(model)
         except Exception as exc:
             kind, message, retry_after = refusal(exc)
             _send(writer, {"id": lease, "refused": kind, "message": message,
@@ -158,8 +172,8 @@ class SlotLender:
         _send(writer, {"id": lease, "stats": await self.catalog.admin()})
 
     def _end(self, entry: Any) -> None:
-        if isinstance(entry, tuple):
-            self.catalog.leave(*entry)
+        if isinstance(entry, Hold):
+            self.catalog.leave(entry)
         elif isinstance(entry, asyncio.Task):
             entry.cancel()  # still waiting; if granted this very turn, the queue passes it on
 
@@ -187,6 +201,7 @@ class SlotBorrower:
         # Models the lender said cannot answer (a start failed), until their backoff ends: so
         # this worker refuses them before rate limits are charged, as the first process does.
         self._down: dict[str, tuple[float, str]] = {}
+        self._children: dict[str, Backend] = {}
 
     def refuse_early(self, model: str) -> None:
         until, reasons = self._down.get(model, (0.0, ""))
@@ -209,7 +224,9 @@ class SlotBorrower:
             await asyncio.gather(self._reader, return_exceptions=True)
 
     @asynccontextmanager
-    async def use(self, model: str, who: str, slot: bool) -> AsyncIterator[None]:
+    async def use(self, model: str, who: str, slot: bool) -> AsyncIterator[Backend | None]:
+        """As Catalog.use, in the first process; yields the child to send to, when the model
+        runs there (its address moves with a restart)."""
         lease = next(self._ids)
         reply = await self._ask({"op": "acquire", "id": lease, "who": who, "model": model,
                                  "slot": slot}, self.timeout + LENDER_GRACE)
@@ -218,9 +235,18 @@ class SlotBorrower:
                 self._down[model] = (time.monotonic() + reply["retry_after"], reply["message"])
             raise refused(reply["refused"], reply["message"], int(reply["retry_after"]))
         try:
-            yield
+            yield self._child(*reply["child"]) if "child" in reply else None
         finally:
             self._tell({"op": "release", "id": lease})
+
+    def _child(self, name: str, url: str, key: str) -> Backend:
+        """One Backend per child address, kept (its parsed URLs are reused)."""
+        known = self._children.get(url)
+        if known is None or known.api_key != key:
+            known = self._children[url] = Backend(name, url, key, supervised=True,
+                                                  llama_cpp=True, state=State.READY)
+            register_secret(key)
+        return known
 
     async def stats(self) -> dict[str, Any]:
         try:

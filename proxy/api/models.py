@@ -5,6 +5,7 @@ the models."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +18,8 @@ from proxy.upstream.catalog import Unloaded
 from proxy.upstream.pool import CATALOG
 
 log = logging.getLogger("proxy.admin")
+# Re-reads the configuration and applies the catalog's difference (set by the server).
+RELOAD: web.AppKey[Callable[[], Awaitable[dict[str, Any]]]] = web.AppKey("reload_catalog")
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -33,6 +36,22 @@ async def unload(request: web.Request) -> web.Response:
     return json_response(await _operate(request, "unload"))
 
 
+async def restart(request: web.Request) -> web.Response:
+    return json_response(await _operate(request, "restart"))
+
+
+async def reload(request: web.Request) -> web.Response:
+    """Re-read the config file: the catalog's difference applied, the rest named."""
+    log.info("admin %s: reload", request[PRINCIPAL].id)
+    if BORROWER in request.app:
+        return json_response(await request.app[BORROWER].operate("reload"))
+    if RELOAD not in request.app:
+        raise OpenAIError(409, "This appliance was not started from a configuration it can "
+                          "read again", code="reload_unavailable")
+    done = await request.app[RELOAD]()
+    return json_response({"reloaded": done, **await request.app[CATALOG].admin()})
+
+
 async def _operate(request: web.Request, op: str) -> dict[str, Any]:
     name = request.match_info["model"]
     log.info("admin %s: %s model %r", request[PRINCIPAL].id, op, name[:200])
@@ -41,7 +60,8 @@ async def _operate(request: web.Request, op: str) -> dict[str, Any]:
             return await request.app[BORROWER].operate(op, name)
         catalog = request.app[CATALOG]
         model = catalog.find(name)
-        await (catalog.load(model) if op == "load" else catalog.unload(model))
+        work = {"load": catalog.load, "unload": catalog.unload, "restart": catalog.restart}[op]
+        await work(model)
         return await catalog.admin()
     except Unloaded as exc:
         raise OpenAIError(409, str(exc), code=exc.code) from None
@@ -52,3 +72,5 @@ def setup_models(app: web.Application) -> None:
     # Model ids may hold a slash (org/model), as Hugging Face names do.
     app.router.add_post("/admin/models/{model:.+}/load", load)
     app.router.add_post("/admin/models/{model:.+}/unload", unload)
+    app.router.add_post("/admin/models/{model:.+}/restart", restart)
+    app.router.add_post("/admin/reload", reload)

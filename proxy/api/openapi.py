@@ -105,6 +105,16 @@ def _admin(summary: str, *, body: dict[str, Any] | None = None, ok: str = "200",
     return operation
 
 
+def _reload() -> dict[str, Any]:
+    operation = _admin("Re-read the config file: models added, removed and changed as it "
+                       "says, the others untouched")
+    operation["responses"].update({
+        "400": _error("the configuration does not load: nothing changed"),
+        "409": _error("started without a configuration it can read again (in process)"),
+        "503": _error("a changed model's new child did not start", retry_after=True)})
+    return operation
+
+
 def _model_admin(summary: str, errors: dict[str, Any]) -> dict[str, Any]:
     operation = _admin(summary, path_param="model")
     operation["responses"].update({"404": _error("no such model"), **errors})
@@ -315,6 +325,13 @@ def document() -> dict[str, Any]:
                     "no room (what runs is in use), or its start failed", retry_after=True)})},
             "/admin/models/{model}/unload": {"post": _model_admin(
                 "Stop a model run here", {"409": _error("requests hold it, or it is remote")})},
+            "/admin/models/{model}/restart": {"post": _model_admin(
+                "Restart a model with no downtime: a new child first, requests in flight "
+                "finish on the old one", {
+                    "409": _error("it is remote, or already restarting"),
+                    "503": _error("no room for a second child, or it did not start",
+                                  retry_after=True)})},
+            "/admin/reload": {"post": _reload()},
             "/v1/usage": {"get": _usage("The caller's own usage per day", SECURED, False)},
             "/admin/usage": {"get": _usage("Anyone's usage per day", [{"bearer": []}], True)},
             # No security here: open to this host (the case a checker on loopback sees); from

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -144,10 +144,11 @@ async def check_upstream(client: ClientSession, backend: Backend, limit: float,
             backend.set_state(State.DOWN, reason)
 
 
-async def watch_upstreams(client: ClientSession, backends: list[Backend], interval: float,
-                          starting_grace: float) -> None:
-    """Health-check every upstream forever (cancelled at shutdown)."""
+async def watch_upstreams(client: ClientSession, backends: Callable[[], list[Backend]],
+                          interval: float, starting_grace: float) -> None:
+    """Health-check every upstream forever (cancelled at shutdown); backends() says which,
+    each round."""
     while True:
         await asyncio.sleep(interval)
         await asyncio.gather(*(check_upstream(client, b, min(interval, 5.0), starting_grace)
-                               for b in backends))
+                               for b in backends()))

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from config.catalog import ModelEntry
 from proxy.runtime.child import Phase
@@ -46,12 +46,31 @@ class NoRoom(Exception):
     retry_after = 5
 
 
+class Builder(Protocol):
+    """Makes what the catalog runs (proxy/upstream/pool.py): a model from its entry, and a
+    second child for a model being restarted."""
+
+    def model(self, entry: ModelEntry) -> CatalogModel: ...
+
+    def supervisor(self, entry: ModelEntry, name: str) -> LlamaSupervisor: ...
+
+
 class Unloaded(Exception):
     """An operator's unload that cannot be done: requests hold the model, or it is remote."""
 
     def __init__(self, message: str, code: str = "model_busy") -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass(eq=False)
+class Hold:
+    """One request's hold on a model: the queue its slot came from (if any) and the child
+    generation it was sent to, so a restart knows when the old child has no one left."""
+
+    model: CatalogModel
+    queue: FairQueue | None
+    generation: int
 
 
 @dataclass(eq=False)
@@ -74,6 +93,9 @@ class CatalogModel:
     swap_waits: int = 0  # requests that waited for it to start
     placing: bool = False  # room was made for it and its child is being started
     stopping: asyncio.Event | None = None  # set once a stop under way is done
+    generation: int = 0  # its child's: a restart moves new requests to the next one
+    holders: collections.Counter[int] = field(default_factory=collections.Counter)
+    restarting: bool = False  # a second child is starting beside the first
     _start: asyncio.Task[bool] | None = None
     _turn: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -85,6 +107,10 @@ class CatalogModel:
     def names(self) -> tuple[str, ...]:
         learned = tuple(m for b in self.backends for m in b.models)
         return tuple(dict.fromkeys((*self.entry.names(), *learned)))
+
+    @property
+    def child_name(self) -> str:
+        return self.supervisor.backend.name if self.supervisor is not None else self.id
 
     @property
     def child(self) -> Backend | None:
@@ -164,8 +190,12 @@ class CatalogModel:
 
 class Catalog:
     def __init__(self, models: list[CatalogModel], *, max_loaded: int, memory_budget: int,
-                 room_timeout: float) -> None:
+                 room_timeout: float, drain_timeout: float = 30.0,
+                 builder: Builder | None = None) -> None:
         self.models = models
+        self.builder = builder
+        self.drain_timeout = drain_timeout  # how long a replaced child's requests may run
+        self._background: set[asyncio.Task[None]] = set()
         self.max_loaded = max_loaded
         self.memory_budget = memory_budget
         self.room_timeout = room_timeout
@@ -209,33 +239,40 @@ class Catalog:
 
     # -- using a model ---------------------------------------------------------------------
     @asynccontextmanager
-    async def use(self, model: CatalogModel, who: str, slot: bool) -> AsyncIterator[None]:
+    async def use(self, model: CatalogModel, who: str, slot: bool
+                  ) -> AsyncIterator[Backend | None]:
         """Hold the model for one request: started if it must be (never stopped while held),
-        then one of its slots (slot=False: none, e.g. a token count)."""
-        held = await self.enter(model, who, slot)
+        then one of its slots (slot=False: none, e.g. a token count). Yields None: the
+        model's ready servers are the ones to use (a worker's borrower names a child)."""
+        hold = await self.enter(model, who, slot)
         try:
-            yield
+            yield None
         finally:
-            self.leave(model, held)
+            self.leave(hold)
 
-    async def enter(self, model: CatalogModel, who: str, slot: bool) -> bool:
-        """use() in two halves, for the slot lender: whether a slot is held. Nothing awaits
-        after the slot is granted, so a cancel lands in the queue, which passes it on."""
+    async def enter(self, model: CatalogModel, who: str, slot: bool) -> Hold:
+        """use() in two halves, for the slot lender. Nothing awaits after the slot is granted,
+        so a cancel lands in the queue, which passes it on."""
         model.users += 1
         try:
             await self.ready(model)
-            if slot and model.queue.slots > 0:
-                await model.queue.acquire(who)
-                return True
-            return False
+            queue = model.queue if slot and model.queue.slots > 0 else None
+            if queue is not None:
+                await queue.acquire(who)
         except BaseException:
             self._let_go(model)
             raise
+        hold = Hold(model, queue, model.generation)
+        model.holders[hold.generation] += 1
+        return hold
 
-    def leave(self, model: CatalogModel, held: bool) -> None:
-        if held:
-            model.queue.release()
-        self._let_go(model)
+    def leave(self, hold: Hold) -> None:
+        if hold.queue is not None:
+            hold.queue.release()
+        hold.model.holders[hold.generation] -= 1
+        if not hold.model.holders[hold.generation]:
+            self._notify()  # a replaced child may be waiting for its last request
+        self._let_go(hold.model)
 
     def _let_go(self, model: CatalogModel) -> None:
         model.users -= 1
@@ -303,6 +340,120 @@ class Catalog:
                                " not unloaded")
             if model.running and model.stopping is None:
                 await self._stop(model, "unload")
+
+    # -- restart and reload, with no downtime -----------------------------------------------
+    async def restart(self, model: CatalogModel, entry: ModelEntry | None = None) -> None:
+        """A second child comes up healthy first (counted against the caps: only idle models
+        make room for it), takes the saved slots, then new requests go to it; requests on the
+        old one finish there (up to drain_timeout) before it stops. A model not running takes
+        the new settings at its next start."""
+        entry = entry or model.entry
+        if model.supervisor is None or self.builder is None:
+            raise Unloaded(f"The model `{model.id}` is served elsewhere; nothing to restart",
+                           "model_not_local")
+        if model.restarting:
+            raise Unloaded(f"The model `{model.id}` is already being restarted")
+        if not model.running or model.stopping is not None or model.state != "loaded":
+            self._replace(model, entry, self.builder.supervisor(entry, model.child_name))
+            return
+        model.restarting = True
+        try:
+            new = await self._second_child(model, entry)
+        except BaseException:
+            model.restarting = False
+            self._notify()
+            raise
+        old, generation = model.supervisor, model.generation
+        await old.save_slots()
+        await new.restore_slots()
+        self._replace(model, entry, new)
+        model.generation += 1
+        log.info("model %s: restarted; the old child finishes its requests", model.id)
+        self._run(self._retire_child(model, old, generation))
+
+    async def _second_child(self, model: CatalogModel, entry: ModelEntry) -> LlamaSupervisor:
+        assert self.builder is not None
+        await self._place(model)
+        try:
+            new = self.builder.supervisor(entry, model.child_name)
+            log.info("model %s: starting a second child for a restart", model.id)
+            if await new.start(wait=True):
+                return new
+            await new.stop()
+            raise NoBackend(f"{model.child_name}: the new child did not start "
+                            f"({new.child.reason}); the old one goes on")
+        finally:
+            model.placing = False
+
+    def _replace(self, model: CatalogModel, entry: ModelEntry, new: LlamaSupervisor) -> None:
+        model.entry, model.supervisor = entry, new
+        model.backends[0] = new.backend
+        model.estimate_mib = estimate(entry)
+        if new.child.phase is not Phase.READY:
+            model.loaded_since = None
+
+    async def _retire_child(self, model: CatalogModel, old: LlamaSupervisor,
+                            generation: int) -> None:
+        """Stop a replaced child once the requests sent to it are done (or past the drain)."""
+        deadline = time.monotonic() + self.drain_timeout
+        while model.holders[generation] > 0 and time.monotonic() < deadline:
+            freed = self._freed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), deadline - time.monotonic())
+        await old.stop()
+        del model.holders[generation]
+        model.restarting = False
+        self._notify()
+
+    async def reload(self, entries: tuple[ModelEntry, ...]) -> dict[str, list[str]]:
+        """The catalog as the config file now says: added models available at once, removed
+        ones gone for new requests and stopped once their requests are done, changed ones
+        restarted as above, the others, and their streams, untouched."""
+        assert self.builder is not None
+        now = {m.entry.id: m for m in self.models}
+        done: dict[str, list[str]] = {"added": [], "removed": [], "changed": [],
+                                      "unchanged": []}
+        models, changed = [], []
+        for entry in entries:
+            model = now.pop(entry.id, None)
+            if model is None:
+                model = self.builder.model(entry)
+                done["added"].append(entry.id)
+            elif model.entry == entry:
+                done["unchanged"].append(entry.id)
+            else:
+                changed.append((model, entry))
+                done["changed"].append(entry.id)
+            models.append(model)
+        self.models = models
+        for model in now.values():
+            done["removed"].append(model.entry.id)
+            self._run(self._retire_model(model))
+        for model, entry in changed:
+            if model.supervisor is None or entry.gguf is None:  # remote, or turned remote
+                self._run(self._retire_model(model))
+                self.models[self.models.index(model)] = self.builder.model(entry)
+            else:
+                await self.restart(model, entry)
+        log.info("catalog reloaded: %s", "; ".join(f"{k} {', '.join(v) or 'none'}"
+                                                    for k, v in done.items()))
+        return done
+
+    async def _retire_model(self, model: CatalogModel) -> None:
+        """A model no longer in the catalog: stopped once its requests are done."""
+        deadline = time.monotonic() + self.drain_timeout
+        while model.users and time.monotonic() < deadline:
+            freed = self._freed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), deadline - time.monotonic())
+        if model.supervisor is not None and model.running:
+            await self._stop(model, "removed")
+
+    def _run(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_retrieved)
 
     async def admin(self) -> dict[str, Any]:
         """The admin API's view: each model and its queue, and what runs against the caps."""
@@ -394,10 +545,13 @@ class Catalog:
                       key=lambda m: m.last_used)
 
     def _fits(self, model: CatalogModel) -> bool:
-        running = [m for m in self.models if m.running and m is not model]
-        if self.max_loaded and len(running) + 1 > self.max_loaded:
+        """Room for one more child of this model (a start, or a restart's second child)."""
+        running = [m for m in self.models if m.running and (m is not model or m.restarting)]
+        children = len(running) + sum(1 for m in running if m.restarting and m is not model)
+        if self.max_loaded and children + 1 > self.max_loaded:
             return False
-        used = sum(m.footprint_mib for m in running)
+        used = sum(m.footprint_mib + (m.estimate_mib if m.restarting and m is not model else 0)
+                   for m in running)
         return not self.memory_budget or used + model.estimate_mib <= self.memory_budget
 
     async def _stop(self, model: CatalogModel, reason: str) -> None:
@@ -440,7 +594,8 @@ class Catalog:
         self._idle = asyncio.create_task(self._watch_idle(), name="catalog idle")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._idle, *(m._start for m in self.models)) if t is not None]
+        tasks = [t for t in (self._idle, *self._background, *(m._start for m in self.models))
+                 if t is not None]
         for task in tasks:  # no start may begin while the children stop
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

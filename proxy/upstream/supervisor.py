@@ -101,11 +101,13 @@ class LlamaSupervisor:
         ]
 
     async def save_slots(self) -> int:
-        """Each slot's KV cache to its file, before the child stops: the tokens saved."""
+        """Each idle slot's KV cache to its file, before the child stops: the tokens saved.
+        A slot still generating (a restart while requests run) is left: a save would wait
+        for its answer to end."""
         if self.slots_dir is None:
             return 0
         self.slots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        saved = sum([await self._slot(n, "save", "n_saved") for n in range(self._slots())])
+        saved = sum([await self._slot(n, "save", "n_saved") for n in await self._idle_slots()])
         prune_slots(self.settings.data_dir / SLOTS, self.settings.slot_save_mib)
         return saved
 
@@ -118,6 +120,18 @@ class LlamaSupervisor:
 
     def _slots(self) -> int:
         return int(self.entry.parallel or 1)
+
+    async def _idle_slots(self) -> list[int]:
+        """The slots not generating now, from its /slots (none when it cannot say)."""
+        try:
+            async with self.client.get(f"{self.backend.base_url}/slots",
+                                       headers=self.backend.auth_headers(),
+                                       timeout=ClientTimeout(total=5)) as resp:
+                slots = await resp.json(content_type=None) if resp.status == 200 else []
+        except (ClientError, TimeoutError, ValueError):
+            return []
+        return [int(s["id"]) for s in slots if isinstance(s, dict) and isinstance(
+            s.get("id"), int) and not s.get("is_processing")] if isinstance(slots, list) else []
 
     async def _slot(self, n: int, action: str, counted: str) -> int:
         """One slot saved or restored; 0 (logged) when the child cannot (an empty slot, a

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 import urllib.error
@@ -20,7 +21,7 @@ import openai
 import pytest
 
 from config.paths import bundled_model
-from tests.kit.helpers import Appliance, wait_until
+from tests.kit.helpers import Appliance, pid_alive, wait_until
 
 ADMIN = "a" * 40
 MODEL = bundled_model()
@@ -350,3 +351,95 @@ def test_saved_slots_stay_within_their_disk_budget(tmp_path: Path) -> None:
     prune_slots(tmp_path, 1)  # 1 MiB: the oldest go until the rest fit
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*.bin")) == [
         "b-2/slot-1.bin"]
+
+
+def child_pid(app: Appliance, model: str) -> int:
+    """The pid of the model's newest child, from the log."""
+    pids = re.findall(rf"started llama-server \(pid (\d+)\) on \S+ \(model {model}\)", app.log)
+    return int(pids[-1])
+
+
+def post_admin(base: str, path: str) -> tuple[int, dict[str, Any]]:
+    req = urllib.request.Request(base + path, method="POST",
+                                 headers={"Authorization": f"Bearer {ADMIN}"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_restart_under_steady_requests_shows_no_client_an_error(appliance, tmp_path: Path
+                                                                  ) -> None:
+    config = catalog(tmp_path, "", alpha=f'gguf = "{MODEL}"')
+    app = appliance(config)
+    assert ask(app.base, "alpha")[0] == 200
+    before = child_pid(app, "alpha")
+    stop, results = threading.Event(), []
+
+    def steady() -> None:
+        client = sdk(app.base)
+        while not stop.is_set():
+            try:
+                chunks = list(client.chat.completions.create(
+                    model="alpha", messages=[{"role": "user", "content": "Count to ten"}],
+                    max_tokens=40, stream=True, extra_body={"ignore_eos": True}))
+                results.append(chunks[-1].choices[0].finish_reason)
+            except Exception as exc:
+                results.append(repr(exc))
+
+    workers = [threading.Thread(target=steady, daemon=True) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    wait_until(lambda: len(results) >= 2, 30, "requests to flow")
+    status, _ = post_admin(app.base, "/admin/models/alpha/restart")
+    assert status == 200
+    wait_until(lambda: "model alpha: restarted" in app.log, 30, "the switch")
+    done = len(results)
+    wait_until(lambda: len(results) >= done + 4, 60, "requests on the new child")
+    stop.set()
+    for worker in workers:
+        worker.join(60)
+    assert set(results) == {"length"}, [r for r in results if r != "length"]
+    assert child_pid(app, "alpha") != before
+    wait_until(lambda: not pid_alive(before), 30, "the old child to stop once drained")
+    assert admin_row(app.base, "alpha")["state"] == "loaded"
+
+
+def test_sighup_restarts_only_the_changed_model_and_no_stream_is_cut(appliance, tmp_path: Path
+                                                                      ) -> None:
+    # One thread each: four children spinning on two cores would slow every stream tenfold.
+    one = f'gguf = "{MODEL}"\nllama_args = ["--threads", "1"]'
+    config = catalog(tmp_path, "", alpha=one, beta=one, gone=one)
+    app = appliance(config)
+    for model in ("alpha", "beta", "gone"):
+        assert ask(app.base, model)[0] == 200
+    alpha, beta = child_pid(app, "alpha"), child_pid(app, "beta")
+    first_a, first_b = threading.Event(), threading.Event()
+    on_a, got_a = in_thread(lambda: long_stream(app.base, "alpha", first_a))
+    on_b, got_b = in_thread(lambda: long_stream(app.base, "beta", first_b))
+    assert first_a.wait(30) and first_b.wait(30)
+    # alpha's arguments change, gone goes, delta comes; beta is untouched
+    catalog(tmp_path, "", alpha=f'gguf = "{MODEL}"\nllama_args = ["--threads", "1", "--seed", '
+            '"7"]', beta=one, delta=one)
+    app.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "catalog reloaded" in app.log, 60, "the reload")
+    assert "changed alpha" in app.log and "removed gone" in app.log and "added delta" in app.log
+    on_a.join(60)
+    on_b.join(60)
+    for stream in (got_a[0], got_b[0]):  # both streams ran to their end
+        assert stream["finish"] == "length" and stream["chunks"] >= LONG["max_tokens"] - 5
+    assert child_pid(app, "beta") == beta and pid_alive(beta)  # untouched
+    assert child_pid(app, "alpha") != alpha
+    wait_until(lambda: not pid_alive(alpha), 30, "alpha's old child to stop")
+    assert "--seed 7" in " ".join(open(f"/proc/{child_pid(app, 'alpha')}/cmdline").read()
+                                  .split("\0"))
+    assert ask(app.base, "gone")[0] == 404 and ask(app.base, "delta")[0] == 200
+    assert sorted(states(app.base)) == ["alpha", "beta", "delta"]
+
+    # a configuration that does not load changes nothing, and says why
+    (tmp_path / "config.toml").write_text('[models.alpha]\ngguf = "/no/such.gguf"\n')
+    status, body = post_admin(app.base, "/admin/reload")
+    assert status == 400 and body["error"]["code"] == "invalid_config", body
+    assert "models.alpha.gguf" in body["error"]["message"]
+    assert sorted(states(app.base)) == ["alpha", "beta", "delta"]
