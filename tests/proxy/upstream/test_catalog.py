@@ -298,6 +298,12 @@ def test_workers_share_one_start_and_each_models_queue(appliance, tmp_path: Path
     streaming.join(60)
     assert streamed[0]["finish"] == "length"
     assert starts(app, "beta") == 1
+    # a restart moves beta's child; every process is told where it now runs
+    old = child_pid(app, "beta")
+    assert post_admin(app.base, "/admin/models/beta/restart")[0] == 200
+    wait_until(lambda: not pid_alive(old), 30, "the old child to stop")
+    for _ in range(6):
+        assert ask(app.base, "beta")[0] == 200
 
 
 def test_a_stream_waiting_for_its_model_gets_keep_alives(appliance, tmp_path: Path) -> None:
